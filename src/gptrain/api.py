@@ -1,0 +1,64 @@
+"""Checkpoint: load a trained model with its tokenizer and config, and generate text from Python."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from gptrain.config import RunConfig, from_toml_text
+from gptrain.distributed.env import resolve_device
+from gptrain.model.generate import SampleConfig, stream_tokens
+from gptrain.model.gpt import GPT
+from gptrain.tokenizer import Tokenizer, load_tokenizer
+from gptrain.train.checkpoint import read_checkpoint, resolve_checkpoint_dir
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model: GPT
+    tokenizer: Tokenizer
+    config: RunConfig
+    state: dict
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> Checkpoint:
+        """A checkpoint folder, or a run directory (its final/, else latest, else best checkpoint)."""
+        folder = resolve_checkpoint_dir(path)
+        pieces = read_checkpoint(folder, with_optimizer=False)
+        config = from_toml_text(pieces["config_toml"])
+        tokenizer = load_tokenizer(pieces["tokenizer_path"])
+        model = GPT(replace(config.model, vocab_size=tokenizer.vocab_size))
+        model.load_state_dict(pieces["model"], strict=False)
+        model.to(resolve_device(device)).eval()
+        return cls(path=folder, model=model, tokenizer=tokenizer, config=config, state=pieces["state"])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def stream(self, prompt: str = "", max_new_tokens: int = 200, **options) -> Iterator[str]:
+        """Yield text pieces as tokens are sampled (options: SampleConfig fields, e.g. top_k=50)."""
+        cfg = SampleConfig(max_new_tokens=max_new_tokens, **options)
+        ids = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_id]
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+        new: list[int] = []
+        printed = ""
+        for token in stream_tokens(self.model, idx, cfg):
+            new.append(int(token[0, 0]))
+            text = self.tokenizer.decode(new)
+            # Hold back an unfinished multi-byte character until its last byte arrives.
+            stable = text.rstrip("\ufffd")
+            if len(stable) > len(printed):
+                yield stable[len(printed):]
+                printed = stable
+        final = self.tokenizer.decode(new)
+        if len(final) > len(printed):
+            yield final[len(printed):]
+
+    def generate(self, prompt: str = "", max_new_tokens: int = 200, **options) -> str:
+        """The prompt's continuation as one string."""
+        return "".join(self.stream(prompt, max_new_tokens, **options))

@@ -1,0 +1,201 @@
+"""`gptrain prepare|train|generate|demo|presets`: parse the command line, then call one function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gptrain.errors import UserError
+
+TRAIN_EPILOG = """\
+Any config field can be set as --section.field=value (or GPTRAIN_SECTION__FIELD=value in the
+environment or a .env file), e.g. --model.dropout=0.1 --schedule.kind=wsd --eval.patience=3.
+Precedence: defaults < --preset < recipe TOML < .env < environment < flags.
+Sections: model, tokenizer, data, train, optim, schedule, eval, samples, checkpoint, log.
+Run `gptrain config` to print every key with its default."""
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="a TOML recipe (e.g. configs/tiny.toml)")
+    g = p.add_argument_group("common settings (aliases of config fields)")
+    g.add_argument("--preset", "--model-size", dest="preset", help="a named size from `gptrain presets`")
+    g.add_argument("--embd", type=int, help="model.n_embd: width")
+    g.add_argument("--layers", type=int, help="model.n_layer: number of blocks")
+    g.add_argument("--heads", type=int, help="model.n_head: attention heads (must divide --embd)")
+    g.add_argument("--context", type=int, help="model.block_size: context length in tokens")
+    g.add_argument("--vocab", type=int, help="tokenizer.vocab_size of a trained BPE")
+    g.add_argument("--tokenizer", choices=["bpe", "gpt2", "char"], help="tokenizer.kind")
+    g.add_argument("--data", help="data.source: 'shakespeare', a text/JSONL file or a folder")
+    g.add_argument("--lr", type=float, help="schedule.peak_lr")
+    g.add_argument("--batch-size", type=int, help="train.batch_size: sequences per micro batch")
+    g.add_argument("--steps", type=int, help="train.num_steps: optimizer steps")
+    g.add_argument("--epochs", type=float, help="train.num_epochs: passes over the data (instead of --steps)")
+    g.add_argument("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--name", help="run name (run directory runs/<name>-<time>)")
+
+
+def _config_values(args: argparse.Namespace, extra: list[str]) -> dict[str, object]:
+    keys = ["preset", "embd", "layers", "heads", "context", "vocab", "tokenizer", "data", "lr", "batch_size",
+            "steps", "epochs", "device", "seed", "name"]
+    values = {k.replace("_", "-"): getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    values |= parse_dotted(extra)
+    return values
+
+
+def parse_dotted(extra: list[str]) -> dict[str, str]:
+    """--a.b=value or --a.b value pairs; anything else is an unknown flag."""
+    values, i = {}, 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise UserError(f"unknown argument {arg!r}: see `gptrain train --help`")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(extra):
+                raise UserError(f"{arg} needs a value")
+            value, i = extra[i + 1], i + 1
+        values[key.replace("-", "_")] = value
+        i += 1
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptrain", description="Train GPT-2 style models from scratch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("train", help="train a model (default: a small model on Shakespeare)", epilog=TRAIN_EPILOG,
+                       formatter_class=fmt)
+    _add_config_flags(p)
+    p.add_argument("--run-dir", help="where this run writes (default runs/<name>-<YYYYmmdd-HHMMSS>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument("--init-from", metavar="CHECKPOINT", help="start from these weights (fine-tuning)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --run-dir")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA only)")
+
+    p = sub.add_parser("prepare", help="turn a corpus into token shards", epilog=TRAIN_EPILOG, formatter_class=fmt)
+    _add_config_flags(p)
+
+    p = sub.add_parser("generate", aliases=["sample"], help="generate text from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this much mass")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--seed", type=int, help="makes sampling repeatable")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--device", default="auto")
+
+    sub.add_parser("presets", help="list the named model sizes with their parameter counts")
+    sub.add_parser("config", help="print every config key with its default value")
+    p = sub.add_parser("demo", help="a one-minute tour: tokenize, forward, generate, evaluate, train a little")
+    p.add_argument("--device", default="cpu")
+    return parser
+
+
+def _resolve(args: argparse.Namespace, extra: list[str]):
+    from gptrain.config import resolve_config
+
+    cli = _config_values(args, extra)
+    if getattr(args, "run_dir", None):
+        cli["run_dir"] = args.run_dir
+    if getattr(args, "quiet", False):
+        cli["log.is_quiet"] = "true"
+    if getattr(args, "compile", None):
+        cli["train.compile"] = args.compile
+    recipe = args.recipe
+    if getattr(args, "resume", None):
+        if recipe:
+            raise UserError("--resume takes the run's own config.toml; pass overrides as flags, not a recipe")
+        recipe = Path(args.resume) / "config.toml"
+        if not recipe.is_file():
+            raise UserError(f"{args.resume} is not a run directory (no config.toml in it)")
+    return resolve_config(recipe, cli)
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from gptrain.train.loop import train
+
+    cfg = _resolve(args, extra)
+    log = (lambda *_: None) if cfg.log.is_quiet else print
+    summary = train(cfg, resume=args.resume, init_from=args.init_from, should_overwrite=args.overwrite, log=log)
+    print(f"run directory: {summary['run_dir']}\nfinal train loss {summary['train_loss']:.4f} | "
+          f"val loss {summary['val_loss']:.4f} | {summary['elapsed_seconds']:.0f}s of training")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
+    from gptrain.data.prepare import prepare_dataset
+
+    cfg = _resolve(args, extra)
+    folder = prepare_dataset(cfg.data, cfg.tokenizer)
+    print(f"dataset ready: {folder}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gptrain.api import Checkpoint
+
+    checkpoint = Checkpoint.load(args.checkpoint, device=args.device)
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, is_greedy=args.greedy)
+    for i in range(args.num_samples):
+        seed = None if args.seed is None else args.seed + i
+        sys.stdout.write(args.prompt)
+        for piece in checkpoint.stream(args.prompt, args.max_tokens, seed=seed, **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n" if args.num_samples == 1 else "\n---\n")
+    return 0
+
+
+def cmd_presets() -> int:
+    from gptrain.model.gpt import ModelConfig, count_parameters
+    from gptrain.presets import PRESETS
+
+    print(f"{'preset':<14} {'params':>10} {'embd':>5} {'layers':>6} {'heads':>5} {'context':>7} {'vocab':>11}  origin")
+    for name, p in PRESETS.items():
+        vocab = 50257 if p.vocab == "gpt2" else int(p.vocab)
+        cfg = ModelConfig(n_embd=p.n_embd, n_layer=p.n_layer, n_head=p.n_head, block_size=p.block_size,
+                          vocab_size=vocab)
+        vocab_text = "GPT-2 50257" if p.vocab == "gpt2" else f"BPE {vocab}"
+        print(f"{name:<14} {count_parameters(cfg) / 1e6:>9.2f}M {p.n_embd:>5} {p.n_layer:>6} {p.n_head:>5} "
+              f"{p.block_size:>7} {vocab_text:>11}  {p.origin}")
+    print("\nCounts include the (tied) embeddings; BPE presets train a tokenizer of that size on the corpus.")
+    return 0
+
+
+def cmd_config() -> int:
+    from gptrain.config import RunConfig, to_toml
+
+    print(to_toml(RunConfig()), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if args.command in ("train", "prepare"):
+            return (cmd_train if args.command == "train" else cmd_prepare)(args, extra)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if args.command in ("generate", "sample"):
+            return cmd_generate(args)
+        if args.command == "presets":
+            return cmd_presets()
+        if args.command == "config":
+            return cmd_config()
+        from gptrain.demo import run_demo
+
+        return run_demo(args.device)
+    except UserError as e:
+        print(f"gptrain: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gptrain: interrupted", file=sys.stderr)
+        return 130

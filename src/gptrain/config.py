@@ -1,0 +1,217 @@
+"""RunConfig: the composition of every component's config; TOML recipes, presets, env and overrides.
+
+Precedence, lowest first: defaults < preset < TOML recipe < .env file < environment < CLI flags.
+Dotted keys (`model.n_embd`) address fields; unknown keys and ill-typed values are UserErrors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gptrain.data.prepare import DataConfig
+from gptrain.errors import UserError
+from gptrain.eval.val_loss import EvalConfig
+from gptrain.metrics.console import LogConfig
+from gptrain.model.gpt import ModelConfig
+from gptrain.presets import get_preset
+from gptrain.tokenizer import TokenizerConfig
+from gptrain.train.checkpoint import CheckpointConfig
+from gptrain.train.optim import OptimConfig
+from gptrain.train.samples import SamplesConfig
+from gptrain.train.schedule import ScheduleConfig
+from gptrain.train.step import TrainConfig
+
+ENV_PREFIX = "GPTRAIN_"
+
+# Flags people know from nanoGPT, llm.c and friends, as aliases of config fields.
+ALIASES = {
+    "embd": "model.n_embd",
+    "layers": "model.n_layer",
+    "heads": "model.n_head",
+    "context": "model.block_size",
+    "vocab": "tokenizer.vocab_size",
+    "lr": "schedule.peak_lr",
+    "batch-size": "train.batch_size",
+    "epochs": "train.num_epochs",
+    "steps": "train.num_steps",
+    "model-size": "preset",
+    "preset": "preset",
+    "device": "device",
+    "seed": "seed",
+    "name": "name",
+    "data": "data.source",
+    "tokenizer": "tokenizer.kind",
+}
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = "shakespeare"
+    run_dir: str = ""  # empty: runs/<name>-<YYYYmmdd-HHMMSS>
+    seed: int = 1337
+    device: str = "auto"  # auto: CUDA, then Apple MPS, then CPU
+    preset: str = ""  # a named size from `gptrain presets`; applied before any other value
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(RunConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def _field_type(cls: type, name: str) -> type:
+    return typing.get_type_hints(cls)[name]
+
+
+def parse_value(text: object, kind: type, key: str) -> object:
+    """Turn a TOML value or a command-line/env string into the field's type, or fail clearly."""
+    base = typing.get_args(kind)[0] if typing.get_origin(kind) in (typing.Union, type(int | None)) else kind
+    if isinstance(text, str) and base is not str:
+        lowered = text.strip().lower()
+        if base is bool:
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise UserError(f"{key} expects true or false (got {text!r})")
+        try:
+            return int(lowered.replace("_", "")) if base is int else float(lowered) if base is float else text
+        except ValueError:
+            raise UserError(f"{key} expects {base.__name__} (got {text!r})") from None
+    if base is float and isinstance(text, int) and not isinstance(text, bool):
+        return float(text)
+    if base in (int, float, bool, str) and not isinstance(text, base) or (base is int and isinstance(text, bool)):
+        raise UserError(f"{key} expects {base.__name__} (got {text!r})")
+    return text
+
+
+def known_keys() -> list[str]:
+    keys = [f.name for f in dataclasses.fields(RunConfig) if f.name not in _sections()]
+    for section, cls in _sections().items():
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def apply_overrides(cfg: RunConfig, values: dict[str, object]) -> RunConfig:
+    """A new RunConfig with dotted keys set (values type-checked; every section re-validated)."""
+    sections = _sections()
+    changes: dict[str, dict[str, object]] = {}
+    top: dict[str, object] = {}
+    for key, raw in values.items():
+        key = ALIASES.get(key, key)
+        section, _, name = key.partition(".")
+        if name:
+            if section not in sections or name not in {f.name for f in dataclasses.fields(sections[section])}:
+                raise UserError(f"unknown config key {key!r} (see `gptrain train --help` for the keys)")
+            changes.setdefault(section, {})[name] = parse_value(raw, _field_type(sections[section], name), key)
+        else:
+            if key not in {f.name for f in dataclasses.fields(RunConfig)} or key in sections:
+                raise UserError(f"unknown config key {key!r} (see `gptrain train --help` for the keys)")
+            top[key] = parse_value(raw, _field_type(RunConfig, key), key)
+    parts = {s: dataclasses.replace(getattr(cfg, s), **c) for s, c in changes.items()}
+    return dataclasses.replace(cfg, **top, **parts)
+
+
+def flatten(table: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, object]:
+    path = Path(path)
+    try:
+        return flatten(tomllib.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path} is not valid TOML: {e}") from None
+
+
+def env_values(environ: typing.Mapping[str, str]) -> dict[str, str]:
+    """GPTRAIN_MODEL__N_EMBD=128 sets model.n_embd; GPTRAIN_LR=1e-3 sets an alias (here: lr)."""
+    by_env = {ENV_PREFIX + k.upper().replace(".", "__"): k for k in known_keys()}
+    by_env |= {ENV_PREFIX + a.upper().replace("-", "_"): a for a in ALIASES}
+    return {by_env[k]: v for k, v in environ.items() if k in by_env}
+
+
+def read_dotenv(path: Path = Path(".env")) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    from dotenv import dotenv_values
+
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def resolve_config(
+    recipe: str | Path | None = None,
+    cli: dict[str, object] | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+    dotenv_path: Path = Path(".env"),
+) -> RunConfig:
+    """Compose a RunConfig from defaults, preset, recipe, .env, environment and CLI values."""
+    layers = [
+        read_toml(recipe) if recipe else {},
+        env_values(read_dotenv(dotenv_path)),
+        env_values(os.environ if environ is None else environ),
+        dict(cli or {}),
+    ]
+    merged: dict[str, object] = {}
+    for layer in layers:
+        merged |= {ALIASES.get(k, k): v for k, v in layer.items()}
+    cfg = RunConfig()
+    preset = merged.pop("preset", "")
+    if preset:
+        cfg = apply_overrides(cfg, {**get_preset(str(preset)).values(), "preset": str(preset)})
+    return apply_overrides(cfg, merged)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """Every field written out, defaults included, so a run can be reproduced from this text alone."""
+    top, sections = [], []
+    for key, value in to_dict(cfg).items():
+        if isinstance(value, dict):
+            body = "\n".join(f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None)
+            sections.append(f"[{key}]\n{body}\n")
+        elif value is not None:
+            top.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(top) + "\n\n" + "\n".join(sections)
+
+
+def from_toml_text(text: str) -> RunConfig:
+    """Rebuild a RunConfig from to_toml() output (as stored in run directories and checkpoints)."""
+    return apply_overrides(RunConfig(), flatten(tomllib.loads(text)))

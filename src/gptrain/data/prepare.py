@@ -1,0 +1,160 @@
+"""Text to token shards: split documents into train/val, fit the tokenizer on train, write shards.
+
+A dataset folder holds `<name>_train_NNNNNN.bin`, `<name>_val_NNNNNN.bin`, `tokenizer.json` and
+`meta.json`. It is written into a temp folder and renamed, so it appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gptrain.data.shards import dtype_for, write_shard
+from gptrain.data.sources import Document, load_documents
+from gptrain.errors import UserError
+from gptrain.tokenizer import Tokenizer, TokenizerConfig, build_tokenizer, load_tokenizer
+from gptrain.tokenizer.base import save_tokenizer
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: str = "shakespeare"  # 'shakespeare', or a path: text file, folder of text files, JSONL
+    data_dir: str = ""  # where the shards go; empty: data/<source>-<tokenizer>
+    val_fraction: float = 0.1  # share of the corpus (by characters) held out, whole documents at a time
+    shard_tokens: int = 100_000_000
+    split_seed: int = 1337
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"data.val_fraction must be in (0, 1) (got {self.val_fraction})")
+        if self.shard_tokens < 1:
+            raise UserError(f"data.shard_tokens must be positive (got {self.shard_tokens})")
+
+
+def dataset_dir(data: DataConfig, spec: str) -> Path:
+    """data/<source>-<tokenizer spec>: one folder per corpus and tokenizer."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(data.source).stem if data.source != "shakespeare" else data.source)
+    return Path("data") / f"{slug.strip('-').lower()}-{spec}"
+
+
+def split_documents(docs: list[Document], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Train and val texts. Whole documents go to val (seeded choice) until it holds val_fraction of
+    the characters; a single document is split at a line break instead."""
+    if len(docs) == 1:
+        text = docs[0].text
+        cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction)))
+        cut = cut if cut > 0 else int(len(text) * (1 - val_fraction))
+        return [text[:cut]], [text[cut:]]
+    total = sum(len(d.text) for d in docs)
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    val_ids, val_chars = set(), 0
+    for i in order:
+        if val_chars >= val_fraction * total or len(val_ids) == len(docs) - 1:
+            break
+        val_ids.add(i)
+        val_chars += len(docs[i].text)
+    train = [d.text for i, d in enumerate(docs) if i not in val_ids]
+    val = [d.text for i, d in enumerate(docs) if i in val_ids]
+    return train, val
+
+
+def _write_split(folder: Path, name: str, texts: list[str], tok: Tokenizer, shard_tokens: int) -> int:
+    """Encode texts (each preceded by EOT, as llm.c does) into shards; returns the token count."""
+    buffer: list[np.ndarray] = []
+    buffered, shard_index, total = 0, 0, 0
+    _, dtype = dtype_for(tok.vocab_size)
+
+    def flush(tokens: np.ndarray) -> None:
+        nonlocal shard_index
+        write_shard(folder / f"{name}_{shard_index:06d}.bin", tokens, tok.vocab_size)
+        shard_index += 1
+
+    for start in range(0, len(texts), 256):
+        for ids in tok.encode_batch(texts[start : start + 256]):
+            buffer.append(np.array([tok.eot_id, *ids], dtype=dtype))
+            buffered += len(ids) + 1
+            while buffered >= shard_tokens:
+                joined = np.concatenate(buffer)
+                flush(joined[:shard_tokens])
+                buffer, buffered = [joined[shard_tokens:]], len(joined) - shard_tokens
+            total += len(ids) + 1
+    if buffered or shard_index == 0:
+        flush(np.concatenate(buffer) if buffer else np.zeros(0, dtype=dtype))
+    return total
+
+
+def tokenizer_spec(tok_cfg: TokenizerConfig, tokenizer: Tokenizer | None = None) -> str:
+    """What identifies a dataset's tokenizer: its config, or the hash of a given tokenizer's JSON."""
+    if tokenizer is None:
+        return tok_cfg.describe()
+    return f"{tokenizer.name}-{hashlib.sha256(tokenizer.to_json().encode()).hexdigest()[:10]}"
+
+
+def prepare_dataset(
+    data: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer: Tokenizer | None = None, log=print
+) -> Path:
+    """Build (or reuse, when source and tokenizer match) the dataset folder; returns its path.
+
+    With `tokenizer` given (fine-tuning a checkpoint), the corpus is encoded with it, not a new one.
+    """
+    spec = tokenizer_spec(tok_cfg, tokenizer)
+    folder = Path(data.data_dir) if data.data_dir else dataset_dir(data, spec)
+    meta_path = folder / "meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("source") == str(data.source) and meta.get("tokenizer_spec") == spec:
+            return folder
+        raise UserError(
+            f"{folder} holds a dataset of {meta.get('source')!r} / {meta.get('tokenizer_spec')}, not "
+            f"{data.source!r} / {spec}: set data.data_dir elsewhere or delete it"
+        )
+    started = time.perf_counter()
+    docs = load_documents(data.source)
+    train_texts, val_texts = split_documents(docs, data.val_fraction, data.split_seed)
+    log(f"prepare: {len(docs)} documents, {sum(map(len, train_texts)):,} train / "
+        f"{sum(map(len, val_texts)):,} val characters; tokenizer {spec}")
+    tokenizer = tokenizer or build_tokenizer(tok_cfg, train_texts)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    prefix = folder.name
+    num_train = _write_split(tmp, f"{prefix}_train", train_texts, tokenizer, data.shard_tokens)
+    num_val = _write_split(tmp, f"{prefix}_val", val_texts, tokenizer, data.shard_tokens)
+    save_tokenizer(tokenizer, tmp / "tokenizer.json")
+    meta = {
+        "source": str(data.source),
+        "tokenizer_spec": spec,
+        "tokenizer": tokenizer.name,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "num_documents": len(docs),
+        "num_train_tokens": num_train,
+        "num_val_tokens": num_val,
+        "format": "llm.c token shards (magic 20240520)",
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    tmp.rename(folder)
+    log(f"prepare: {num_train:,} train / {num_val:,} val tokens in {folder} "
+        f"({time.perf_counter() - started:.1f}s)")
+    return folder
+
+
+def load_dataset_tokenizer(folder: Path) -> Tokenizer:
+    return load_tokenizer(folder / "tokenizer.json")
+
+
+def shard_paths(folder: Path, split: str) -> list[Path]:
+    paths = sorted(folder.glob(f"*_{split}_[0-9][0-9][0-9][0-9][0-9][0-9].bin"))
+    if not paths:
+        raise UserError(f"{folder} has no {split} shards: run `gptrain prepare` first")
+    return paths

@@ -1,0 +1,131 @@
+"""The terminal: a live view (progress, loss/lr/throughput, ETA, loss plot) or plain log lines."""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+from dataclasses import dataclass
+
+from gptrain.errors import UserError
+
+LIVE_MODES = ("auto", "on", "off")
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    live: str = "auto"  # auto: the live view on an interactive terminal, plain lines otherwise
+    is_quiet: bool = False  # only warnings, errors and the final summary
+
+    def __post_init__(self) -> None:
+        if self.live not in LIVE_MODES:
+            raise UserError(f"log.live must be one of {', '.join(LIVE_MODES)} (got {self.live!r})")
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    values = values[-width:]
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * len(SPARK)))] for v in values)
+
+
+def describe_train(row: dict, num_steps: int) -> str:
+    parts = [f"step {row['step']:>{len(str(num_steps))}}/{num_steps}", f"loss {row['loss']:.4f}",
+             f"lr {row['lr']:.2e}", f"norm {row['grad_norm']:.2f}", f"{row['tokens_per_second']:,.0f} tok/s"]
+    if row.get("mfu") is not None:
+        parts.append(f"mfu {100 * row['mfu']:.1f}%")
+    parts.append(f"ETA {format_seconds(row['eta_seconds'])}")
+    return " | ".join(parts)
+
+
+class PlainConsoleSink:
+    """One line per log interval: good for CI logs, pipes and files."""
+
+    def __init__(self, num_steps: int, log_every_steps: int, is_quiet: bool = False) -> None:
+        self.num_steps, self.every, self.is_quiet = num_steps, log_every_steps, is_quiet
+
+    def emit(self, row: dict) -> None:
+        if self.is_quiet:
+            return
+        kind = row["kind"]
+        if kind == "train" and (row["step"] % self.every == 0 or row["step"] in (1, self.num_steps)):
+            print(describe_train(row, self.num_steps), flush=True)
+        elif kind == "val":
+            print(f"step {row['step']} | val loss {row['val_loss']:.4f} | val ppl {row['val_perplexity']:.2f}", flush=True)
+        elif kind == "sample":
+            print(f"--- sample at step {row['step']} ---\n{row['text']}\n---", flush=True)
+        elif kind == "event":
+            print(row["message"], flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class LiveConsoleSink:
+    """A rich live panel redrawn a few times a second; samples and events scroll above it."""
+
+    def __init__(self, num_steps: int, title: str) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.num_steps, self.title = num_steps, title
+        self.losses: deque[float] = deque(maxlen=240)
+        self.last_train: dict | None = None
+        self.last_val: dict | None = None
+        self.console = Console()
+        self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
+        self.live.start()
+
+    def _render(self):
+        from rich.console import Group
+        from rich.panel import Panel
+        from rich.progress_bar import ProgressBar
+        from rich.text import Text
+
+        step = self.last_train["step"] if self.last_train else 0
+        lines = [ProgressBar(total=self.num_steps, completed=step, width=60)]
+        if self.last_train:
+            lines.append(Text(describe_train(self.last_train, self.num_steps)))
+        if self.last_val:
+            lines.append(Text(f"val loss {self.last_val['val_loss']:.4f} (step {self.last_val['step']})"
+                              f" | val ppl {self.last_val['val_perplexity']:.2f}"))
+        if self.losses:
+            lines.append(Text(f"loss {sparkline(list(self.losses))}  {min(self.losses):.3f}..{max(self.losses):.3f}",
+                              style="cyan"))
+        return Panel(Group(*lines), title=self.title, expand=False)
+
+    def emit(self, row: dict) -> None:
+        kind = row["kind"]
+        if kind == "train":
+            self.last_train = row
+            self.losses.append(row["loss"])
+        elif kind == "val":
+            self.last_val = row
+        elif kind == "sample":
+            from rich.text import Text
+
+            self.console.print(Text.assemble((f"sample at step {row['step']}", "bold"), f"\n{row['text']}\n"))
+        elif kind == "event":
+            self.console.print(row["message"], markup=False, highlight=False)
+        self.live.update(self._render())
+
+    def close(self) -> None:
+        self.live.update(self._render())
+        self.live.stop()
+
+
+def build_console_sink(cfg: LogConfig, num_steps: int, log_every_steps: int, title: str):
+    is_live = cfg.live == "on" or (cfg.live == "auto" and sys.stdout.isatty() and not cfg.is_quiet)
+    if is_live:
+        return LiveConsoleSink(num_steps, title)
+    return PlainConsoleSink(num_steps, log_every_steps, cfg.is_quiet)
+

@@ -1,0 +1,78 @@
+"""Where metrics go: metrics.jsonl, metrics.csv, samples.txt, and the terminal (MetricSink protocol).
+
+Every row is a dict with "kind" ("train", "val", "sample", "event"), "step" and "time".
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Protocol
+
+CSV_COLUMNS = ["step", "lr", "train_loss", "val_loss", "train_perplexity", "val_perplexity", "sample", "timestamp"]
+
+
+class MetricSink(Protocol):
+    def emit(self, row: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """Append-only, one JSON object per line, flushed every line (viewers tail this file)."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "a", encoding="utf-8")
+
+    def emit(self, row: dict) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class CsvSink:
+    """The train and val figures as spreadsheet columns."""
+
+    def __init__(self, path: Path) -> None:
+        is_new = not path.exists() or path.stat().st_size == 0
+        self._file = open(path, "a", newline="", encoding="utf-8")
+        self._writer = csv.DictWriter(self._file, fieldnames=CSV_COLUMNS)
+        if is_new:
+            self._writer.writeheader()
+
+    def emit(self, row: dict) -> None:
+        kind = row["kind"]
+        out = {"step": row["step"], "timestamp": row["time"]}
+        if kind == "train":
+            out |= {"lr": row["lr"], "train_loss": row["loss"], "train_perplexity": math.exp(min(row["loss"], 50))}
+        elif kind == "val":
+            out |= {"val_loss": row["val_loss"], "val_perplexity": row["val_perplexity"]}
+        elif kind == "sample":
+            out["sample"] = row["text"]
+        else:
+            return
+        self._writer.writerow(out)
+        self._file.flush()
+
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class SamplesSink:
+    """samples.txt: each sample headed by its step."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "a", encoding="utf-8")
+
+    def emit(self, row: dict) -> None:
+        if row["kind"] == "sample":
+            self._file.write(f"=== step {row['step']} ===\n{row['text']}\n\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,214 @@
+"""GPT-2: pre-LN blocks, tanh GELU, learned positions, tied embeddings. Single-device code, HF names.
+
+Dims: B batch, T sequence, D width (n_embd), H heads, K head size, V vocab, C cache length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from gptrain.errors import UserError
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    n_embd: int = 192
+    n_layer: int = 4
+    n_head: int = 6
+    block_size: int = 128  # context length in tokens
+    vocab_size: int = 0  # 0: taken from the tokenizer
+    dropout: float = 0.0
+    bias: bool = True
+    tie_weights: bool = True
+    vocab_multiple: int = 64  # embedding rows padded to a multiple of this (matmul speed); logits cut back
+
+    def __post_init__(self) -> None:
+        for name in ("n_embd", "n_layer", "n_head", "block_size", "vocab_multiple"):
+            if getattr(self, name) < 1:
+                raise UserError(f"model.{name} must be at least 1 (got {getattr(self, name)})")
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
+                "pick sizes where n_embd is a multiple of n_head"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout must be in [0, 1) (got {self.dropout})")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+
+def count_parameters(cfg: ModelConfig, *, non_embedding: bool = False) -> int:
+    """Parameter count from the config alone (tied head counted once; padding rows not counted)."""
+    d, layers = cfg.n_embd, cfg.n_layer
+    bias = 1 if cfg.bias else 0
+    ln = 2 * d if cfg.bias else d
+    per_block = 2 * ln + (3 * d * d + 3 * d * bias) + (d * d + d * bias)
+    per_block += (4 * d * d + 4 * d * bias) + (4 * d * d + d * bias)
+    body = layers * per_block + ln
+    if non_embedding:
+        return body
+    head = 0 if cfg.tie_weights else cfg.vocab_size * d
+    return body + cfg.vocab_size * d + cfg.block_size * d + head
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1 on all paths)."""
+
+    def __init__(self, dim: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding; grows to the model's context."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.k_BHCK: list[Tensor | None] = [None] * n_layer
+        self.v_BHCK: list[Tensor | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        k = self.k_BHCK[0]
+        return 0 if k is None else k.size(2)
+
+    def update(self, layer: int, k_BHTK: Tensor, v_BHTK: Tensor) -> tuple[Tensor, Tensor]:
+        if self.k_BHCK[layer] is not None:
+            k_BHTK = torch.cat([self.k_BHCK[layer], k_BHTK], dim=2)
+            v_BHTK = torch.cat([self.v_BHCK[layer], v_BHTK], dim=2)
+        self.k_BHCK[layer], self.v_BHCK[layer] = k_BHTK, v_BHTK
+        return k_BHTK, v_BHTK
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.n_head, self.layer, self.dropout = cfg.n_head, layer, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTD: Tensor, cache: KVCache | None = None) -> Tensor:
+        B, T, D = x_BTD.shape
+        H = self.n_head
+        q_BTD, k_BTD, v_BTD = self.c_attn(x_BTD).split(D, dim=2)
+        q_BHTK = q_BTD.view(B, T, H, D // H).transpose(1, 2)
+        k_BHTK = k_BTD.view(B, T, H, D // H).transpose(1, 2)
+        v_BHTK = v_BTD.view(B, T, H, D // H).transpose(1, 2)
+        is_causal = True
+        if cache is not None:
+            if T > 1 and cache.k_BHCK[self.layer] is not None:
+                raise ValueError("a KV cache is extended one token at a time after the prefill")
+            k_BHTK, v_BHTK = cache.update(self.layer, k_BHTK, v_BHTK)
+            # One new token attends to every cached key; a prefill is an ordinary causal pass.
+            is_causal = T > 1
+        dropout = self.dropout if self.training else 0.0
+        y_BHTK = F.scaled_dot_product_attention(
+            q_BHTK, k_BHTK, v_BHTK, dropout_p=dropout, is_causal=is_causal
+        )
+        y_BTD = y_BHTK.transpose(1, 2).contiguous().view(B, T, D)
+        return self.resid_dropout(self.c_proj(y_BTD))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTD: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x_BTD), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(cfg.n_embd, cfg.bias)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln_2 = LayerNorm(cfg.n_embd, cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x_BTD: Tensor, cache: KVCache | None = None) -> Tensor:
+        x_BTD = x_BTD + self.attn(self.ln_1(x_BTD), cache)
+        return x_BTD + self.mlp(self.ln_2(x_BTD))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise UserError("model.vocab_size is not set: it comes from the tokenizer")
+        self.config = cfg
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
+                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
+                ln_f=LayerNorm(cfg.n_embd, cfg.bias),
+            )
+        )
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream stays O(1).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        return count_parameters(self.config, non_embedding=non_embedding)
+
+    def forward(
+        self, idx_BT: Tensor, targets_BT: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
+        """Logits (B, T, V) without targets; the mean cross-entropy (a scalar) with them."""
+        B, T = idx_BT.shape
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context {self.config.block_size}")
+        pos_T = torch.arange(start, start + T, device=idx_BT.device)
+        x_BTD = self.transformer.drop(self.transformer.wte(idx_BT) + self.transformer.wpe(pos_T))
+        for block in self.transformer.h:
+            x_BTD = block(x_BTD, cache)
+        x_BTD = self.transformer.ln_f(x_BTD)
+        if targets_BT is None:
+            return self.lm_head(x_BTD)[..., : self.config.vocab_size]
+        return self.loss(x_BTD, targets_BT)
+
+    def loss(self, x_BTD: Tensor, targets_BT: Tensor) -> Tensor:
+        """Cross-entropy of the head on final hidden states; padded vocab rows never get probability."""
+        logits_BTV = self.lm_head(x_BTD)
+        V = self.config.vocab_size
+        if logits_BTV.size(-1) != V:
+            logits_BTV = logits_BTV[..., :V]
+        return F.cross_entropy(logits_BTV.reshape(-1, V).float(), targets_BT.reshape(-1), ignore_index=-1)
+
+    @torch.no_grad()
+    def generate(self, idx_BT: Tensor, max_new_tokens: int, **sampling) -> Tensor:
+        """Extend idx_BT by max_new_tokens sampled tokens (see gptrain.model.generate for options)."""
+        from gptrain.model.generate import generate
+
+        return generate(self, idx_BT, max_new_tokens, **sampling)

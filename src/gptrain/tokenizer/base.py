@@ -1,0 +1,34 @@
+"""The Tokenizer protocol that the data pipeline, training and generation rely on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+EOT_TEXT = "<|endoftext|>"  # document separator, GPT-2's own; every tokenizer here has it
+
+
+class Tokenizer(Protocol):
+    name: str  # e.g. "gpt2", "bpe2048", "char65"
+    vocab_size: int
+    eot_id: int
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of text; special tokens in the text are encoded as plain text."""
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """encode() over many texts, in parallel where the backend can."""
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ids (the separator decodes to EOT_TEXT)."""
+
+    def to_json(self) -> str:
+        """The tokenizer.json text from which load_tokenizer rebuilds this tokenizer."""
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:
+    """Write tokenizer.json atomically (temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(tokenizer.to_json(), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,51 @@
+"""Byte-level BPE trained on the user's corpus with Hugging Face `tokenizers` (GPT-2's scheme)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from gptrain.tokenizer.base import EOT_TEXT
+
+
+class BPETokenizer:
+    def __init__(self, hf: HFTokenizer) -> None:
+        self._hf = hf
+        self.vocab_size = hf.get_vocab_size()
+        eot = hf.token_to_id(EOT_TEXT)
+        if eot is None:
+            raise ValueError(f"the BPE tokenizer has no {EOT_TEXT} token")
+        self.eot_id = eot
+        self.name = f"bpe{self.vocab_size}"
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT_TEXT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf)
+
+    @classmethod
+    def from_json(cls, text: str) -> BPETokenizer:
+        return cls(HFTokenizer.from_str(text))
+
+    def encode(self, text: str) -> list[int]:
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._hf.decode(ids, skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        return self._hf.to_str()

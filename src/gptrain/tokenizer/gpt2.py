@@ -1,0 +1,50 @@
+"""OpenAI's GPT-2 BPE through tiktoken, built from the verified local ranks file (works offline)."""
+
+from __future__ import annotations
+
+import json
+
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+from gptrain.tokenizer.base import EOT_TEXT
+from gptrain.tokenizer.gpt2_assets import SHA256, encoding_path
+
+# tiktoken's r50k_base / gpt2 pre-tokenizer pattern.
+PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_ENCODING: tiktoken.Encoding | None = None
+
+
+def gpt2_encoding() -> tiktoken.Encoding:
+    global _ENCODING
+    if _ENCODING is None:
+        ranks = load_tiktoken_bpe(str(encoding_path()))
+        _ENCODING = tiktoken.Encoding(
+            name="gpt2",
+            pat_str=PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens={EOT_TEXT: 50256},
+            explicit_n_vocab=50257,
+        )
+    return _ENCODING
+
+
+class GPT2Tokenizer:
+    name = "gpt2"
+    vocab_size = 50257
+    eot_id = 50256
+
+    def __init__(self) -> None:
+        self._enc = gpt2_encoding()
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._enc.decode(ids)
+
+    def to_json(self) -> str:
+        return json.dumps({"gptrain_tokenizer": "gpt2", "encoding": "r50k_base", "ranks_sha256": SHA256})

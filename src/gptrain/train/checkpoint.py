@@ -1,0 +1,222 @@
+"""Checkpoints: safetensors + JSON folders, written atomically in a background thread; and loading.
+
+A checkpoint folder (`step_000250/`, `best/`, `final/`) holds model.safetensors,
+optimizer.safetensors, state.json (TrainState, loader position, RNG states, optimizer groups),
+config.toml and tokenizer.json. No pickle: anyone's checkpoint is safe to open.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gptrain.errors import UserError
+
+STEP_PREFIX = "step_"
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every_steps: int = 500  # periodic checkpoints; 0: none (best and final are still written)
+    keep_last: int = 2  # periodic checkpoints kept; older ones are deleted
+    save_best: bool = True  # keep best/ at the lowest val loss so far
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0 or self.keep_last < 1:
+            raise UserError("checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1")
+
+
+@dataclass(kw_only=True)
+class TrainState:
+    """Everything besides weights, optimizer and loader that an exact resume needs."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float | None = None
+    num_bad_evals: int = 0  # evaluations since the last best (early stopping)
+    num_bad_steps: int = 0  # consecutive skipped steps (non-finite loss or gradient)
+    elapsed_seconds: float = 0.0
+
+
+@dataclass
+class Snapshot:
+    """A consistent copy (on the CPU) of everything a checkpoint holds, safe to write in a thread."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    state: dict
+    config_toml: str
+    tokenizer_json: str
+
+
+def _encode_bytes(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+
+def _decode_bytes(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def capture_rng() -> dict:
+    rng = {"torch": _encode_bytes(torch.get_rng_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = [_encode_bytes(s) for s in torch.cuda.get_rng_state_all()]
+    return rng
+
+
+def restore_rng(rng: dict) -> None:
+    torch.set_rng_state(_decode_bytes(rng["torch"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_decode_bytes(s) for s in rng["cuda"]])
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights as CPU copies; a tied lm_head is left out (it is wte)."""
+    state = model.state_dict()
+    tied = getattr(model, "config", None) is not None and model.config.tie_weights
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()
+            if not (tied and k == "lm_head.weight")}
+
+
+def optimizer_snapshot(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state split into tensors (for safetensors) and JSON (param groups, scalars)."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, per_param in sd["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(snapshot: Snapshot, folder: Path) -> None:
+    """Write into folder.tmp, fsync, then swap it in: the folder appears whole or not at all."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(snapshot.model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    save_file(snapshot.optimizer, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
+    (tmp / "state.json").write_text(json.dumps(snapshot.state, indent=1))
+    (tmp / "config.toml").write_text(snapshot.config_toml)
+    (tmp / "tokenizer.json").write_text(snapshot.tokenizer_json, encoding="utf-8")
+    for f in tmp.iterdir():
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(tmp)
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    tmp.rename(folder)
+    _fsync_dir(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def prune_periodic(checkpoints_dir: Path, keep_last: int) -> None:
+    steps = sorted(p for p in checkpoints_dir.glob(f"{STEP_PREFIX}*") if p.is_dir() and p.name[5:].isdigit())
+    for old in steps[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class CheckpointWriter:
+    """Writes snapshots in one background thread so training does not wait on the disk."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, snapshot: Snapshot, folders: list[Path], keep_last: int | None = None) -> None:
+        self.wait()
+
+        def work() -> None:
+            try:
+                for folder in folders:
+                    write_checkpoint(snapshot, folder)
+                if keep_last is not None:
+                    prune_periodic(folders[0].parent, keep_last)
+            except BaseException as e:  # re-raised in the training thread by wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=work, name="checkpoint-writer", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint folder, or a run directory (its final/, else latest step_*/, else best/)."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return path
+    ckpts = path / "checkpoints"
+    if ckpts.is_dir():
+        steps = sorted(p for p in ckpts.glob(f"{STEP_PREFIX}*") if (p / "model.safetensors").is_file())
+        for candidate in [ckpts / "final", *reversed(steps), ckpts / "best"]:
+            if (candidate / "model.safetensors").is_file():
+                return candidate
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    raise UserError(f"{path} holds no checkpoint (no model.safetensors in it or in checkpoints/*)")
+
+
+def latest_checkpoint_dir(run_dir: Path) -> Path:
+    """The checkpoint with the highest step in a run (to resume from), whatever its folder name."""
+    candidates = [p for p in (run_dir / "checkpoints").glob("*") if (p / "state.json").is_file()]
+    if not candidates:
+        raise UserError(f"{run_dir} has no checkpoint to resume from")
+    return max(candidates, key=lambda p: json.loads((p / "state.json").read_text())["train"]["step"])
+
+
+def read_checkpoint(folder: Path, *, with_optimizer: bool = True) -> dict:
+    """The raw pieces of a checkpoint: model tensors, optimizer state dict, state.json, config text."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        out = {
+            "model": load_file(str(folder / "model.safetensors")),
+            "state": state,
+            "config_toml": (folder / "config.toml").read_text(),
+            "tokenizer_path": folder / "tokenizer.json",
+        }
+        if with_optimizer:
+            tensors = load_file(str(folder / "optimizer.safetensors"))
+            out["optimizer"] = optimizer_state_dict(tensors, state["optimizer"])
+    except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
+        raise UserError(f"{folder} is not a complete gptrain checkpoint ({e})") from None
+    return out
+
+
+def make_state(train: TrainState, loader: dict, optimizer_meta: dict) -> dict:
+    return {"train": asdict(train), "loader": loader, "rng": capture_rng(), "optimizer": optimizer_meta}

@@ -1,0 +1,271 @@
+"""train(): the one explicit training loop, with setup in small build_* functions."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from gptrain.config import RunConfig, to_toml
+from gptrain.data.loader import ShardLoader
+from gptrain.data.prepare import load_dataset_tokenizer, prepare_dataset, shard_paths
+from gptrain.distributed.env import DistEnv
+from gptrain.errors import UserError
+from gptrain.eval.val_loss import evaluate_loss
+from gptrain.metrics.console import build_console_sink
+from gptrain.metrics.sinks import CsvSink, JsonlSink, MetricSink, SamplesSink
+from gptrain.metrics.throughput import estimate_mfu, peak_flops
+from gptrain.model.gpt import GPT
+from gptrain.tokenizer import Tokenizer, load_tokenizer
+from gptrain.tokenizer.base import save_tokenizer
+from gptrain.train import checkpoint as ckpt
+from gptrain.train.optim import build_optimizer
+from gptrain.train.samples import write_sample
+from gptrain.train.schedule import lr_at
+from gptrain.train.step import autocast_context, train_step
+
+
+@dataclass
+class Plan:
+    """Derived sizes, computed once and logged."""
+
+    num_steps: int
+    num_micro_steps: int  # gradient accumulation
+    tokens_per_step: int
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    env: DistEnv
+    run_dir: Path
+    tokenizer: Tokenizer
+    model: GPT
+    step_model: torch.nn.Module  # the model the step calls: compiled or not
+    optimizer: torch.optim.Optimizer
+    train_loader: ShardLoader
+    val_loader: ShardLoader
+    plan: Plan
+    state: ckpt.TrainState = field(default_factory=ckpt.TrainState)
+    sinks: list[MetricSink] = field(default_factory=list)
+    writer: ckpt.CheckpointWriter = field(default_factory=ckpt.CheckpointWriter)
+
+
+def derive_plan(cfg: RunConfig, loader: ShardLoader, world_size: int) -> Plan:
+    """Accumulation from the global batch (tokens), micro batch and world size; steps from epochs."""
+    micro_tokens = cfg.train.batch_size * cfg.model.block_size * world_size
+    batch_tokens = cfg.train.batch_tokens or micro_tokens
+    if batch_tokens % micro_tokens:
+        raise UserError(
+            f"train.batch_tokens={batch_tokens} is not a multiple of batch_size x block_size x world_size "
+            f"= {micro_tokens}: pick a multiple, or 0 for no accumulation"
+        )
+    num_micro_steps = batch_tokens // micro_tokens
+    num_steps = cfg.train.num_steps
+    if cfg.train.num_epochs > 0:
+        sequences_per_step = cfg.train.batch_size * num_micro_steps
+        num_steps = max(1, math.ceil(cfg.train.num_epochs * loader.windows_per_epoch / sequences_per_step))
+    return Plan(num_steps=num_steps, num_micro_steps=num_micro_steps, tokens_per_step=batch_tokens)
+
+
+def make_run_dir(cfg: RunConfig, *, is_resume: bool, should_overwrite: bool) -> Path:
+    run_dir = Path(cfg.run_dir or f"runs/{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    if is_resume:
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not should_overwrite:
+            raise UserError(f"run directory {run_dir} already exists: pass --resume {run_dir} to continue it, "
+                            "--overwrite to replace it, or choose another --run-dir")
+        shutil.rmtree(run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def build_model(cfg: RunConfig, tokenizer: Tokenizer, device: str, init_from: Path | None) -> GPT:
+    model_cfg = replace(cfg.model, vocab_size=tokenizer.vocab_size)
+    model = GPT(model_cfg)
+    if init_from is not None:
+        model.load_state_dict(ckpt.read_checkpoint(init_from, with_optimizer=False)["model"], strict=False)
+    return model.to(device)
+
+
+def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, init_from: Path | None, log) -> Run:
+    """Data (prepared if needed), tokenizer, model, optimizer and loaders; config.toml written."""
+    base_tokenizer = load_tokenizer(init_from / "tokenizer.json") if init_from else None
+    dataset = prepare_dataset(cfg.data, cfg.tokenizer, tokenizer=base_tokenizer, log=log)
+    tokenizer = base_tokenizer or load_dataset_tokenizer(dataset)
+    cfg = replace(cfg, model=replace(cfg.model, vocab_size=tokenizer.vocab_size))
+    model = build_model(cfg, tokenizer, env.device, init_from)
+    loader_args = dict(batch_size=cfg.train.batch_size, block_size=cfg.model.block_size,
+                       rank=env.rank, world_size=env.world_size)
+    train_loader = ShardLoader(shard_paths(dataset, "train"), seed=cfg.seed, **loader_args)
+    val_loader = ShardLoader(shard_paths(dataset, "val"), shuffle=False, split="val", **loader_args)
+    plan = derive_plan(cfg, train_loader, env.world_size)
+    optimizer = build_optimizer(model, cfg.optim, lr_at(0, plan.num_steps, cfg.schedule))
+    use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and env.device.startswith("cuda"))
+    step_model = torch.compile(model) if use_compile else model
+    if env.is_main:
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+        save_tokenizer(tokenizer, run_dir / "tokenizer.json")
+    return Run(cfg=cfg, env=env, run_dir=run_dir, tokenizer=tokenizer, model=model, step_model=step_model,
+               optimizer=optimizer, train_loader=train_loader, val_loader=val_loader, plan=plan)
+
+
+def resume_from(run: Run, folder: Path) -> None:
+    """Load weights, optimizer, TrainState, loader position and RNG states from a checkpoint."""
+    pieces = ckpt.read_checkpoint(folder)
+    run.model.load_state_dict(pieces["model"], strict=False)
+    run.optimizer.load_state_dict(pieces["optimizer"])
+    run.state = ckpt.TrainState(**pieces["state"]["train"])
+    run.train_loader.load_state_dict(pieces["state"]["loader"])
+    ckpt.restore_rng(pieces["state"]["rng"])
+
+
+def save(run: Run, names: list[str], *, is_periodic: bool = False) -> None:
+    """Snapshot now (CPU copies), write in the background; periodic ones are pruned to keep_last."""
+    if not run.env.is_main:
+        return
+    opt_tensors, opt_meta = ckpt.optimizer_snapshot(run.optimizer)
+    snapshot = ckpt.Snapshot(
+        model=ckpt.model_tensors(run.model),
+        optimizer=opt_tensors,
+        state=ckpt.make_state(run.state, run.train_loader.state_dict(), opt_meta),
+        config_toml=to_toml(run.cfg),
+        tokenizer_json=run.tokenizer.to_json(),
+    )
+    folders = [run.run_dir / "checkpoints" / n for n in names]
+    run.writer.submit(snapshot, folders, run.cfg.checkpoint.keep_last if is_periodic else None)
+
+
+def emit(run: Run, row: dict) -> None:
+    row = {"step": run.state.step, "time": time.time(), **row}
+    for sink in run.sinks:
+        sink.emit(row)
+
+
+def validate(run: Run) -> tuple[dict[str, float], bool]:
+    """Evaluate and keep best/; also says whether early stopping's patience has run out."""
+    autocast = autocast_context(run.env.device, run.cfg.train.precision)
+    metrics = evaluate_loss(run.model, run.val_loader, run.cfg.eval.num_batches, run.env.device, autocast)
+    emit(run, {"kind": "val", **metrics})
+    state = run.state
+    if state.best_val_loss is None or metrics["val_loss"] < state.best_val_loss:
+        state.best_val_loss, state.num_bad_evals = metrics["val_loss"], 0
+        if run.cfg.checkpoint.save_best:
+            save(run, ["best"])
+        return metrics, False
+    state.num_bad_evals += 1
+    return metrics, 0 < run.cfg.eval.patience <= state.num_bad_evals
+
+
+def sample(run: Run) -> str:
+    text = write_sample(run.model, run.tokenizer, run.cfg.samples, run.env.device)
+    emit(run, {"kind": "sample", "text": text})
+    return text
+
+
+def is_due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def build_sinks(run: Run) -> list[MetricSink]:
+    if not run.env.is_main:
+        return []
+    console = build_console_sink(run.cfg.log, run.plan.num_steps, run.cfg.train.log_every_steps,
+                                 title=f"gptrain · {run.run_dir}")
+    return [JsonlSink(run.run_dir / "metrics.jsonl"), CsvSink(run.run_dir / "metrics.csv"),
+            SamplesSink(run.run_dir / "samples.txt"), console]
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    resume: str | Path | None = None,
+    init_from: str | Path | None = None,
+    should_overwrite: bool = False,
+    log=print,
+) -> dict:
+    """Train a model as cfg says; returns a summary (run_dir, steps, losses, seconds, last sample)."""
+    if resume is not None:
+        cfg = replace(cfg, run_dir=str(resume))
+    env = DistEnv.from_environment(cfg.device)
+    torch.manual_seed(cfg.seed)
+    run_dir = make_run_dir(cfg, is_resume=resume is not None, should_overwrite=should_overwrite)
+    init_dir = ckpt.resolve_checkpoint_dir(init_from) if init_from else None
+    run = build_run(cfg, env, run_dir, init_dir, log)
+    if resume is not None:
+        resume_from(run, ckpt.latest_checkpoint_dir(run_dir))
+    run.sinks = build_sinks(run)
+    try:
+        return _loop(run)
+    except KeyboardInterrupt:
+        emit(run, {"kind": "event", "message": f"interrupted: saving step {run.state.step}; "
+                                               f"continue with --resume {run.run_dir}"})
+        save(run, [f"{ckpt.STEP_PREFIX}{run.state.step:06d}"])
+        raise
+    finally:
+        run.writer.wait()
+        for sink in run.sinks:
+            sink.close()
+
+
+def _loop(run: Run) -> dict:
+    cfg, env, state, plan = run.cfg, run.env, run.state, run.plan
+    autocast = autocast_context(env.device, cfg.train.precision)
+    peak = peak_flops(env.device)
+    n_params = run.model.num_parameters()
+    emit(run, {"kind": "event", "message": (
+        f"run {run.run_dir} | {n_params:,} parameters | device {env.device} | {plan.num_steps} steps of "
+        f"{plan.tokens_per_step:,} tokens ({plan.num_micro_steps} micro steps) | "
+        f"{run.train_loader.num_tokens:,} train tokens")})
+    is_early_stop, last_loss = False, float("nan")
+    recent: list[float] = []
+    run.model.train()
+    while state.step < plan.num_steps and not is_early_stop:
+        started = time.perf_counter()
+        lr = lr_at(state.step, plan.num_steps, cfg.schedule)
+        result = train_step(run.step_model, run.optimizer, run.train_loader, num_micro_steps=plan.num_micro_steps,
+                            lr=lr, grad_clip=cfg.optim.grad_clip, device=env.device, autocast=autocast)
+        state.step += 1
+        state.tokens_seen += plan.tokens_per_step
+        seconds = time.perf_counter() - started
+        state.elapsed_seconds += seconds
+        if not result.is_applied:
+            state.num_bad_steps += 1
+            emit(run, {"kind": "event", "message": f"step {state.step}: non-finite loss or gradient, update skipped"})
+            if state.num_bad_steps >= cfg.train.max_bad_steps:
+                raise UserError(f"{state.num_bad_steps} non-finite steps in a row: lower schedule.peak_lr "
+                                f"(now {cfg.schedule.peak_lr}) or check the data")
+        else:
+            state.num_bad_steps = 0
+        recent = (recent + [seconds])[-20:]
+        tokens_per_second = plan.tokens_per_step / (sum(recent) / len(recent))
+        last_loss = result.loss.item()
+        emit(run, {"kind": "train", "loss": last_loss, "lr": lr, "grad_norm": result.grad_norm.item(),
+                   "tokens_per_second": tokens_per_second, "mfu": estimate_mfu(run.model.config, tokens_per_second,
+                   peak), "tokens_seen": state.tokens_seen, "epoch": run.train_loader.epochs_done,
+                   "eta_seconds": (plan.num_steps - state.step) * sum(recent) / len(recent)})
+        is_last = state.step == plan.num_steps
+        if is_due(state.step, cfg.eval.every_steps) and not is_last:
+            _, is_early_stop = validate(run)
+            if is_early_stop:
+                emit(run, {"kind": "event", "message": f"early stop: val loss has not improved for "
+                                                       f"{state.num_bad_evals} evaluations"})
+        if is_due(state.step, cfg.samples.every_steps) and not is_last:
+            sample(run)
+        if is_due(state.step, cfg.checkpoint.every_steps) and not is_last:
+            save(run, [f"{ckpt.STEP_PREFIX}{state.step:06d}"], is_periodic=True)
+    final_val, _ = validate(run)
+    text = sample(run)
+    save(run, ["final"])
+    run.writer.wait()
+    emit(run, {"kind": "event", "message": f"done: {state.step} steps in {state.elapsed_seconds:.0f}s | "
+                                           f"best val loss {state.best_val_loss:.4f} | {run.run_dir}"})
+    return {"run_dir": str(run.run_dir), "step": state.step, "train_loss": last_loss,
+            "val_loss": final_val["val_loss"],
+            "best_val_loss": state.best_val_loss, "elapsed_seconds": state.elapsed_seconds, "sample": text}

@@ -1,0 +1,38 @@
+"""Text samples written during training, to show what the model has learned so far."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gptrain.errors import UserError
+from gptrain.model.generate import SampleConfig, generate
+from gptrain.model.gpt import GPT
+from gptrain.tokenizer import Tokenizer
+
+
+@dataclass(kw_only=True)
+class SamplesConfig:
+    every_steps: int = 250  # 0: only at the end
+    num_tokens: int = 120
+    prompt: str = "\n"  # empty: start from the document separator
+    temperature: float = 0.8
+    top_k: int = 50
+    seed: int = 1234  # fixed, so that samples from step to step are comparable
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0 or self.num_tokens < 1:
+            raise UserError("samples.every_steps must be >= 0 and samples.num_tokens >= 1")
+
+
+def write_sample(model: GPT, tokenizer: Tokenizer, cfg: SamplesConfig, device: str) -> str:
+    """Generate one sample from the prompt with a fixed seed; returns prompt + continuation."""
+    ids = tokenizer.encode(cfg.prompt) if cfg.prompt else []
+    ids = ids or [tokenizer.eot_id]
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    options = SampleConfig(max_new_tokens=cfg.num_tokens, temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
+    out = generate(model, idx, options.max_new_tokens, temperature=options.temperature,
+                   top_k=options.top_k, seed=options.seed)
+    text = tokenizer.decode(out[0].tolist())
+    return text if cfg.prompt else text.removeprefix("<|endoftext|>")
