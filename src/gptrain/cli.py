@@ -44,25 +44,44 @@ def _config_values(args: argparse.Namespace, extra: list[str]) -> dict[str, obje
     return values
 
 
-def parse_dotted(extra: list[str]) -> dict[str, str]:
-    """--a.b=value or --a.b value pairs; anything else is an unknown flag."""
+def split_dotted(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `--section.field=value` / `--section.field value` pairs from the other arguments."""
+    rest, dotted, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            dotted.append(arg)
+            if "=" not in arg:
+                if i + 1 >= len(argv):
+                    raise UserError(f"{arg} needs a value")
+                dotted.append(argv[i + 1])
+                i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, dotted
+
+
+def parse_dotted(dotted: list[str]) -> dict[str, str]:
     values, i = {}, 0
-    while i < len(extra):
-        arg = extra[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise UserError(f"unknown argument {arg!r}: see `gptrain train --help`")
-        key, eq, value = arg[2:].partition("=")
+    while i < len(dotted):
+        key, eq, value = dotted[i][2:].partition("=")
         if not eq:
-            if i + 1 >= len(extra):
-                raise UserError(f"{arg} needs a value")
-            value, i = extra[i + 1], i + 1
+            value, i = dotted[i + 1], i + 1
         values[key.replace("-", "_")] = value
         i += 1
     return values
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are UserErrors: one line, exit code 2, like every other user error."""
+
+    def error(self, message: str) -> None:
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptrain", description="Train GPT-2 style models from scratch.")
+    parser = _Parser(prog="gptrain", description="Train GPT-2 style models from scratch.", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 
@@ -177,13 +196,13 @@ def cmd_config() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
     try:
+        rest, extra = split_dotted(sys.argv[1:] if argv is None else argv)
+        args = build_parser().parse_args(rest)
         if args.command in ("train", "prepare"):
             return (cmd_train if args.command == "train" else cmd_prepare)(args, extra)
         if extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            raise UserError(f"{args.command} takes no config keys (got {extra[0]})")
         if args.command in ("generate", "sample"):
             return cmd_generate(args)
         if args.command == "presets":

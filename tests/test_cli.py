@@ -1,0 +1,85 @@
+"""The command line: every user mistake is one line on stderr and exit code 2, with nothing left behind."""
+
+import subprocess
+import sys
+
+import pytest
+
+from gptrain.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tiny_args(tmp_path, corpus):
+    return ["--data", str(corpus), "--data.data_dir", str(tmp_path / "ds"), "--tokenizer", "char", "--embd", "32",
+            "--layers", "2", "--heads", "2", "--context", "32", "--batch-size", "4", "--steps", "3",
+            "--eval.every_steps=0", "--samples.every_steps=0", "--log.live=off", "--quiet",
+            "--run-dir", str(tmp_path / "run")]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--preset", "gpt5"], "unknown preset 'gpt5'"),
+    (["train", "--embd", "100", "--heads", "3"], "not divisible by model.n_head=3"),
+    (["train", "--model.n_embdd=3"], "unknown config key 'model.n_embdd'"),
+    (["train", "--data", "/no/such/corpus.txt"], "does not exist"),
+    (["train", "/no/such/recipe.toml"], "config file /no/such/recipe.toml does not exist"),
+    (["train", "--resume", "/no/such/run"], "is not a run directory"),
+    (["generate", "--checkpoint", "/no/such/ckpt"], "does not exist"),
+    (["train", "--lr", "-1"], "peak_lr must be positive"),
+    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_user_mistakes_are_one_line_exit_2(capsys, argv, message):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("gptrain: error: ") and message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty"),
+    (b"\x00\x00binary\x00", "looks binary"),
+    (b"tiny", "fewer than one context window"),
+])
+def test_bad_corpora_leave_nothing_behind(capsys, tmp_path, content, message):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(content)
+    code, _, err = run_cli(capsys, "train", *tiny_args(tmp_path, corpus))
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.bin.tmp"))
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_train_generate_and_existing_run_dir(capsys, tmp_path, corpus_dir):
+    code, out, _ = run_cli(capsys, "train", *tiny_args(tmp_path, corpus_dir))
+    assert code == 0 and "run directory:" in out
+    code, _, err = run_cli(capsys, "train", *tiny_args(tmp_path, corpus_dir))
+    assert code == 2 and "already exists" in err and "--resume" in err
+    gen = ["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "KING", "--max-tokens", "25"]
+    code, greedy1, _ = run_cli(capsys, *gen, "--greedy")
+    code2, greedy2, _ = run_cli(capsys, *gen, "--greedy")
+    assert code == code2 == 0 and greedy1 == greedy2 and greedy1.startswith("KING") and len(greedy1) == 4 + 25 + 1
+    _, a, _ = run_cli(capsys, *gen, "--seed", "7", "--top-k", "5", "--top-p", "0.9", "--temperature", "1.2")
+    _, b, _ = run_cli(capsys, *gen, "--seed", "7", "--top-k", "5", "--top-p", "0.9", "--temperature", "1.2")
+    assert a == b
+    code, out, _ = run_cli(capsys, "train", "--resume", str(tmp_path / "run"), "--steps", "5", "--quiet")
+    assert code == 0
+
+
+def test_presets_lists_every_preset_with_counts(capsys):
+    from gptrain.presets import PRESETS
+
+    code, out, _ = run_cli(capsys, "presets")
+    assert code == 0
+    for name in PRESETS:
+        assert f"\n{name} " in out
+    gpt2_line = next(line for line in out.splitlines() if line.startswith("gpt2 "))
+    assert "124.44M" in gpt2_line
+
+
+def test_module_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "gptrain", "presets"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "feste-tiny" in result.stdout

@@ -1,0 +1,53 @@
+import pytest
+
+from gptrain.config import RunConfig, apply_overrides, from_toml_text, resolve_config, to_toml
+from gptrain.errors import UserError
+
+
+def test_defaults_round_trip_through_toml():
+    cfg = apply_overrides(RunConfig(), {"model.dropout": "0.1", "samples.prompt": 'say "hi"\n'})
+    assert from_toml_text(to_toml(cfg)) == cfg
+
+
+def test_recipe_env_dotenv_and_cli_precedence(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('preset = "feste-tiny"\n[model]\nn_layer = 3\ndropout = 0.2\n[train]\nnum_steps = 50\n')
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("GPTRAIN_TRAIN__NUM_STEPS=60\nGPTRAIN_LR=0.01\n")
+    environ = {"GPTRAIN_STEPS": "70", "GPTRAIN_MODEL__DROPOUT": "0.3", "UNRELATED": "x"}
+    cfg = resolve_config(recipe, {"steps": 80}, environ=environ, dotenv_path=dotenv)
+    assert cfg.preset == "feste-tiny"
+    assert (cfg.model.n_embd, cfg.model.n_head, cfg.tokenizer.vocab_size) == (64, 1, 512)  # from the preset
+    assert cfg.model.n_layer == 3  # the recipe beats the preset
+    assert cfg.schedule.peak_lr == 0.01  # .env
+    assert cfg.model.dropout == 0.3  # environment beats recipe
+    assert cfg.train.num_steps == 80  # flags beat everything
+
+
+def test_aliases_match_config_fields():
+    cfg = resolve_config(None, {"embd": 96, "layers": 3, "heads": 4, "context": 32, "vocab": 700, "lr": 1e-3,
+                                "batch-size": 5, "epochs": 2.5, "model-size": "spider"}, environ={})
+    assert (cfg.model.n_embd, cfg.model.n_layer, cfg.model.n_head, cfg.model.block_size) == (96, 3, 4, 32)
+    assert (cfg.tokenizer.vocab_size, cfg.schedule.peak_lr, cfg.train.batch_size) == (700, 1e-3, 5)
+    assert cfg.train.num_epochs == 2.5 and cfg.preset == "spider"
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"model.n_embdd": 3}, "unknown config key 'model.n_embdd'"),
+    ({"modle.n_embd": 3}, "unknown config key"),
+    ({"model.n_embd": "wide"}, "model.n_embd expects int"),
+    ({"model.bias": "maybe"}, "expects true or false"),
+    ({"model.n_embd": 100, "model.n_head": 3}, "not divisible"),
+    ({"preset": "gpt5"}, "unknown preset 'gpt5'"),
+])
+def test_bad_values_are_user_errors(values, message):
+    with pytest.raises(UserError, match=message):
+        resolve_config(None, values, environ={})
+
+
+def test_every_preset_resolves():
+    from gptrain.presets import PRESETS
+
+    for name, preset in PRESETS.items():
+        cfg = resolve_config(None, {"preset": name}, environ={})
+        assert cfg.model.n_embd == preset.n_embd and cfg.model.block_size == preset.block_size

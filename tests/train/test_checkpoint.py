@@ -1,0 +1,66 @@
+import torch
+
+from gptrain.config import RunConfig, to_toml
+from gptrain.model.gpt import GPT
+from gptrain.train import checkpoint as ckpt
+from gptrain.train.optim import OptimConfig, build_optimizer
+
+
+def _trained(tiny_config):
+    model = GPT(tiny_config)
+    opt = build_optimizer(model, OptimConfig(), lr=1e-3)
+    model(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))).backward()
+    opt.step()
+    return model, opt
+
+
+def _snapshot(model, opt, step=3):
+    tensors, meta = ckpt.optimizer_snapshot(opt)
+    state = ckpt.make_state(ckpt.TrainState(step=step, best_val_loss=2.5), {"epoch": 1, "position": 7}, meta)
+    return ckpt.Snapshot(model=ckpt.model_tensors(model), optimizer=tensors, state=state,
+                         config_toml=to_toml(RunConfig()), tokenizer_json='{"gptrain_tokenizer": "char", "chars": []}')
+
+
+def test_round_trip_model_optimizer_state(tiny_config, tmp_path):
+    model, opt = _trained(tiny_config)
+    folder = tmp_path / "checkpoints" / "step_000003"
+    ckpt.write_checkpoint(_snapshot(model, opt), folder)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.toml", "model.safetensors", "optimizer.safetensors", "state.json", "tokenizer.json"]
+    assert not list(tmp_path.rglob("*.tmp"))
+    pieces = ckpt.read_checkpoint(folder)
+    fresh = GPT(tiny_config)
+    missing, unexpected = fresh.load_state_dict(pieces["model"], strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected  # tied to wte, stored once
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    opt2 = build_optimizer(fresh, OptimConfig(), lr=1e-3)
+    opt2.load_state_dict(pieces["optimizer"])
+    params1 = [p for g in opt.param_groups for p in g["params"]]
+    params2 = [p for g in opt2.param_groups for p in g["params"]]
+    for p1, p2 in zip(params1, params2, strict=True):
+        s1, s2 = opt.state[p1], opt2.state[p2]
+        assert all(torch.equal(s1[k], s2[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+    assert pieces["state"]["train"]["step"] == 3 and pieces["state"]["loader"]["position"] == 7
+
+
+def test_rng_state_restored(tmp_path):
+    rng = ckpt.capture_rng()
+    a = torch.rand(5)
+    ckpt.restore_rng(rng)
+    assert torch.equal(torch.rand(5), a)
+
+
+def test_background_writer_overwrites_atomically_and_prunes(tiny_config, tmp_path):
+    model, opt = _trained(tiny_config)
+    writer = ckpt.CheckpointWriter()
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4):
+        writer.submit(_snapshot(model, opt, step), [root / f"step_{step:06d}"], keep_last=2)
+    writer.submit(_snapshot(model, opt, 5), [root / "best"])
+    writer.submit(_snapshot(model, opt, 6), [root / "best"])
+    writer.wait()
+    assert sorted(p.name for p in root.iterdir()) == ["best", "step_000003", "step_000004"]
+    assert ckpt.read_checkpoint(root / "best")["state"]["train"]["step"] == 6
+    assert ckpt.resolve_checkpoint_dir(tmp_path) == root / "step_000004"
+    assert ckpt.latest_checkpoint_dir(tmp_path) == root / "best"

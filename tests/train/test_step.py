@@ -1,0 +1,56 @@
+import contextlib
+
+import torch
+
+from gptrain.data.loader import ShardLoader
+from gptrain.model.gpt import GPT
+from gptrain.train.optim import OptimConfig, build_optimizer
+from gptrain.train.step import train_step
+
+
+def _grads_after_step(model, loader, micro_steps):
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    captured = {}
+    orig_zero = opt.zero_grad
+
+    def capture(set_to_none=True):
+        captured.update({n: p.grad.clone() for n, p in model.named_parameters()})
+        orig_zero(set_to_none=set_to_none)
+
+    opt.zero_grad = capture
+    result = train_step(model, opt, loader, num_micro_steps=micro_steps, lr=0.0, grad_clip=0.0, device="cpu",
+                        autocast=contextlib.nullcontext())
+    return result, captured
+
+
+def test_accumulating_4x_b_equals_one_4b_batch(tiny_config, shard_dir):
+    paths = sorted(shard_dir.glob("*_train_*.bin"))
+    model = GPT(tiny_config)
+    big = ShardLoader(paths, batch_size=8, block_size=16, seed=5)
+    small = ShardLoader(paths, batch_size=2, block_size=16, seed=5)
+    r_big, g_big = _grads_after_step(model, big, 1)
+    r_small, g_small = _grads_after_step(model, small, 4)
+    torch.testing.assert_close(r_small.loss, r_big.loss, rtol=1e-5, atol=1e-6)
+    for name in g_big:
+        torch.testing.assert_close(g_small[name], g_big[name], rtol=1e-4, atol=1e-6)
+
+
+def test_weight_decay_only_on_matrices(tiny_model):
+    opt = build_optimizer(tiny_model, OptimConfig(weight_decay=0.1), lr=1e-3)
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(tiny_model.parameters()))
+    assert opt.defaults.get("fused") is True  # fused AdamW on the CPU too
+
+
+def test_non_finite_step_is_skipped(tiny_model, shard_dir):
+    loader = ShardLoader(sorted(shard_dir.glob("*_train_*.bin")), batch_size=2, block_size=16)
+    opt = build_optimizer(tiny_model, OptimConfig(), lr=1e-3)
+    with torch.no_grad():
+        tiny_model.transformer.ln_f.weight[0] = float("nan")
+    before = tiny_model.transformer.wpe.weight.clone()
+    result = train_step(tiny_model, opt, loader, num_micro_steps=1, lr=1e-3, grad_clip=1.0, device="cpu",
+                        autocast=contextlib.nullcontext())
+    assert not result.is_applied
+    assert torch.equal(tiny_model.transformer.wpe.weight, before)
