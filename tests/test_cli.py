@@ -1,5 +1,6 @@
 """The command line: every user mistake is one line on stderr and exit code 2, with nothing left behind."""
 
+import re
 import subprocess
 import sys
 
@@ -83,3 +84,15 @@ def test_presets_lists_every_preset_with_counts(capsys):
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "gptrain", "presets"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "feste-tiny" in result.stdout
+
+
+def test_demo_tours_every_part(capsys):
+    code, out, _ = run_cli(capsys, "demo")
+    assert code == 0
+    for heading in ("1. tokenizers", "2. a tiny GPT-2", "3. forward pass", "4. generation", "5. evaluation",
+                    "6. training"):
+        assert heading in out
+    assert "Sh|all| I| compare| thee" in out  # the GPT-2 tokenizer's pieces
+    first = float(re.search(r"5\. evaluation.*?val loss (\d+\.\d+)", out, re.S).group(1))
+    best = float(re.search(r"-> best (\d+\.\d+)", out).group(1))
+    assert best < first  # training lowered the held-out loss

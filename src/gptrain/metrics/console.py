@@ -88,18 +88,25 @@ class LiveConsoleSink:
     def _render(self):
         from rich.console import Group
         from rich.panel import Panel
-        from rich.progress_bar import ProgressBar
         from rich.text import Text
 
-        step = self.last_train["step"] if self.last_train else 0
-        lines = [ProgressBar(total=self.num_steps, completed=step, width=60)]
-        if self.last_train:
-            lines.append(Text(describe_train(self.last_train, self.num_steps)))
+        row = self.last_train
+        step = row["step"] if row else 0
+        filled = int(40 * step / max(1, self.num_steps))
+        progress = Text.assemble(("━" * filled, "green"), ("━" * (40 - filled), "grey37"),
+                                 f" {step}/{self.num_steps} ({100 * step / max(1, self.num_steps):.0f}%)")
+        if row:
+            progress.append(f"  ETA {format_seconds(row['eta_seconds'])}")
+        lines = [progress]
+        if row:
+            mfu = f" | mfu {100 * row['mfu']:.1f}%" if row.get("mfu") is not None else ""
+            lines.append(Text(f"loss {row['loss']:.4f} | lr {row['lr']:.2e} | grad norm {row['grad_norm']:.2f} | "
+                              f"{row['tokens_per_second']:,.0f} tok/s{mfu}"))
         if self.last_val:
-            lines.append(Text(f"val loss {self.last_val['val_loss']:.4f} (step {self.last_val['step']})"
-                              f" | val ppl {self.last_val['val_perplexity']:.2f}"))
+            lines.append(Text(f"val loss {self.last_val['val_loss']:.4f} | val ppl "
+                              f"{self.last_val['val_perplexity']:.2f} (step {self.last_val['step']})"))
         if self.losses:
-            lines.append(Text(f"loss {sparkline(list(self.losses))}  {min(self.losses):.3f}..{max(self.losses):.3f}",
+            lines.append(Text(f"loss {sparkline(list(self.losses))} {min(self.losses):.3f}..{max(self.losses):.3f}",
                               style="cyan"))
         return Panel(Group(*lines), title=self.title, expand=False)
 
