@@ -54,6 +54,8 @@ class ShardLoader:
         self.num_tokens = num_tokens
         self.epoch, self.position = 0, 0
         self._order = self._epoch_windows(0)
+        if len(self._order) == 0:
+            raise UserError(f"the {split} split has too few windows to give every one of {world_size} ranks one")
 
     def _epoch_windows(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch])

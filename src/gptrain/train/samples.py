@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from gptrain.errors import UserError
-from gptrain.model.generate import SampleConfig, generate
+from gptrain.model.generate import generate
 from gptrain.model.gpt import GPT
-from gptrain.tokenizer import Tokenizer
+from gptrain.tokenizer import EOT_TEXT, Tokenizer
 
 
 @dataclass(kw_only=True)
@@ -22,8 +22,9 @@ class SamplesConfig:
     seed: int = 1234  # fixed, so that samples from step to step are comparable
 
     def __post_init__(self) -> None:
-        if self.every_steps < 0 or self.num_tokens < 1:
-            raise UserError("samples.every_steps must be >= 0 and samples.num_tokens >= 1")
+        if self.every_steps < 0 or self.num_tokens < 1 or self.temperature <= 0 or self.top_k < 0:
+            raise UserError("samples.every_steps and samples.top_k must be >= 0, samples.num_tokens >= 1, "
+                            "samples.temperature > 0")
 
 
 def write_sample(model: GPT, tokenizer: Tokenizer, cfg: SamplesConfig, device: str) -> str:
@@ -31,8 +32,6 @@ def write_sample(model: GPT, tokenizer: Tokenizer, cfg: SamplesConfig, device: s
     ids = tokenizer.encode(cfg.prompt) if cfg.prompt else []
     ids = ids or [tokenizer.eot_id]
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    options = SampleConfig(max_new_tokens=cfg.num_tokens, temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
-    out = generate(model, idx, options.max_new_tokens, temperature=options.temperature,
-                   top_k=options.top_k, seed=options.seed)
+    out = generate(model, idx, cfg.num_tokens, temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
     text = tokenizer.decode(out[0].tolist())
-    return text if cfg.prompt else text.removeprefix("<|endoftext|>")
+    return text if cfg.prompt else text.removeprefix(EOT_TEXT)
