@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 
 from gptrain.errors import UserError
-from gptrain.tokenizer import TokenizerConfig, build_tokenizer, load_tokenizer
-from gptrain.tokenizer import gpt2_assets
+from gptrain.tokenizer import TokenizerConfig, build_tokenizer, gpt2_assets, load_tokenizer
 from gptrain.tokenizer.base import EOT_TEXT, save_tokenizer
 
 TEXT = "KING.\nWhat news from Rome? Thou art the king of all that doth lie before thee.\n"

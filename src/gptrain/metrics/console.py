@@ -60,7 +60,8 @@ class PlainConsoleSink:
         if kind == "train" and (row["step"] % self.every == 0 or row["step"] in (1, self.num_steps)):
             print(describe_train(row, self.num_steps), flush=True)
         elif kind == "val":
-            print(f"step {row['step']} | val loss {row['val_loss']:.4f} | val ppl {row['val_perplexity']:.2f}", flush=True)
+            print(f"step {row['step']} | val loss {row['val_loss']:.4f} | val ppl {row['val_perplexity']:.2f}",
+                  flush=True)
         elif kind == "sample":
             print(f"--- sample at step {row['step']} ---\n{row['text']}\n---", flush=True)
         elif kind == "event":

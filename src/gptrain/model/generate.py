@@ -76,6 +76,7 @@ def stream_tokens(model: GPT, idx_BT: Tensor, cfg: SampleConfig) -> Iterator[Ten
     if cfg.seed is not None:
         generator = torch.Generator(device=idx_BT.device).manual_seed(cfg.seed)
     cache: KVCache | None = None
+    stop_ids = torch.tensor(cfg.stop_tokens, device=idx_BT.device) if cfg.stop_tokens else None
     try:
         for _ in range(cfg.max_new_tokens):
             if cache is None or cache.length >= block:
@@ -86,7 +87,7 @@ def stream_tokens(model: GPT, idx_BT: Tensor, cfg: SampleConfig) -> Iterator[Ten
             next_B1 = pick_next(logits_BTV[:, -1, :], cfg, generator)
             idx_BT = torch.cat([idx_BT, next_B1], dim=1)
             yield next_B1
-            if cfg.stop_tokens and bool(torch.isin(next_B1, torch.tensor(cfg.stop_tokens, device=next_B1.device)).all()):
+            if stop_ids is not None and bool(torch.isin(next_B1, stop_ids).all()):
                 return
     finally:
         model.train(was_training)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gptrain.errors import UserError
+from gptrain.model.cpu_linear import Linear
 
 
 @dataclass(kw_only=True)
@@ -96,8 +97,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.n_head, self.layer, self.dropout = cfg.n_head, layer, cfg.dropout
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BTD: Tensor, cache: KVCache | None = None) -> Tensor:
@@ -125,8 +126,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BTD: Tensor) -> Tensor:
@@ -161,7 +162,7 @@ class GPT(nn.Module):
                 ln_f=LayerNorm(cfg.n_embd, cfg.bias),
             )
         )
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
