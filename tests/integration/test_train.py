@@ -98,3 +98,24 @@ def test_fine_tune_from_checkpoint_on_another_corpus(tmp_path, corpus_dir):
     for (name, a), b in zip(start.model.state_dict().items(), tuned.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     assert summary["val_loss"] < 3.0  # a fresh model would start near ln(vocab) = 3.6
+
+
+def test_early_stopping_when_val_loss_stops_improving(tmp_path, corpus_dir):
+    # A learning rate far below one ulp of the weights leaves them bit-identical: val loss cannot improve.
+    values = tiny_values(tmp_path, corpus_dir, steps=100, lr=1e-30, **{"eval.every_steps": 5, "eval.patience": 2,
+                                                                      "optim.weight_decay": 0.0})
+    summary = train(resolve_config(None, values, environ={}), log=lambda *_: None)
+    assert summary["step"] == 15  # best at step 5, no better at 10 and 15: patience 2 is spent
+    events = [r["message"] for r in _rows(tmp_path / "run", "event")]
+    assert any(m.startswith("early stop") for m in events)
+
+
+def test_epochs_set_the_number_of_steps(tmp_path, corpus_dir):
+    values = tiny_values(tmp_path, corpus_dir, epochs=0.5, **{"eval.every_steps": 0, "samples.every_steps": 0,
+                                                             "checkpoint.every_steps": 0})
+    summary = train(resolve_config(None, values, environ={}), log=lambda *_: None)
+    meta = json.loads((tmp_path / "dataset" / "meta.json").read_text())
+    windows = (meta["num_train_tokens"] - 1) // 32  # one shard, windows of 33 tokens at stride 32
+    assert summary["step"] == -(-windows // 2 // 8)  # ceil(0.5 epoch of windows / 8 per step)
+    last = _rows(tmp_path / "run", "train")[-1]
+    assert 0.5 <= last["epoch"] < 0.5 + 8 / windows + 1e-9

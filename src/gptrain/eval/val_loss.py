@@ -19,7 +19,7 @@ from gptrain.errors import UserError
 @dataclass(kw_only=True)
 class EvalConfig:
     every_steps: int = 100  # 0: only at the end
-    num_batches: int = 20  # val batches per evaluation (the same windows every time)
+    num_batches: int = 10  # val batches per evaluation (the same windows every time)
     patience: int = 0  # stop after this many evaluations without a new best val loss; 0: never
 
     def __post_init__(self) -> None:

@@ -14,7 +14,7 @@ from gptrain.tokenizer import EOT_TEXT, Tokenizer
 
 @dataclass(kw_only=True)
 class SamplesConfig:
-    every_steps: int = 250  # 0: only at the end
+    every_steps: int = 300  # 0: only at the end
     num_tokens: int = 120
     prompt: str = "\n"  # empty: start from the document separator
     temperature: float = 0.8

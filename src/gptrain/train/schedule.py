@@ -12,7 +12,7 @@ KINDS = ("cosine", "linear", "constant", "wsd")
 
 @dataclass(kw_only=True)
 class ScheduleConfig:
-    peak_lr: float = 3e-3
+    peak_lr: float = 2e-3
     num_warmup_steps: int = 100
     kind: str = "cosine"  # decay after warmup: cosine, linear, constant, or wsd (warmup-stable-decay)
     final_lr_ratio: float = 0.1  # lr at the last step = peak_lr * final_lr_ratio

@@ -19,7 +19,7 @@ COMPILE_MODES = ("auto", "on", "off")
 class TrainConfig:
     batch_size: int = 32  # micro batch: sequences per forward/backward on one device
     batch_tokens: int = 0  # global batch in tokens; 0: one micro batch per device (no accumulation)
-    num_steps: int = 1000
+    num_steps: int = 1500
     num_epochs: float = 0.0  # > 0: train this many passes over the train split instead of num_steps
     precision: str = "auto"  # auto: bf16 autocast on GPUs that have it, fp32 elsewhere
     compile: str = "auto"  # auto: torch.compile on CUDA only
