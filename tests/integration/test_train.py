@@ -119,3 +119,14 @@ def test_epochs_set_the_number_of_steps(tmp_path, corpus_dir):
     assert summary["step"] == -(-windows // 2 // 8)  # ceil(0.5 epoch of windows / 8 per step)
     last = _rows(tmp_path / "run", "train")[-1]
     assert 0.5 <= last["epoch"] < 0.5 + 8 / windows + 1e-9
+
+
+def test_compiled_training_matches_eager(tmp_path, corpus_dir):
+    """train.compile=on (torch.compile, inductor on the CPU) gives the eager losses."""
+    losses = {}
+    for mode in ("off", "on"):
+        values = tiny_values(tmp_path, corpus_dir, steps=3, **{"train.compile": mode, "run_dir": str(tmp_path / mode),
+                                                              "eval.every_steps": 0, "samples.every_steps": 0})
+        train(resolve_config(None, values, environ={}), log=lambda *_: None)
+        losses[mode] = [r["loss"] for r in _rows(tmp_path / mode, "train")]
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)

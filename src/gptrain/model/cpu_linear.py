@@ -53,6 +53,8 @@ def is_onednn_usable(x: Tensor, weight: Tensor) -> bool:
         and weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
         and not torch.is_autocast_enabled("cpu")
+        # Inductor lowers this op only for frozen (constant) weights; compiled graphs use F.linear.
+        and not torch.compiler.is_compiling()
     )
 
 
