@@ -13,7 +13,7 @@ from gptrain.distributed.env import resolve_device
 from gptrain.model.generate import SampleConfig, stream_tokens
 from gptrain.model.gpt import GPT
 from gptrain.tokenizer import Tokenizer, load_tokenizer
-from gptrain.train.checkpoint import read_checkpoint, resolve_checkpoint_dir
+from gptrain.train.checkpoint import load_model_weights, read_checkpoint, resolve_checkpoint_dir
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Checkpoint:
         config = from_toml_text(pieces["config_toml"])
         tokenizer = load_tokenizer(pieces["tokenizer_path"])
         model = GPT(replace(config.model, vocab_size=tokenizer.vocab_size))
-        model.load_state_dict(pieces["model"], strict=False)
+        load_model_weights(model, pieces["model"], folder)
         model.to(resolve_device(device)).eval()
         return cls(path=folder, model=model, tokenizer=tokenizer, config=config, state=pieces["state"])
 

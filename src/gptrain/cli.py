@@ -145,6 +145,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     log = (lambda *_: None) if cfg.log.is_quiet else print
     tune_malloc()
     summary = train(cfg, resume=args.resume, init_from=args.init_from, should_overwrite=args.overwrite, log=log)
+    if summary["is_stopped"]:
+        return 130
     print(f"run directory: {summary['run_dir']}\nfinal train loss {summary['train_loss']:.4f} | "
           f"val loss {summary['val_loss']:.4f} | {summary['elapsed_seconds']:.0f}s of training")
     return 0

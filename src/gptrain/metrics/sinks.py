@@ -27,7 +27,9 @@ class JsonlSink:
         self._file = open(path, "a", encoding="utf-8")
 
     def emit(self, row: dict) -> None:
-        self._file.write(json.dumps(row) + "\n")
+        # NaN/Infinity are not JSON (a browser's JSON.parse rejects them): they are written as null.
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        self._file.write(json.dumps(row, allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:

@@ -212,4 +212,4 @@ class GPT(nn.Module):
         """Extend idx_BT by max_new_tokens sampled tokens (see gptrain.model.generate for options)."""
         from gptrain.model.generate import generate
 
-        return generate(self, idx_BT, max_new_tokens, **sampling)
+        return generate(self, idx_BT.to(self.lm_head.weight.device), max_new_tokens, **sampling)

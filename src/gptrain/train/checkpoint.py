@@ -10,17 +10,20 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptrain.errors import UserError
 
 STEP_PREFIX = "step_"
+STEP_NAME = re.compile(r"step_\d+")
 
 
 @dataclass(kw_only=True)
@@ -139,9 +142,14 @@ def write_checkpoint(snapshot: Snapshot, folder: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def periodic_dirs(checkpoints_dir: Path) -> list[Path]:
+    """step_NNNNNN folders (never .tmp/.old leftovers), oldest first by step number."""
+    found = [p for p in checkpoints_dir.glob(f"{STEP_PREFIX}*") if STEP_NAME.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
 def prune_periodic(checkpoints_dir: Path, keep_last: int) -> None:
-    steps = sorted(p for p in checkpoints_dir.glob(f"{STEP_PREFIX}*") if p.is_dir() and p.name[5:].isdigit())
-    for old in steps[:-keep_last]:
+    for old in periodic_dirs(checkpoints_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -183,21 +191,45 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         return path
     ckpts = path / "checkpoints"
     if ckpts.is_dir():
-        steps = sorted(p for p in ckpts.glob(f"{STEP_PREFIX}*") if (p / "model.safetensors").is_file())
-        for candidate in [ckpts / "final", *reversed(steps), ckpts / "best"]:
-            if (candidate / "model.safetensors").is_file():
+        for candidate in [ckpts / "final", *reversed(periodic_dirs(ckpts)), ckpts / "best"]:
+            if (candidate / "state.json").is_file():
                 return candidate
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
     raise UserError(f"{path} holds no checkpoint (no model.safetensors in it or in checkpoints/*)")
 
 
+def _step_of(folder: Path) -> int:
+    try:
+        return int(json.loads((folder / "state.json").read_text())["train"]["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise UserError(f"{folder}/state.json is damaged; delete that checkpoint folder and resume again") from None
+
+
 def latest_checkpoint_dir(run_dir: Path) -> Path:
     """The checkpoint with the highest step in a run (to resume from), whatever its folder name."""
-    candidates = [p for p in (run_dir / "checkpoints").glob("*") if (p / "state.json").is_file()]
+    ckpts = run_dir / "checkpoints"
+    candidates = [p for p in [*periodic_dirs(ckpts), ckpts / "best", ckpts / "final"] if (p / "state.json").is_file()]
     if not candidates:
         raise UserError(f"{run_dir} has no checkpoint to resume from")
-    return max(candidates, key=lambda p: json.loads((p / "state.json").read_text())["train"]["step"])
+    return max(candidates, key=_step_of)
+
+
+def load_model_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Load a checkpoint's weights, or fail with a clear message when they do not fit this model."""
+    expected = model.state_dict()
+    is_tied = getattr(model, "config", None) is not None and model.config.tie_weights
+    missing = [k for k in expected if k not in tensors and not (is_tied and k == "lm_head.weight")]
+    unexpected = [k for k in tensors if k not in expected]
+    mismatched = [f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}"
+                  for k in tensors if k in expected and tensors[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        detail = "; ".join(filter(None, [
+            f"missing {', '.join(missing[:3])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+            f"shape {', '.join(mismatched[:3])}" if mismatched else ""]))
+        raise UserError(f"the weights in {source} do not fit this model ({detail}): use the checkpoint's sizes")
+    model.load_state_dict(tensors, strict=False)
 
 
 def read_checkpoint(folder: Path, *, with_optimizer: bool = True) -> dict:
@@ -213,7 +245,7 @@ def read_checkpoint(folder: Path, *, with_optimizer: bool = True) -> dict:
         if with_optimizer:
             tensors = load_file(str(folder / "optimizer.safetensors"))
             out["optimizer"] = optimizer_state_dict(tensors, state["optimizer"])
-    except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
+    except (FileNotFoundError, KeyError, json.JSONDecodeError, SafetensorError) as e:
         raise UserError(f"{folder} is not a complete gptrain checkpoint ({e})") from None
     return out
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from gptrain.config import RunConfig, to_toml
+from gptrain.config import RunConfig, from_toml_text, to_toml
 from gptrain.data.loader import ShardLoader
 from gptrain.data.prepare import load_dataset_tokenizer, prepare_dataset, shard_paths
 from gptrain.distributed.env import DistEnv
@@ -25,7 +28,7 @@ from gptrain.tokenizer import Tokenizer, load_tokenizer
 from gptrain.tokenizer.base import save_tokenizer
 from gptrain.train import checkpoint as ckpt
 from gptrain.train.optim import build_optimizer
-from gptrain.train.samples import write_sample
+from gptrain.train.samples import SamplesConfig, write_sample
 from gptrain.train.schedule import lr_at
 from gptrain.train.step import autocast_context, train_step
 
@@ -54,6 +57,7 @@ class Run:
     state: ckpt.TrainState = field(default_factory=ckpt.TrainState)
     sinks: list[MetricSink] = field(default_factory=list)
     writer: ckpt.CheckpointWriter = field(default_factory=ckpt.CheckpointWriter)
+    should_stop: bool = False  # set by Ctrl-C; the loop stops at the next step boundary
 
 
 def derive_plan(cfg: RunConfig, loader: ShardLoader, world_size: int) -> Plan:
@@ -73,34 +77,64 @@ def derive_plan(cfg: RunConfig, loader: ShardLoader, world_size: int) -> Plan:
     return Plan(num_steps=num_steps, num_micro_steps=num_micro_steps, tokens_per_step=batch_tokens)
 
 
-def make_run_dir(cfg: RunConfig, *, is_resume: bool, should_overwrite: bool) -> Path:
+def check_run_dir(cfg: RunConfig, *, is_resume: bool, should_overwrite: bool) -> Path:
+    """The run directory to use; refuses (before any work) an existing one unless resuming or overwriting."""
     run_dir = Path(cfg.run_dir or f"runs/{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}")
     if is_resume:
+        if not (run_dir / "config.toml").is_file():
+            raise UserError(f"{run_dir} is not a run directory (no config.toml in it)")
         return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
         if not should_overwrite:
             raise UserError(f"run directory {run_dir} already exists: pass --resume {run_dir} to continue it, "
                             "--overwrite to replace it, or choose another --run-dir")
-        shutil.rmtree(run_dir)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        if not ((run_dir / "config.toml").is_file() or (run_dir / "metrics.jsonl").is_file()):
+            raise UserError(f"{run_dir} is not a gptrain run (no config.toml or metrics.jsonl): --overwrite "
+                            "only replaces runs; choose another --run-dir")
     return run_dir
 
 
-def build_model(cfg: RunConfig, tokenizer: Tokenizer, device: str, init_from: Path | None) -> GPT:
-    model_cfg = replace(cfg.model, vocab_size=tokenizer.vocab_size)
-    model = GPT(model_cfg)
-    if init_from is not None:
-        model.load_state_dict(ckpt.read_checkpoint(init_from, with_optimizer=False)["model"], strict=False)
-    return model.to(device)
+def create_run_dir(run: Run, *, should_overwrite: bool) -> None:
+    """Make the run directory once everything is known to work, and write config.toml and tokenizer.json."""
+    if not run.env.is_main:
+        return
+    if should_overwrite and run.run_dir.exists():
+        shutil.rmtree(run.run_dir)
+    (run.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    tmp = run.run_dir / "config.toml.tmp"
+    tmp.write_text(to_toml(run.cfg))
+    tmp.replace(run.run_dir / "config.toml")
+    save_tokenizer(run.tokenizer, run.run_dir / "tokenizer.json")
 
 
-def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, init_from: Path | None, log) -> Run:
-    """Data (prepared if needed), tokenizer, model, optimizer and loaders; config.toml written."""
-    base_tokenizer = load_tokenizer(init_from / "tokenizer.json") if init_from else None
-    dataset = prepare_dataset(cfg.data, cfg.tokenizer, tokenizer=base_tokenizer, log=log)
-    tokenizer = base_tokenizer or load_dataset_tokenizer(dataset)
+def base_config_for_init(cfg: RunConfig, init_from: Path) -> RunConfig:
+    """Fine-tuning keeps the checkpoint's architecture and tokenizer; only dropout may change."""
+    base = from_toml_text(ckpt.read_checkpoint(init_from, with_optimizer=False)["config_toml"])
+    return replace(cfg, model=replace(base.model, dropout=cfg.model.dropout), tokenizer=base.tokenizer)
+
+
+def checked_sample_prompt(cfg: SamplesConfig, tokenizer: Tokenizer) -> SamplesConfig:
+    """A prompt the tokenizer cannot encode fails now, not at the first sample; the default prompt
+    (a line break) falls back to the start of a document for corpora without line breaks."""
+    try:
+        tokenizer.encode(cfg.prompt)
+    except UserError:
+        if cfg.prompt != SamplesConfig().prompt:
+            raise
+        return replace(cfg, prompt="")
+    return cfg
+
+
+def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Tokenizer | None, log) -> Run:
+    """Data (prepared if needed), tokenizer, model, optimizer and loaders. Writes nothing in run_dir.
+
+    fixed_tokenizer: the tokenizer a resumed run or a fine-tuned checkpoint already uses.
+    """
+    dataset = prepare_dataset(cfg.data, cfg.tokenizer, tokenizer=fixed_tokenizer, log=log)
+    tokenizer = fixed_tokenizer or load_dataset_tokenizer(dataset)
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=tokenizer.vocab_size))
-    model = build_model(cfg, tokenizer, env.device, init_from)
+    cfg = replace(cfg, samples=checked_sample_prompt(cfg.samples, tokenizer))
+    model = GPT(cfg.model).to(env.device)
     loader_args = dict(batch_size=cfg.train.batch_size, block_size=cfg.model.block_size,
                        rank=env.rank, world_size=env.world_size)
     train_loader = ShardLoader(shard_paths(dataset, "train"), seed=cfg.seed, **loader_args)
@@ -109,9 +143,6 @@ def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, init_from: Path | Non
     optimizer = build_optimizer(model, cfg.optim, lr_at(0, plan.num_steps, cfg.schedule))
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and env.device.startswith("cuda"))
     step_model = torch.compile(model) if use_compile else model
-    if env.is_main:
-        (run_dir / "config.toml").write_text(to_toml(cfg))
-        save_tokenizer(tokenizer, run_dir / "tokenizer.json")
     return Run(cfg=cfg, env=env, run_dir=run_dir, tokenizer=tokenizer, model=model, step_model=step_model,
                optimizer=optimizer, train_loader=train_loader, val_loader=val_loader, plan=plan)
 
@@ -119,7 +150,7 @@ def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, init_from: Path | Non
 def resume_from(run: Run, folder: Path) -> None:
     """Load weights, optimizer, TrainState, loader position and RNG states from a checkpoint."""
     pieces = ckpt.read_checkpoint(folder)
-    run.model.load_state_dict(pieces["model"], strict=False)
+    ckpt.load_model_weights(run.model, pieces["model"], folder)
     run.optimizer.load_state_dict(pieces["optimizer"])
     run.state = ckpt.TrainState(**pieces["state"]["train"])
     run.train_loader.load_state_dict(pieces["state"]["loader"])
@@ -190,28 +221,63 @@ def train(
     should_overwrite: bool = False,
     log=print,
 ) -> dict:
-    """Train a model as cfg says; returns a summary (run_dir, steps, losses, seconds, last sample)."""
+    """Train a model as cfg says; returns a summary (run_dir, steps, losses, seconds, last sample).
+
+    resume: a run directory to continue from its latest checkpoint (cfg is then its config.toml,
+    plus any overrides). init_from: a checkpoint (or run) whose weights and tokenizer to start from.
+    """
     if resume is not None:
         cfg = replace(cfg, run_dir=str(resume))
     env = DistEnv.from_environment(cfg.device)
+    if env.world_size > 1:
+        # TODO(torchrun issue): DDP / ZeRO-1 / FSDP; until then, ranks would train unsynchronised copies.
+        raise UserError("multi-process training (torchrun) is not supported yet: run one process")
     torch.manual_seed(cfg.seed)
-    run_dir = make_run_dir(cfg, is_resume=resume is not None, should_overwrite=should_overwrite)
-    init_dir = ckpt.resolve_checkpoint_dir(init_from) if init_from else None
-    run = build_run(cfg, env, run_dir, init_dir, log)
+    run_dir = check_run_dir(cfg, is_resume=resume is not None, should_overwrite=should_overwrite)
+    fixed_tokenizer = None
     if resume is not None:
-        resume_from(run, ckpt.latest_checkpoint_dir(run_dir))
+        resume_dir = ckpt.latest_checkpoint_dir(run_dir)
+        fixed_tokenizer = load_tokenizer(resume_dir / "tokenizer.json")
+    elif init_from is not None:
+        init_dir = ckpt.resolve_checkpoint_dir(init_from)
+        cfg = base_config_for_init(cfg, init_dir)
+        fixed_tokenizer = load_tokenizer(init_dir / "tokenizer.json")
+    run = build_run(cfg, env, run_dir, fixed_tokenizer, log)
+    if resume is not None:
+        resume_from(run, resume_dir)
+    elif init_from is not None:
+        ckpt.load_model_weights(run.model, ckpt.read_checkpoint(init_dir, with_optimizer=False)["model"], init_dir)
+    create_run_dir(run, should_overwrite=should_overwrite)
     run.sinks = build_sinks(run)
+    if resume is not None:
+        emit(run, {"kind": "event", "message": f"resumed from step {run.state.step}", "resumed_from": run.state.step})
     try:
-        return _loop(run)
-    except KeyboardInterrupt:
-        emit(run, {"kind": "event", "message": f"interrupted: saving step {run.state.step}; "
-                                               f"continue with --resume {run.run_dir}"})
-        save(run, [f"{ckpt.STEP_PREFIX}{run.state.step:06d}"])
-        raise
+        with stop_on_interrupt(run):
+            return _loop(run)
     finally:
         run.writer.wait()
         for sink in run.sinks:
             sink.close()
+
+
+@contextlib.contextmanager
+def stop_on_interrupt(run: Run):
+    """The first Ctrl-C asks the loop to stop at the next step boundary (and checkpoint there, so the
+    run resumes exactly); a second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame) -> None:
+        if run.should_stop:
+            raise KeyboardInterrupt
+        run.should_stop = True
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _loop(run: Run) -> dict:
@@ -260,6 +326,13 @@ def _loop(run: Run) -> dict:
             sample(run)
         if is_due(state.step, cfg.checkpoint.every_steps) and not is_last:
             save(run, [f"{ckpt.STEP_PREFIX}{state.step:06d}"], is_periodic=True)
+        if run.should_stop:
+            save(run, [f"{ckpt.STEP_PREFIX}{state.step:06d}"])
+            emit(run, {"kind": "event", "message": f"stopped at step {state.step} (checkpoint saved); "
+                                                   f"continue with: gptrain train --resume {run.run_dir}"})
+            return {"run_dir": str(run.run_dir), "step": state.step, "train_loss": last_loss, "val_loss": None,
+                    "best_val_loss": state.best_val_loss, "elapsed_seconds": state.elapsed_seconds,
+                    "sample": None, "is_stopped": True}
     final_val, _ = validate(run)
     text = sample(run)
     save(run, ["final"])
@@ -268,4 +341,5 @@ def _loop(run: Run) -> dict:
                                            f"best val loss {state.best_val_loss:.4f} | {run.run_dir}"})
     return {"run_dir": str(run.run_dir), "step": state.step, "train_loss": last_loss,
             "val_loss": final_val["val_loss"],
-            "best_val_loss": state.best_val_loss, "elapsed_seconds": state.elapsed_seconds, "sample": text}
+            "best_val_loss": state.best_val_loss, "elapsed_seconds": state.elapsed_seconds, "sample": text,
+            "is_stopped": False}
