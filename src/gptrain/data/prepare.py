@@ -128,10 +128,14 @@ def prepare_dataset(
     """
     spec = tok_cfg.describe()
     folder = Path(data.data_dir) if data.data_dir else dataset_dir(data, spec)
-    if tokenizer is not None and not _holds_tokenizer(folder, tokenizer):
-        spec = tokenizer_spec(tok_cfg, tokenizer)
-        folder = Path(data.data_dir) if data.data_dir else dataset_dir(data, spec)
     meta_path = folder / "meta.json"
+    if tokenizer is not None:
+        if _holds_tokenizer(folder, tokenizer) and meta_path.is_file():
+            spec = json.loads(meta_path.read_text()).get("tokenizer_spec", spec)
+        else:
+            spec = tokenizer_spec(tok_cfg, tokenizer)
+            folder = Path(data.data_dir) if data.data_dir else dataset_dir(data, spec)
+            meta_path = folder / "meta.json"
     print_ = fingerprint(data)
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())

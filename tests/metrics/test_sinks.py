@@ -1,0 +1,44 @@
+import csv
+import json
+import math
+
+from gptrain.metrics.console import PlainConsoleSink, sparkline
+from gptrain.metrics.sinks import CsvSink, JsonlSink, SamplesSink
+
+
+def test_jsonl_is_strict_json_and_csv_has_the_contract_columns(tmp_path):
+    rows = [
+        {"kind": "train", "step": 1, "time": 1.0, "loss": float("nan"), "lr": 1e-3, "grad_norm": float("inf")},
+        {"kind": "val", "step": 1, "time": 2.0, "val_loss": 2.0, "val_perplexity": math.exp(2.0)},
+        {"kind": "sample", "step": 1, "time": 3.0, "text": "KING.\\nHo"},
+        {"kind": "event", "step": 1, "time": 4.0, "message": "hello"},
+    ]
+    sinks = [JsonlSink(tmp_path / "m.jsonl"), CsvSink(tmp_path / "m.csv"), SamplesSink(tmp_path / "s.txt")]
+    for row in rows:
+        for sink in sinks:
+            sink.emit(row)
+    for sink in sinks:
+        sink.close()
+    lines = (tmp_path / "m.jsonl").read_text().splitlines()
+    parsed = [json.loads(line, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c))) for line in lines]
+    assert parsed[0]["loss"] is None and parsed[0]["grad_norm"] is None and len(parsed) == 4
+    with open(tmp_path / "m.csv") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["step", "lr", "train_loss", "val_loss", "train_perplexity", "val_perplexity",
+                              "sample", "timestamp"]
+    assert [r["val_loss"] for r in table] == ["", "2.0", ""] and table[2]["sample"] == "KING.\\nHo"
+    assert (tmp_path / "s.txt").read_text().startswith("=== step 1 ===\nKING.")
+
+
+def test_plain_console_prints_at_the_log_interval(capsys):
+    sink = PlainConsoleSink(num_steps=20, log_every_steps=10)
+    for step in range(1, 21):
+        sink.emit({"kind": "train", "step": step, "time": 0.0, "loss": 1.0, "lr": 1e-3, "grad_norm": 0.5,
+                   "tokens_per_second": 1000.0, "mfu": None, "eta_seconds": 65.0})
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split("|")[0].strip() for line in out] == ["step  1/20", "step 10/20", "step 20/20"]
+    assert "ETA 1m05s" in out[0]
+
+
+def test_sparkline_spans_the_range():
+    assert sparkline([3.0, 2.0, 1.0]) == "█▅▁"
