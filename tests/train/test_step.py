@@ -54,3 +54,14 @@ def test_non_finite_step_is_skipped(tiny_model, shard_dir):
                         autocast=contextlib.nullcontext())
     assert not result.is_applied
     assert torch.equal(tiny_model.transformer.wpe.weight, before)
+
+
+def test_loss_spike_above_the_limit_is_skipped(tiny_model, shard_dir):
+    loader = ShardLoader(sorted(shard_dir.glob("*_train_*.bin")), batch_size=2, block_size=16)
+    opt = build_optimizer(tiny_model, OptimConfig(), lr=1e-3)
+    before = tiny_model.transformer.wpe.weight.clone()
+    args = dict(num_micro_steps=1, lr=1e-3, grad_clip=1.0, device="cpu", autocast=contextlib.nullcontext())
+    assert not train_step(tiny_model, opt, loader, max_loss=1.0, **args).is_applied  # ln(64) > 1: a "spike"
+    assert torch.equal(tiny_model.transformer.wpe.weight, before)
+    assert train_step(tiny_model, opt, loader, max_loss=100.0, **args).is_applied
+    assert not torch.equal(tiny_model.transformer.wpe.weight, before)

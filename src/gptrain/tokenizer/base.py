@@ -14,7 +14,9 @@ class Tokenizer(Protocol):
     eot_id: int
 
     def encode(self, text: str) -> list[int]:
-        """Ids of text; special tokens in the text are encoded as plain text."""
+        """Ids of text. A literal "<|endoftext|>" in the text is plain text for gpt2 and char, and the
+        separator id for a trained BPE (HF tokenizers matches added tokens); corpora are split into
+        documents before encoding, so this only matters for text that spells the marker out."""
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """encode() over many texts, in parallel where the backend can."""

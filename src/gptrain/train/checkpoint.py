@@ -45,7 +45,8 @@ class TrainState:
     tokens_seen: int = 0
     best_val_loss: float | None = None
     num_bad_evals: int = 0  # evaluations since the last best (early stopping)
-    num_bad_steps: int = 0  # consecutive skipped steps (non-finite loss or gradient)
+    num_bad_steps: int = 0  # consecutive skipped steps (non-finite loss or gradient, loss spike)
+    loss_ema: float | None = None  # running mean of the train loss, for the spike guard
     elapsed_seconds: float = 0.0
 
 

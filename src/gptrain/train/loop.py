@@ -295,23 +295,28 @@ def _loop(run: Run) -> dict:
     while state.step < plan.num_steps and not is_early_stop:
         started = time.perf_counter()
         lr = lr_at(state.step, plan.num_steps, cfg.schedule)
+        is_guarded = cfg.train.spike_factor > 0 and state.loss_ema is not None and state.step >= 10
+        max_loss = cfg.train.spike_factor * state.loss_ema if is_guarded else float("inf")
         result = train_step(run.step_model, run.optimizer, run.train_loader, num_micro_steps=plan.num_micro_steps,
-                            lr=lr, grad_clip=cfg.optim.grad_clip, device=env.device, autocast=autocast)
+                            lr=lr, grad_clip=cfg.optim.grad_clip, device=env.device, autocast=autocast,
+                            max_loss=max_loss)
         state.step += 1
         state.tokens_seen += plan.tokens_per_step
         seconds = time.perf_counter() - started
         state.elapsed_seconds += seconds
+        last_loss = result.loss.item()
         if not result.is_applied:
             state.num_bad_steps += 1
-            emit(run, {"kind": "event", "message": f"step {state.step}: non-finite loss or gradient, update skipped"})
+            emit(run, {"kind": "event", "message": f"step {state.step}: loss {last_loss:.4g} is non-finite or a "
+                                                   f"spike (limit {max_loss:.4g}); update skipped"})
             if state.num_bad_steps >= cfg.train.max_bad_steps:
-                raise UserError(f"{state.num_bad_steps} non-finite steps in a row: lower schedule.peak_lr "
+                raise UserError(f"{state.num_bad_steps} bad steps in a row: lower schedule.peak_lr "
                                 f"(now {cfg.schedule.peak_lr}) or check the data")
         else:
             state.num_bad_steps = 0
+            state.loss_ema = last_loss if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * last_loss
         recent = (recent + [seconds])[-20:]
         tokens_per_second = plan.tokens_per_step / (sum(recent) / len(recent))
-        last_loss = result.loss.item()
         emit(run, {"kind": "train", "loss": last_loss, "lr": lr, "grad_norm": result.grad_norm.item(),
                    "tokens_per_second": tokens_per_second, "mfu": estimate_mfu(run.model.config, tokens_per_second,
                    peak), "tokens_seen": state.tokens_seen, "epoch": run.train_loader.epochs_done,

@@ -23,7 +23,8 @@ class TrainConfig:
     num_epochs: float = 0.0  # > 0: train this many passes over the train split instead of num_steps
     precision: str = "auto"  # auto: bf16 autocast on GPUs that have it, fp32 elsewhere
     compile: str = "auto"  # auto: torch.compile on CUDA only
-    max_bad_steps: int = 10  # non-finite steps skipped in a row before the run stops
+    max_bad_steps: int = 10  # skipped steps in a row (non-finite, or spikes) before the run stops
+    spike_factor: float = 0.0  # skip an update whose loss exceeds this times the running mean; 0: off
     log_every_steps: int = 10
 
     def __post_init__(self) -> None:
@@ -35,6 +36,8 @@ class TrainConfig:
             raise UserError(f"train.precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
         if self.compile not in COMPILE_MODES:
             raise UserError(f"train.compile must be one of {', '.join(COMPILE_MODES)} (got {self.compile!r})")
+        if self.spike_factor < 0 or (0 < self.spike_factor <= 1):
+            raise UserError(f"train.spike_factor must be 0 (off) or above 1 (got {self.spike_factor})")
         if self.log_every_steps < 1:
             raise UserError("train.log_every_steps must be at least 1")
 
@@ -67,8 +70,10 @@ def train_step(
     grad_clip: float,
     device: str,
     autocast: contextlib.AbstractContextManager,
+    max_loss: float = float("inf"),
 ) -> StepResult:
-    """Forward/backward num_micro_steps micro batches, clip, and update (unless non-finite)."""
+    """Forward/backward num_micro_steps micro batches, clip, and update, unless the loss or gradient is
+    non-finite or the loss exceeds max_loss (a spike)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=device)
@@ -84,7 +89,7 @@ def train_step(
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
     # The one host sync of the step: the finite check decides whether the update is applied.
-    is_applied = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
+    is_applied = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum) & (loss_sum <= max_loss))
     if is_applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
