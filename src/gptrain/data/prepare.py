@@ -118,6 +118,35 @@ def _holds_tokenizer(folder: Path, tokenizer: Tokenizer) -> bool:
     return path.is_file() and load_tokenizer(path).to_json() == tokenizer.to_json()
 
 
+def _locate(data: DataConfig, tok_cfg: TokenizerConfig, tokenizer: Tokenizer | None) -> tuple[Path, str]:
+    """The dataset folder and its tokenizer spec (a given tokenizer reuses a folder made with it)."""
+    spec = tok_cfg.describe()
+    folder = Path(data.data_dir) if data.data_dir else dataset_dir(data, spec)
+    if tokenizer is None:
+        return folder, spec
+    if _holds_tokenizer(folder, tokenizer) and (folder / "meta.json").is_file():
+        return folder, json.loads((folder / "meta.json").read_text()).get("tokenizer_spec", spec)
+    spec = tokenizer_spec(tok_cfg, tokenizer)
+    return (Path(data.data_dir) if data.data_dir else dataset_dir(data, spec)), spec
+
+
+def _is_current(folder: Path, data: DataConfig, spec: str, data_fingerprint: str, log) -> bool:
+    """True when folder holds this very dataset; an error when it holds another one."""
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        return False
+    meta = json.loads(meta_path.read_text())
+    if meta.get("source") != source_key(data.source) or meta.get("tokenizer_spec") != spec:
+        raise UserError(
+            f"{folder} holds a dataset of {meta.get('source')!r} / {meta.get('tokenizer_spec')}, not "
+            f"{data.source!r} / {spec}: set data.data_dir elsewhere or delete it"
+        )
+    if meta.get("fingerprint") == data_fingerprint:
+        return True
+    log(f"prepare: the corpus or data settings changed since {folder} was made; rebuilding it")
+    return False
+
+
 def prepare_dataset(
     data: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer: Tokenizer | None = None, log=print
 ) -> Path:
@@ -126,27 +155,10 @@ def prepare_dataset(
     With `tokenizer` given (a resumed run, a fine-tuned checkpoint), the corpus is encoded with it:
     the usual folder is reused if it was made with that very tokenizer, else a folder named by its hash.
     """
-    spec = tok_cfg.describe()
-    folder = Path(data.data_dir) if data.data_dir else dataset_dir(data, spec)
-    meta_path = folder / "meta.json"
-    if tokenizer is not None:
-        if _holds_tokenizer(folder, tokenizer) and meta_path.is_file():
-            spec = json.loads(meta_path.read_text()).get("tokenizer_spec", spec)
-        else:
-            spec = tokenizer_spec(tok_cfg, tokenizer)
-            folder = Path(data.data_dir) if data.data_dir else dataset_dir(data, spec)
-            meta_path = folder / "meta.json"
-    print_ = fingerprint(data)
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("source") != source_key(data.source) or meta.get("tokenizer_spec") != spec:
-            raise UserError(
-                f"{folder} holds a dataset of {meta.get('source')!r} / {meta.get('tokenizer_spec')}, not "
-                f"{data.source!r} / {spec}: set data.data_dir elsewhere or delete it"
-            )
-        if meta.get("fingerprint") == print_:
-            return folder
-        log(f"prepare: the corpus or data settings changed since {folder} was made; rebuilding it")
+    folder, spec = _locate(data, tok_cfg, tokenizer)
+    data_fingerprint = fingerprint(data)
+    if _is_current(folder, data, spec, data_fingerprint, log):
+        return folder
     started = time.perf_counter()
     docs = load_documents(data.source)
     train_texts, val_texts = split_documents(docs, data.val_fraction, data.split_seed)
@@ -166,7 +178,7 @@ def prepare_dataset(
     meta = {
         "source": source_key(data.source),
         "tokenizer_spec": spec,
-        "fingerprint": print_,
+        "fingerprint": data_fingerprint,
         "tokenizer": tokenizer.name,
         "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.eot_id,
