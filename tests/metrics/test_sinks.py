@@ -42,3 +42,8 @@ def test_plain_console_prints_at_the_log_interval(capsys):
 
 def test_sparkline_spans_the_range():
     assert sparkline([3.0, 2.0, 1.0]) == "█▅▁"
+
+
+def test_sparkline_summarises_long_series_into_its_width():
+    line = sparkline([float(100 - i) for i in range(1000)], width=50)
+    assert len(line) == 50 and line[0] == "█" and line[-1] == "▁"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections import deque
 from dataclasses import dataclass
 
 from gptrain.errors import UserError
@@ -30,9 +29,12 @@ def format_seconds(seconds: float) -> str:
 
 
 def sparkline(values: list[float], width: int = 60) -> str:
-    values = values[-width:]
+    """The whole series in at most `width` characters (bucket means), low ▁ to high █."""
     if not values:
         return ""
+    if len(values) > width:
+        edges = [len(values) * i // width for i in range(width + 1)]
+        values = [sum(values[a:b]) / (b - a) for a, b in zip(edges, edges[1:], strict=False)]
     lo, hi = min(values), max(values)
     span = (hi - lo) or 1.0
     return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * len(SPARK)))] for v in values)
@@ -79,7 +81,7 @@ class LiveConsoleSink:
         from rich.live import Live
 
         self.num_steps, self.title = num_steps, title
-        self.losses: deque[float] = deque(maxlen=240)
+        self.losses: list[float] = []
         self.last_train: dict | None = None
         self.last_val: dict | None = None
         self.console = Console()
