@@ -110,3 +110,23 @@ def test_unknown_gptrain_environment_variable(capsys, monkeypatch):
     monkeypatch.setenv("GPTRAIN_STEP", "5")
     code, _, err = run_cli(capsys, "train")
     assert code == 2 and "unknown setting GPTRAIN_STEP" in err
+
+
+def test_resume_refuses_overwrite_and_run_dir_that_is_a_file(capsys, tmp_path, corpus_dir):
+    code, _, _ = run_cli(capsys, "train", *tiny_args(tmp_path, corpus_dir))
+    assert code == 0
+    code, _, err = run_cli(capsys, "train", "--resume", str(tmp_path / "run"), "--overwrite")
+    assert code == 2 and "cannot be combined" in err
+    assert (tmp_path / "run" / "checkpoints" / "final" / "model.safetensors").is_file()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    code, _, err = run_cli(capsys, "train", "--run-dir", str(a_file))
+    assert code == 2 and "is a file" in err
+
+
+def test_overwrite_never_deletes_the_working_directory(capsys, tmp_path, corpus_dir, monkeypatch):
+    code, _, _ = run_cli(capsys, "train", *tiny_args(tmp_path, corpus_dir))
+    monkeypatch.chdir(tmp_path / "run")  # the run directory is now the working directory
+    args = [a if a != str(tmp_path / "run") else "." for a in tiny_args(tmp_path, corpus_dir)]
+    code, _, err = run_cli(capsys, "train", *args, "--overwrite")
+    assert code == 2 and "not a gptrain run" in err and (tmp_path / "run" / "config.toml").is_file()

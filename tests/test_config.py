@@ -51,3 +51,8 @@ def test_every_preset_resolves():
     for name, preset in PRESETS.items():
         cfg = resolve_config(None, {"preset": name}, environ={})
         assert cfg.model.n_embd == preset.n_embd and cfg.model.block_size == preset.block_size
+
+
+def test_toml_strings_with_control_characters_round_trip():
+    cfg = apply_overrides(RunConfig(), {"samples.prompt": "a\x7fb\r\t\x01 ünï ✓", "name": 'q"uote\\'})
+    assert from_toml_text(to_toml(cfg)) == cfg

@@ -138,13 +138,12 @@ def _resolve(args: argparse.Namespace, extra: list[str]):
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from gptrain.runtime import tune_malloc
     from gptrain.train.loop import train
 
     cfg = _resolve(args, extra)
     log = (lambda *_: None) if cfg.log.is_quiet else print
-    tune_malloc()
-    summary = train(cfg, resume=args.resume, init_from=args.init_from, should_overwrite=args.overwrite, log=log)
+    summary = train(cfg, resume=args.resume, init_from=args.init_from, should_overwrite=args.overwrite,
+                    should_tune_malloc=True, log=log)
     if summary["is_stopped"]:
         return 130
     print(f"run directory: {summary['run_dir']}\nfinal train loss {summary['train_loss']:.4f} | "

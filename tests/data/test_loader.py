@@ -57,3 +57,13 @@ def test_sequential_loader_repeats_after_reset(shard_dir):
 def test_corpus_smaller_than_context_is_user_error(shard_dir):
     with pytest.raises(UserError, match="fewer than one context window"):
         ShardLoader(_paths(shard_dir, "val"), batch_size=2, block_size=4096, split="val")
+
+
+def test_loader_state_carries_its_seed(shard_dir):
+    a = ShardLoader(_paths(shard_dir, "train"), batch_size=4, block_size=16, seed=3)
+    a.next_batch()
+    state = a.state_dict()
+    expected = a.next_batch()[0]
+    b = ShardLoader(_paths(shard_dir, "train"), batch_size=4, block_size=16, seed=99)
+    b.load_state_dict(state)
+    assert torch.equal(b.next_batch()[0], expected)

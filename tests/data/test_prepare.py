@@ -89,3 +89,11 @@ def test_folder_skips_hidden_files_and_rebuilds_when_the_corpus_changes(corpus_d
     meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
     assert meta["num_documents"] == 6 and meta["num_train_tokens"] != first
     assert not list(tmp_path.glob("ds.*"))  # no .tmp or .old left
+
+
+def test_fingerprint_does_not_depend_on_how_the_path_is_spelled(corpus_dir, monkeypatch):
+    from gptrain.data.prepare import fingerprint
+
+    absolute = fingerprint(DataConfig(source=str(corpus_dir)))
+    monkeypatch.chdir(corpus_dir.parent)
+    assert fingerprint(DataConfig(source=corpus_dir.name)) == absolute

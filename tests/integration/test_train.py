@@ -203,3 +203,26 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(tmp_path, corpus_di
     assert all(torch.equal(a[k], b[k]) for k in a)
     events = [r for r in _rows(tmp_path / "cut", "event") if "resumed_from" in r]
     assert events and events[0]["resumed_from"] == 5
+
+
+def test_resume_applies_overridden_optimizer_settings(tmp_path, corpus_dir):
+    from gptrain.config import apply_overrides, from_toml_text
+    from gptrain.train import loop
+
+    values = tiny_values(tmp_path, corpus_dir, steps=3, **{"eval.every_steps": 0, "samples.every_steps": 0})
+    train(resolve_config(None, values, environ={}), log=lambda *_: None)
+    cfg = apply_overrides(from_toml_text((tmp_path / "run" / "config.toml").read_text()),
+                          {"steps": 4, "optim.weight_decay": 0.05, "optim.beta2": 0.99})
+    seen = {}
+    real = loop.train_step
+
+    def spy(model, optimizer, *args, **kwargs):
+        seen["groups"] = [(g["weight_decay"], g["betas"]) for g in optimizer.param_groups]
+        return real(model, optimizer, *args, **kwargs)
+
+    loop.train_step = spy
+    try:
+        train(cfg, resume=tmp_path / "run", log=lambda *_: None)
+    finally:
+        loop.train_step = real
+    assert seen["groups"] == [(0.05, (0.9, 0.99)), (0.0, (0.9, 0.99))]

@@ -99,4 +99,5 @@ class ShardLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.seed = int(state.get("seed", self.seed))
         self._order = self._epoch_windows(self.epoch)

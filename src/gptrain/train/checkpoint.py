@@ -127,8 +127,8 @@ def write_checkpoint(snapshot: Snapshot, folder: Path) -> None:
     tmp.mkdir(parents=True)
     save_file(snapshot.model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     save_file(snapshot.optimizer, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
-    (tmp / "state.json").write_text(json.dumps(snapshot.state, indent=1))
-    (tmp / "config.toml").write_text(snapshot.config_toml)
+    (tmp / "state.json").write_text(json.dumps(snapshot.state, indent=1), encoding="utf-8")
+    (tmp / "config.toml").write_text(snapshot.config_toml, encoding="utf-8")
     (tmp / "tokenizer.json").write_text(snapshot.tokenizer_json, encoding="utf-8")
     for f in tmp.iterdir():
         with open(f, "rb") as handle:
@@ -240,7 +240,7 @@ def read_checkpoint(folder: Path, *, with_optimizer: bool = True) -> dict:
         out = {
             "model": load_file(str(folder / "model.safetensors")),
             "state": state,
-            "config_toml": (folder / "config.toml").read_text(),
+            "config_toml": (folder / "config.toml").read_text(encoding="utf-8"),
             "tokenizer_path": folder / "tokenizer.json",
         }
         if with_optimizer:

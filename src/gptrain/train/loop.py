@@ -24,6 +24,7 @@ from gptrain.metrics.console import build_console_sink
 from gptrain.metrics.sinks import CsvSink, JsonlSink, MetricSink, SamplesSink
 from gptrain.metrics.throughput import estimate_mfu, peak_flops
 from gptrain.model.gpt import GPT
+from gptrain.runtime import tune_malloc
 from gptrain.tokenizer import Tokenizer, load_tokenizer
 from gptrain.tokenizer.base import save_tokenizer
 from gptrain.train import checkpoint as ckpt
@@ -80,6 +81,8 @@ def derive_plan(cfg: RunConfig, loader: ShardLoader, world_size: int) -> Plan:
 def check_run_dir(cfg: RunConfig, *, is_resume: bool, should_overwrite: bool) -> Path:
     """The run directory to use; refuses (before any work) an existing one unless resuming or overwriting."""
     run_dir = Path(cfg.run_dir or f"runs/{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} is a file: choose another --run-dir")
     if is_resume:
         if not (run_dir / "config.toml").is_file():
             raise UserError(f"{run_dir} is not a run directory (no config.toml in it)")
@@ -88,21 +91,34 @@ def check_run_dir(cfg: RunConfig, *, is_resume: bool, should_overwrite: bool) ->
         if not should_overwrite:
             raise UserError(f"run directory {run_dir} already exists: pass --resume {run_dir} to continue it, "
                             "--overwrite to replace it, or choose another --run-dir")
-        if not ((run_dir / "config.toml").is_file() or (run_dir / "metrics.jsonl").is_file()):
-            raise UserError(f"{run_dir} is not a gptrain run (no config.toml or metrics.jsonl): --overwrite "
+        if not is_run_dir(run_dir):
+            raise UserError(f"{run_dir} is not a gptrain run (no config.toml and checkpoints/): --overwrite "
                             "only replaces runs; choose another --run-dir")
     return run_dir
+
+
+def is_run_dir(path: Path) -> bool:
+    """A folder gptrain made: config.toml that parses, checkpoints/, and not the working directory or above."""
+    if Path.cwd().resolve().is_relative_to(path.resolve()):
+        return False
+    if not ((path / "checkpoints").is_dir() and (path / "config.toml").is_file()):
+        return False
+    try:
+        from_toml_text((path / "config.toml").read_text(encoding="utf-8"))
+    except UserError:
+        return False
+    return True
 
 
 def create_run_dir(run: Run, *, should_overwrite: bool) -> None:
     """Make the run directory once everything is known to work, and write config.toml and tokenizer.json."""
     if not run.env.is_main:
         return
-    if should_overwrite and run.run_dir.exists():
+    if should_overwrite and run.run_dir.exists() and is_run_dir(run.run_dir):
         shutil.rmtree(run.run_dir)
     (run.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     tmp = run.run_dir / "config.toml.tmp"
-    tmp.write_text(to_toml(run.cfg))
+    tmp.write_text(to_toml(run.cfg), encoding="utf-8")
     tmp.replace(run.run_dir / "config.toml")
     save_tokenizer(run.tokenizer, run.run_dir / "tokenizer.json")
 
@@ -152,6 +168,9 @@ def resume_from(run: Run, folder: Path) -> None:
     pieces = ckpt.read_checkpoint(folder)
     ckpt.load_model_weights(run.model, pieces["model"], folder)
     run.optimizer.load_state_dict(pieces["optimizer"])
+    # The stored param groups carry the old hyperparameters; the (possibly overridden) config wins.
+    for group, decay in zip(run.optimizer.param_groups, (run.cfg.optim.weight_decay, 0.0), strict=True):
+        group.update(weight_decay=decay, betas=(run.cfg.optim.beta1, run.cfg.optim.beta2), eps=run.cfg.optim.eps)
     run.state = ckpt.TrainState(**pieces["state"]["train"])
     run.train_loader.load_state_dict(pieces["state"]["loader"])
     ckpt.restore_rng(pieces["state"]["rng"])
@@ -219,14 +238,19 @@ def train(
     resume: str | Path | None = None,
     init_from: str | Path | None = None,
     should_overwrite: bool = False,
+    should_tune_malloc: bool = False,
     log=print,
 ) -> dict:
     """Train a model as cfg says; returns a summary (run_dir, steps, losses, seconds, last sample).
 
-    resume: a run directory to continue from its latest checkpoint (cfg is then its config.toml,
-    plus any overrides). init_from: a checkpoint (or run) whose weights and tokenizer to start from.
+    resume: a run directory to continue from its latest checkpoint; pass its own config
+    (`resolve_config(run_dir / "config.toml", overrides)`), as `gptrain train --resume` does.
+    init_from: a checkpoint (or run) whose weights, sizes and tokenizer to start from.
+    should_tune_malloc: keep freed memory in the heap once setup is done (see runtime.tune_malloc).
     """
     if resume is not None:
+        if should_overwrite or init_from is not None:
+            raise UserError("--resume continues a run as it is: it cannot be combined with --overwrite or --init-from")
         cfg = replace(cfg, run_dir=str(resume))
     env = DistEnv.from_environment(cfg.device)
     if env.world_size > 1:
@@ -243,6 +267,8 @@ def train(
         cfg = base_config_for_init(cfg, init_dir)
         fixed_tokenizer = load_tokenizer(init_dir / "tokenizer.json")
     run = build_run(cfg, env, run_dir, fixed_tokenizer, log)
+    if should_tune_malloc:
+        tune_malloc()  # after setup, so the corpus tokenizing's peak memory was returned to the OS
     if resume is not None:
         resume_from(run, resume_dir)
     elif init_from is not None:
@@ -331,7 +357,7 @@ def _loop(run: Run) -> dict:
             sample(run)
         if is_due(state.step, cfg.checkpoint.every_steps) and not is_last:
             save(run, [f"{ckpt.STEP_PREFIX}{state.step:06d}"], is_periodic=True)
-        if run.should_stop:
+        if run.should_stop and not is_early_stop:
             save(run, [f"{ckpt.STEP_PREFIX}{state.step:06d}"])
             emit(run, {"kind": "event", "message": f"stopped at step {state.step} (checkpoint saved); "
                                                    f"continue with: gptrain train --resume {run.run_dir}"})
