@@ -79,6 +79,8 @@ def train_step(
     loss_sum = torch.zeros((), device=device)
     for _ in range(num_micro_steps):
         x_BT, y_BT = loader.next_batch()
+        if device.startswith("cuda"):  # pinned host memory makes the copy truly asynchronous
+            x_BT, y_BT = x_BT.pin_memory(), y_BT.pin_memory()
         x_BT = x_BT.to(device, non_blocking=True)
         y_BT = y_BT.to(device, non_blocking=True)
         with autocast:
