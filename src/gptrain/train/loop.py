@@ -123,9 +123,9 @@ def create_run_dir(run: Run, *, should_overwrite: bool) -> None:
     save_tokenizer(run.tokenizer, run.run_dir / "tokenizer.json")
 
 
-def base_config_for_init(cfg: RunConfig, init_from: Path) -> RunConfig:
+def base_config_for_init(cfg: RunConfig, config_toml: str) -> RunConfig:
     """Fine-tuning keeps the checkpoint's architecture and tokenizer; only dropout may change."""
-    base = from_toml_text(ckpt.read_checkpoint(init_from, with_optimizer=False)["config_toml"])
+    base = from_toml_text(config_toml)
     return replace(cfg, model=replace(base.model, dropout=cfg.model.dropout), tokenizer=base.tokenizer)
 
 
@@ -198,19 +198,24 @@ def emit(run: Run, row: dict) -> None:
         sink.emit(row)
 
 
-def validate(run: Run) -> tuple[dict[str, float], bool]:
-    """Evaluate and keep best/; also says whether early stopping's patience has run out."""
+def validate(run: Run) -> tuple[float, list[str]]:
+    """Evaluate and track the best val loss; returns the loss and ["best"] when best/ should be saved."""
     autocast = autocast_context(run.env.device, run.cfg.train.precision)
     metrics = evaluate_loss(run.model, run.val_loader, run.cfg.eval.num_batches, run.env.device, autocast)
     emit(run, {"kind": "val", **metrics})
     state = run.state
     if state.best_val_loss is None or metrics["val_loss"] < state.best_val_loss:
         state.best_val_loss, state.num_bad_evals = metrics["val_loss"], 0
-        if run.cfg.checkpoint.save_best:
-            save(run, ["best"])
-        return metrics, False
+        return metrics["val_loss"], ["best"] if run.cfg.checkpoint.save_best else []
     state.num_bad_evals += 1
-    return metrics, 0 < run.cfg.eval.patience <= state.num_bad_evals
+    return metrics["val_loss"], []
+
+
+def summarize(run: Run, train_loss: float, val_loss: float | None, text: str | None) -> dict:
+    state = run.state
+    return {"run_dir": str(run.run_dir), "step": state.step, "train_loss": train_loss, "val_loss": val_loss,
+            "best_val_loss": state.best_val_loss, "elapsed_seconds": state.elapsed_seconds, "sample": text,
+            "is_stopped": text is None}
 
 
 def sample(run: Run) -> str:
@@ -264,15 +269,16 @@ def train(
         fixed_tokenizer = load_tokenizer(resume_dir / "tokenizer.json")
     elif init_from is not None:
         init_dir = ckpt.resolve_checkpoint_dir(init_from)
-        cfg = base_config_for_init(cfg, init_dir)
-        fixed_tokenizer = load_tokenizer(init_dir / "tokenizer.json")
+        init_pieces = ckpt.read_checkpoint(init_dir, with_optimizer=False)
+        cfg = base_config_for_init(cfg, init_pieces["config_toml"])
+        fixed_tokenizer = load_tokenizer(init_pieces["tokenizer_path"])
     run = build_run(cfg, env, run_dir, fixed_tokenizer, log)
     if should_tune_malloc:
         tune_malloc()  # after setup, so the corpus tokenizing's peak memory was returned to the OS
     if resume is not None:
         resume_from(run, resume_dir)
     elif init_from is not None:
-        ckpt.load_model_weights(run.model, ckpt.read_checkpoint(init_dir, with_optimizer=False)["model"], init_dir)
+        ckpt.load_model_weights(run.model, init_pieces["model"], init_dir)
     create_run_dir(run, should_overwrite=should_overwrite)
     run.sinks = build_sinks(run)
     if resume is not None:
@@ -342,35 +348,36 @@ def _loop(run: Run) -> dict:
             state.num_bad_steps = 0
             state.loss_ema = last_loss if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * last_loss
         recent = (recent + [seconds])[-20:]
-        tokens_per_second = plan.tokens_per_step / (sum(recent) / len(recent))
+        mean_step_seconds = sum(recent) / len(recent)
+        tokens_per_second = plan.tokens_per_step / mean_step_seconds
         emit(run, {"kind": "train", "loss": last_loss, "lr": lr, "grad_norm": result.grad_norm.item(),
                    "tokens_per_second": tokens_per_second, "mfu": estimate_mfu(run.model.config, tokens_per_second,
                    peak), "tokens_seen": state.tokens_seen, "epoch": run.train_loader.epochs_done,
-                   "eta_seconds": (plan.num_steps - state.step) * sum(recent) / len(recent)})
-        is_last = state.step == plan.num_steps
-        if is_due(state.step, cfg.eval.every_steps) and not is_last:
-            _, is_early_stop = validate(run)
+                   "eta_seconds": (plan.num_steps - state.step) * mean_step_seconds})
+        if state.step == plan.num_steps:
+            break
+        if is_due(state.step, cfg.eval.every_steps):
+            _, names = validate(run)
+            if names:
+                save(run, names)
+            is_early_stop = 0 < cfg.eval.patience <= state.num_bad_evals
             if is_early_stop:
                 emit(run, {"kind": "event", "message": f"early stop: val loss has not improved for "
                                                        f"{state.num_bad_evals} evaluations"})
-        if is_due(state.step, cfg.samples.every_steps) and not is_last:
+        if is_due(state.step, cfg.samples.every_steps):
             sample(run)
-        if is_due(state.step, cfg.checkpoint.every_steps) and not is_last:
-            save(run, [f"{ckpt.STEP_PREFIX}{state.step:06d}"], is_periodic=True)
-        if run.should_stop and not is_early_stop:
-            save(run, [f"{ckpt.STEP_PREFIX}{state.step:06d}"])
+        is_periodic = is_due(state.step, cfg.checkpoint.every_steps)
+        is_stopping = run.should_stop and not is_early_stop
+        if is_periodic or is_stopping:
+            save(run, [f"{ckpt.STEP_PREFIX}{state.step:06d}"], is_periodic=is_periodic)
+        if is_stopping:
             emit(run, {"kind": "event", "message": f"stopped at step {state.step} (checkpoint saved); "
                                                    f"continue with: gptrain train --resume {run.run_dir}"})
-            return {"run_dir": str(run.run_dir), "step": state.step, "train_loss": last_loss, "val_loss": None,
-                    "best_val_loss": state.best_val_loss, "elapsed_seconds": state.elapsed_seconds,
-                    "sample": None, "is_stopped": True}
-    final_val, _ = validate(run)
+            return summarize(run, last_loss, None, None)
+    final_val_loss, names = validate(run)
     text = sample(run)
-    save(run, ["final"])
+    save(run, ["final", *names])  # one snapshot for both when the last evaluation is also the best
     run.writer.wait()
     emit(run, {"kind": "event", "message": f"done: {state.step} steps in {state.elapsed_seconds:.0f}s | "
                                            f"best val loss {state.best_val_loss:.4f} | {run.run_dir}"})
-    return {"run_dir": str(run.run_dir), "step": state.step, "train_loss": last_loss,
-            "val_loss": final_val["val_loss"],
-            "best_val_loss": state.best_val_loss, "elapsed_seconds": state.elapsed_seconds, "sample": text,
-            "is_stopped": False}
+    return summarize(run, last_loss, final_val_loss, text)
