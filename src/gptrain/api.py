@@ -13,6 +13,7 @@ from gptrain.distributed.env import resolve_device
 from gptrain.model.generate import SampleConfig, stream_tokens
 from gptrain.model.gpt import GPT
 from gptrain.tokenizer import Tokenizer, load_tokenizer
+from gptrain.tokenizer.base import prompt_ids
 from gptrain.train.checkpoint import load_model_weights, read_checkpoint, resolve_checkpoint_dir
 
 
@@ -43,8 +44,7 @@ class Checkpoint:
     def stream(self, prompt: str = "", max_new_tokens: int = 200, **options) -> Iterator[str]:
         """Yield text pieces as tokens are sampled (options: SampleConfig fields, e.g. top_k=50)."""
         cfg = SampleConfig(max_new_tokens=max_new_tokens, **options)
-        ids = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_id]
-        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+        idx = torch.tensor([prompt_ids(self.tokenizer, prompt)], dtype=torch.long, device=self.device)
         new: list[int] = []
         printed = ""
         for token in stream_tokens(self.model, idx, cfg):

@@ -94,7 +94,7 @@ def _write_split(folder: Path, name: str, texts: list[str], tok: Tokenizer, shar
 
     for start in range(0, len(texts), 256):
         for ids in tok.encode_batch(texts[start : start + 256]):
-            buffer.append(np.array([tok.eot_id, *ids], dtype=dtype))
+            buffer.append(np.concatenate([np.array([tok.eot_id], dtype=dtype), np.asarray(ids, dtype=dtype)]))
             buffered += len(ids) + 1
             while buffered >= shard_tokens:
                 joined = np.concatenate(buffer)
@@ -106,10 +106,8 @@ def _write_split(folder: Path, name: str, texts: list[str], tok: Tokenizer, shar
     return total
 
 
-def tokenizer_spec(tok_cfg: TokenizerConfig, tokenizer: Tokenizer | None = None) -> str:
-    """What identifies a dataset's tokenizer: its config, or the hash of a given tokenizer's JSON."""
-    if tokenizer is None:
-        return tok_cfg.describe()
+def tokenizer_spec(tokenizer: Tokenizer) -> str:
+    """What identifies a dataset made with a given tokenizer (not one fitted from the config): its hash."""
     return f"{tokenizer.name}-{hashlib.sha256(tokenizer.to_json().encode()).hexdigest()[:10]}"
 
 
@@ -126,7 +124,7 @@ def _locate(data: DataConfig, tok_cfg: TokenizerConfig, tokenizer: Tokenizer | N
         return folder, spec
     if _holds_tokenizer(folder, tokenizer) and (folder / "meta.json").is_file():
         return folder, json.loads((folder / "meta.json").read_text()).get("tokenizer_spec", spec)
-    spec = tokenizer_spec(tok_cfg, tokenizer)
+    spec = tokenizer_spec(tokenizer)
     return (Path(data.data_dir) if data.data_dir else dataset_dir(data, spec)), spec
 
 

@@ -28,6 +28,11 @@ class Tokenizer(Protocol):
         """The tokenizer.json text from which load_tokenizer rebuilds this tokenizer."""
 
 
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """Ids to start generation from: the prompt's, or the document separator for an empty prompt."""
+    return (tokenizer.encode(prompt) if prompt else []) or [tokenizer.eot_id]
+
+
 def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:
     """Write tokenizer.json atomically (temp file, then rename)."""
     path = Path(path)

@@ -82,12 +82,22 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all([_decode_bytes(s) for s in rng["cuda"]])
 
 
+def shared_keys(state: dict[str, torch.Tensor]) -> set[str]:
+    """Keys whose tensor is the same storage as an earlier key's (a tied lm_head is wte)."""
+    seen: set[int] = set()
+    shared = set()
+    for key, value in state.items():
+        if value.data_ptr() in seen:
+            shared.add(key)
+        seen.add(value.data_ptr())
+    return shared
+
+
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights as CPU copies; a tied lm_head is left out (it is wte)."""
+    """The model's weights as CPU copies; tied weights are stored once (safetensors refuses aliases)."""
     state = model.state_dict()
-    tied = getattr(model, "config", None) is not None and model.config.tie_weights
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()
-            if not (tied and k == "lm_head.weight")}
+    shared = shared_keys(state)
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items() if k not in shared}
 
 
 def optimizer_snapshot(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -219,8 +229,8 @@ def latest_checkpoint_dir(run_dir: Path) -> Path:
 def load_model_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Load a checkpoint's weights, or fail with a clear message when they do not fit this model."""
     expected = model.state_dict()
-    is_tied = getattr(model, "config", None) is not None and model.config.tie_weights
-    missing = [k for k in expected if k not in tensors and not (is_tied and k == "lm_head.weight")]
+    shared = shared_keys(expected)
+    missing = [k for k in expected if k not in tensors and k not in shared]
     unexpected = [k for k in tensors if k not in expected]
     mismatched = [f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}"
                   for k in tensors if k in expected and tensors[k].shape != expected[k].shape]

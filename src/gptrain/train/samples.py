@@ -10,6 +10,7 @@ from gptrain.errors import UserError
 from gptrain.model.generate import generate
 from gptrain.model.gpt import GPT
 from gptrain.tokenizer import EOT_TEXT, Tokenizer
+from gptrain.tokenizer.base import prompt_ids
 
 
 @dataclass(kw_only=True)
@@ -29,9 +30,7 @@ class SamplesConfig:
 
 def write_sample(model: GPT, tokenizer: Tokenizer, cfg: SamplesConfig, device: str) -> str:
     """Generate one sample from the prompt with a fixed seed; returns prompt + continuation."""
-    ids = tokenizer.encode(cfg.prompt) if cfg.prompt else []
-    ids = ids or [tokenizer.eot_id]
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    idx = torch.tensor([prompt_ids(tokenizer, cfg.prompt)], dtype=torch.long, device=device)
     out = generate(model, idx, cfg.num_tokens, temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
     text = tokenizer.decode(out[0].tolist())
     return text if cfg.prompt else text.removeprefix(EOT_TEXT)
