@@ -36,41 +36,30 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", help="run name (run directory runs/<name>-<time>)")
 
 
-def _config_values(args: argparse.Namespace, extra: list[str]) -> dict[str, object]:
-    keys = ["preset", "embd", "layers", "heads", "context", "vocab", "tokenizer", "data", "lr", "batch_size",
-            "steps", "epochs", "device", "seed", "name"]
-    values = {k.replace("_", "-"): getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    values |= parse_dotted(extra)
-    return values
+def _config_values(args: argparse.Namespace, dotted: dict[str, str]) -> dict[str, object]:
+    """The alias flags that were given (config.ALIASES names them), then the dotted keys."""
+    from gptrain.config import ALIASES
+
+    given = {a: getattr(args, a.replace("-", "_"), None) for a in ALIASES}
+    return {a: v for a, v in given.items() if v is not None} | dotted
 
 
-def split_dotted(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separate `--section.field=value` / `--section.field value` pairs from the other arguments."""
-    rest, dotted, i = [], [], 0
+def split_dotted(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Take `--section.field=value` / `--section.field value` out of argv; returns the rest and the keys."""
+    rest, dotted, i = [], {}, 0
     while i < len(argv):
         arg = argv[i]
-        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
-            dotted.append(arg)
-            if "=" not in arg:
+        key, eq, value = arg[2:].partition("=")
+        if arg.startswith("--") and "." in key:
+            if not eq:
                 if i + 1 >= len(argv):
                     raise UserError(f"{arg} needs a value")
-                dotted.append(argv[i + 1])
-                i += 1
+                value, i = argv[i + 1], i + 1
+            dotted[key.replace("-", "_")] = value
         else:
             rest.append(arg)
         i += 1
     return rest, dotted
-
-
-def parse_dotted(dotted: list[str]) -> dict[str, str]:
-    values, i = {}, 0
-    while i < len(dotted):
-        key, eq, value = dotted[i][2:].partition("=")
-        if not eq:
-            value, i = dotted[i + 1], i + 1
-        values[key.replace("-", "_")] = value
-        i += 1
-    return values
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(args: argparse.Namespace, extra: list[str]):
+def _resolve(args: argparse.Namespace, extra: dict[str, str]):
     from gptrain.config import resolve_config
 
     cli = _config_values(args, extra)
@@ -137,7 +126,7 @@ def _resolve(args: argparse.Namespace, extra: list[str]):
     return resolve_config(recipe, cli)
 
 
-def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+def cmd_train(args: argparse.Namespace, extra: dict[str, str]) -> int:
     from gptrain.train.loop import train
 
     cfg = _resolve(args, extra)
@@ -151,7 +140,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
+def cmd_prepare(args: argparse.Namespace, extra: dict[str, str]) -> int:
     from gptrain.data.prepare import prepare_dataset
 
     cfg = _resolve(args, extra)
@@ -205,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("train", "prepare"):
             return (cmd_train if args.command == "train" else cmd_prepare)(args, extra)
         if extra:
-            raise UserError(f"{args.command} takes no config keys (got {extra[0]})")
+            raise UserError(f"{args.command} takes no config keys (got --{next(iter(extra))})")
         if args.command in ("generate", "sample"):
             return cmd_generate(args)
         if args.command == "presets":
