@@ -336,7 +336,7 @@ def _loop(run: Run) -> dict:
         state.tokens_seen += plan.tokens_per_step
         seconds = time.perf_counter() - started
         state.elapsed_seconds += seconds
-        last_loss = result.loss.item()
+        last_loss = result.loss
         if not result.is_applied:
             state.num_bad_steps += 1
             emit(run, {"kind": "event", "message": f"step {state.step}: loss {last_loss:.4g} is non-finite or a "
@@ -350,7 +350,7 @@ def _loop(run: Run) -> dict:
         recent = (recent + [seconds])[-20:]
         mean_step_seconds = sum(recent) / len(recent)
         tokens_per_second = plan.tokens_per_step / mean_step_seconds
-        emit(run, {"kind": "train", "loss": last_loss, "lr": lr, "grad_norm": result.grad_norm.item(),
+        emit(run, {"kind": "train", "loss": last_loss, "lr": lr, "grad_norm": result.grad_norm,
                    "tokens_per_second": tokens_per_second, "mfu": estimate_mfu(run.model.config, tokens_per_second,
                    peak), "tokens_seen": state.tokens_seen, "epoch": run.train_loader.epochs_done,
                    "eta_seconds": (plan.num_steps - state.step) * mean_step_seconds})

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from gptrain.data.loader import ShardLoader
 from gptrain.errors import UserError
@@ -55,9 +56,9 @@ def autocast_context(device: str, precision: str) -> contextlib.AbstractContextM
 
 @dataclass
 class StepResult:
-    loss: Tensor  # mean loss over the step's micro batches (0-dim, on device)
-    grad_norm: Tensor  # global norm before clipping
-    is_applied: bool  # False when the step was skipped for a non-finite loss or gradient
+    loss: float  # mean loss over the step's micro batches
+    grad_norm: float  # global norm before clipping
+    is_applied: bool  # False when the step was skipped: non-finite loss or gradient, or a loss spike
 
 
 def train_step(
@@ -90,9 +91,10 @@ def train_step(
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-    # The one host sync of the step: the finite check decides whether the update is applied.
-    is_applied = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum) & (loss_sum <= max_loss))
+    # The one host sync of the step: loss and norm come back together and decide whether to update.
+    loss, norm = torch.stack([loss_sum, grad_norm.to(loss_sum.device)]).tolist()
+    is_applied = math.isfinite(loss) and math.isfinite(norm) and loss <= max_loss
     if is_applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=loss_sum, grad_norm=grad_norm, is_applied=is_applied)
+    return StepResult(loss=loss, grad_norm=norm, is_applied=is_applied)
