@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
     g.add_argument("--seed", type=int)
     g.add_argument("--name", help="run name (run directory runs/<name>-<time>)")
+    g.add_argument("--parallel", choices=["auto", "ddp", "zero1", "fsdp"],
+                   help="parallel.strategy under torchrun (auto: ddp); one process ignores it")
 
 
 def _config_values(args: argparse.Namespace, dotted: dict[str, str]) -> dict[str, object]:
@@ -78,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     _add_config_flags(p)
     p.add_argument("--run-dir", help="where this run writes (default runs/<name>-<YYYYmmdd-HHMMSS>)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR|auto",
+                   help="continue a run from its latest checkpoint; auto: the run --run-dir names (else the newest "
+                        "runs/<name>-*) if it has a checkpoint, else start it (for torchrun --max-restarts, requeues)")
     p.add_argument("--init-from", metavar="CHECKPOINT", help="start from these weights (fine-tuning)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --run-dir")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -99,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--device", default="auto")
 
+    p = sub.add_parser("check-equivalence", help="check that N ranks (DDP, ZeRO-1, FSDP) and accumulation train "
+                       "like one process: a table of the largest differences; exit 0 when all match")
+    p.add_argument("--out", default="", help="where the tiny runs go (default: a temporary folder; under torchrun "
+                   "runs/check-equivalence, which every rank must see)")
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps per case")
+
     sub.add_parser("presets", help="list the named model sizes with their parameter counts")
     sub.add_parser("config", help="print every config key with its default value")
     p = sub.add_parser("demo", help="a one-minute tour: tokenize, forward, generate, evaluate, train a little")
@@ -117,7 +128,7 @@ def _resolve(args: argparse.Namespace, extra: dict[str, str]):
     if getattr(args, "compile", None):
         cli["train.compile"] = args.compile
     recipe = args.recipe
-    if getattr(args, "resume", None):
+    if getattr(args, "resume", None) and args.resume != "auto":
         if recipe:
             raise UserError("--resume takes the run's own config.toml; pass overrides as flags, not a recipe")
         recipe = Path(args.resume) / "config.toml"
@@ -134,7 +145,8 @@ def cmd_train(args: argparse.Namespace, extra: dict[str, str]) -> int:
     summary = train(cfg, resume=args.resume, init_from=args.init_from, should_overwrite=args.overwrite,
                     should_tune_malloc=True, log=log)
     if summary["is_stopped"]:
-        return 130
+        # Under torchrun a stop is a clean end (it forwards Ctrl-C/SIGTERM and waits for the workers).
+        return 0 if "TORCHELASTIC_RUN_ID" in os.environ else 130
     print(f"run directory: {summary['run_dir']}\nfinal train loss {summary['train_loss']:.4f} | "
           f"val loss {summary['val_loss']:.4f} | {summary['elapsed_seconds']:.0f}s of training")
     return 0
@@ -162,6 +174,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n" if args.num_samples == 1 else "\n---\n")
     return 0
+
+
+def cmd_check_equivalence(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from gptrain.equivalence import check_equivalence
+
+    if args.steps < 1:
+        raise UserError("--steps must be at least 1")
+    if args.out or int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return check_equivalence(Path(args.out or "runs/check-equivalence"), args.steps)
+    with tempfile.TemporaryDirectory(prefix="gptrain-check-") as tmp:
+        return check_equivalence(Path(tmp), args.steps)
 
 
 def cmd_presets() -> int:
@@ -197,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{args.command} takes no config keys (got --{next(iter(extra))})")
         if args.command in ("generate", "sample"):
             return cmd_generate(args)
+        if args.command == "check-equivalence":
+            return cmd_check_equivalence(args)
         if args.command == "presets":
             return cmd_presets()
         if args.command == "config":
@@ -205,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(args.device)
     except UserError as e:
-        print(f"gptrain: error: {e}", file=sys.stderr)
+        if not e.is_echo:  # an echo is rank 0's error, which rank 0 prints
+            rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None
+            print(f"gptrain: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gptrain: interrupted", file=sys.stderr)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptrain.data.prepare import DataConfig
+from gptrain.distributed.parallel import ParallelConfig
 from gptrain.errors import UserError
 from gptrain.eval.val_loss import EvalConfig
 from gptrain.metrics.console import LogConfig
@@ -49,6 +50,7 @@ ALIASES = {
     "name": "name",
     "data": "data.source",
     "tokenizer": "tokenizer.kind",
+    "parallel": "parallel.strategy",
 }
 
 
@@ -68,6 +70,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

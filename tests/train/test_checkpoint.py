@@ -1,6 +1,8 @@
 import torch
+from safetensors.torch import load_file
 
 from gptrain.config import RunConfig, to_toml
+from gptrain.distributed.state import by_index, gather_state, load_optimizer_state, param_names
 from gptrain.model.gpt import GPT
 from gptrain.train import checkpoint as ckpt
 from gptrain.train.optim import OptimConfig, build_optimizer
@@ -15,9 +17,11 @@ def _trained(tiny_config):
 
 
 def _snapshot(model, opt, step=3):
-    tensors, meta = ckpt.optimizer_snapshot(opt)
-    state = ckpt.make_state(ckpt.TrainState(step=step, best_val_loss=2.5), {"epoch": 1, "position": 7}, meta)
-    return ckpt.Snapshot(model=ckpt.model_tensors(model), optimizer=tensors, state=state,
+    model_sd, optim_sd = gather_state(model, opt, is_main=True, is_cpu=True)
+    tensors, meta = ckpt.split_optimizer_state(optim_sd)
+    state = ckpt.make_state(ckpt.TrainState(step=step, best_val_loss=2.5), {"epoch": 1, "position": 7}, meta,
+                            [ckpt.capture_rng()])
+    return ckpt.Snapshot(model=model_sd, optimizer=tensors, state=state,
                          config_toml=to_toml(RunConfig()), tokenizer_json='{"gptrain_tokenizer": "char", "chars": []}')
 
 
@@ -34,14 +38,36 @@ def test_round_trip_model_optimizer_state(tiny_config, tmp_path):
     assert missing == ["lm_head.weight"] and not unexpected  # tied to wte, stored once
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
+    assert "transformer.wte.weight.exp_avg" in load_file(folder / "optimizer.safetensors")  # keyed by name
     opt2 = build_optimizer(fresh, OptimConfig(), lr=1e-3)
-    opt2.load_state_dict(pieces["optimizer"])
+    load_optimizer_state(fresh, opt2, pieces["optimizer"])
     params1 = [p for g in opt.param_groups for p in g["params"]]
     params2 = [p for g in opt2.param_groups for p in g["params"]]
     for p1, p2 in zip(params1, params2, strict=True):
         s1, s2 = opt.state[p1], opt2.state[p2]
         assert all(torch.equal(s1[k], s2[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
     assert pieces["state"]["train"]["step"] == 3 and pieces["state"]["loader"]["position"] == 7
+
+
+def test_snapshot_is_a_copy_not_the_live_tensors(tiny_config):
+    model, opt = _trained(tiny_config)
+    snapshot = _snapshot(model, opt)
+    before = snapshot.model["transformer.h.0.attn.c_attn.weight"].clone()
+    model(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))).backward()
+    opt.step()  # training goes on while the background thread writes
+    assert torch.equal(snapshot.model["transformer.h.0.attn.c_attn.weight"], before)
+
+
+def test_index_keyed_format_1_optimizer_state_maps_to_names(tiny_config):
+    model, opt = _trained(tiny_config)
+    names = param_names(model, opt)
+    assert names[0] == "transformer.wte.weight" and "lm_head.weight" not in names  # tied: listed once
+    indexed = opt.state_dict()
+    _, named = gather_state(model, opt, is_main=True, is_cpu=True)
+    round_trip = by_index(named, names)
+    assert round_trip["state"].keys() == indexed["state"].keys()
+    for i, per_param in indexed["state"].items():
+        assert all(torch.equal(per_param[k], round_trip["state"][i][k]) for k in per_param)
 
 
 def test_rng_state_restored(tmp_path):

@@ -1,7 +1,10 @@
 """Batches of (input, target) windows from memory-mapped shards; rank-aware and resumable.
 
 Training walks epochs: each epoch cuts the token stream into windows of T+1 tokens at a seeded offset
-and visits them in a seeded order, so an epoch sees every token once and the position is two integers.
+and visits them in a seeded order. All ranks walk one global order, whatever their number: a micro
+step takes the next W·B windows of it and rank r reads the B at offset r·B, so step s of a run with
+M micro steps consumes windows [s·G, (s+1)·G), G = M·W·B, and the position is one number (windows of
+the epoch consumed by all ranks together). A run saved with N ranks resumes with M ranks.
 """
 
 from __future__ import annotations
@@ -54,10 +57,10 @@ class ShardLoader:
         self.num_tokens = num_tokens
         self.epoch, self.position = 0, 0
         self._order = self._epoch_windows(0)
-        if len(self._order) == 0:
-            raise UserError(f"the {split} split has too few windows to give every one of {world_size} ranks one")
+        self.on_windows = None  # test hook: called with the (shard, start) pairs this rank reads
 
     def _epoch_windows(self, epoch: int) -> np.ndarray:
+        """The epoch's global order of windows (the same on every rank)."""
         rng = np.random.default_rng([self.seed, epoch])
         shift = int(rng.integers(0, self.block_size)) if self.shuffle and epoch > 0 else 0
         windows = _windows(self.shards, self.block_size, shift)
@@ -65,39 +68,57 @@ class ShardLoader:
             windows = _windows(self.shards, self.block_size, 0)
         if self.shuffle:
             windows = windows[rng.permutation(len(windows))]
-        return windows[self.rank :: self.world_size]
+        return windows
 
     @property
     def windows_per_epoch(self) -> int:
+        """Windows in one epoch, over all ranks together."""
         return len(self._order)
 
     @property
     def epochs_done(self) -> float:
         return self.epoch + self.position / max(1, len(self._order))
 
-    def _read(self, window: np.ndarray) -> np.ndarray:
-        shard, start = int(window[0]), int(window[1])
-        return self.shards[shard][start : start + self.block_size + 1]
-
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        """The next (x, y) pair of int64 (B, T) tensors; y is x shifted by one token."""
-        rows = []
-        while len(rows) < self.batch_size:
+    def take_windows(self, count: int) -> np.ndarray:
+        """The next count windows of the global order, crossing into the next epoch when needed."""
+        parts = []
+        while count > 0:
             if self.position >= len(self._order):
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._epoch_windows(self.epoch)
-            rows.append(self._read(self._order[self.position]))
-            self.position += 1
+            part = self._order[self.position : self.position + count]
+            parts.append(part)
+            self.position += len(part)
+            count -= len(part)
+        return np.concatenate(parts)
+
+    def read(self, windows: np.ndarray) -> tuple[Tensor, Tensor]:
+        """(x, y) int64 tensors of shape (len(windows), T) for the given (shard, start) pairs."""
+        if self.on_windows is not None:
+            self.on_windows(windows)
+        T = self.block_size
+        rows = [self.shards[int(shard)][int(start) : int(start) + T + 1] for shard, start in windows]
         batch = torch.from_numpy(np.stack(rows).astype(np.int64))
         return batch[:, :-1], batch[:, 1:]
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """This rank's next (x, y) pair of int64 (B, T) tensors; y is x shifted by one token."""
+        B = self.batch_size
+        group = self.take_windows(B * self.world_size)
+        return self.read(group[self.rank * B : (self.rank + 1) * B])
 
     def reset(self) -> None:
         self.load_state_dict({"epoch": 0, "position": 0})
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "block_size": self.block_size,
+                "num_tokens": self.num_tokens}
 
     def load_state_dict(self, state: dict) -> None:
+        for key in ("block_size", "num_tokens"):
+            if key in state and state[key] != getattr(self, key):
+                raise UserError(f"the saved data position is for {key} {state[key]}, but this run has "
+                                f"{getattr(self, key)}: resume with the run's own data and model.block_size")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.seed = int(state.get("seed", self.seed))
         self._order = self._epoch_windows(self.epoch)

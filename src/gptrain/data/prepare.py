@@ -31,10 +31,14 @@ class DataConfig:
     val_fraction: float = 0.1  # share of the corpus (by characters) held out, whole documents at a time
     shard_tokens: int = 100_000_000
     split_seed: int = 1337
+    prepare_per_node: bool = False  # under torchrun: local rank 0 of every node prepares (no shared disk)
+    prepare_timeout_seconds: int = 86_400  # how long other ranks wait for the preparing rank
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"data.val_fraction must be in (0, 1) (got {self.val_fraction})")
+        if self.prepare_timeout_seconds < 1:
+            raise UserError("data.prepare_timeout_seconds must be at least 1")
         if self.shard_tokens < 1:
             raise UserError(f"data.shard_tokens must be positive (got {self.shard_tokens})")
 
@@ -200,6 +204,41 @@ def _swap_in(tmp: Path, folder: Path) -> None:
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def failure_marker(data: DataConfig, tok_cfg: TokenizerConfig, tokenizer: Tokenizer | None) -> Path:
+    """<dataset>.failed: written by the preparing rank when preparation fails, read by the waiting ranks."""
+    folder, _ = _locate(data, tok_cfg, tokenizer)
+    return folder.with_name(folder.name + ".failed")
+
+
+def write_failure_marker(data: DataConfig, tok_cfg: TokenizerConfig, tokenizer: Tokenizer | None,
+                         message: str) -> None:
+    marker = failure_marker(data, tok_cfg, tokenizer)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(message, encoding="utf-8")
+    tmp.replace(marker)
+
+
+def wait_for_dataset(data: DataConfig, tok_cfg: TokenizerConfig, tokenizer: Tokenizer | None,
+                     poll_seconds: float = 1.0) -> Path:
+    """Poll until the preparing rank's dataset is complete (its meta.json is current) or it failed."""
+    folder, spec = _locate(data, tok_cfg, tokenizer)
+    marker = failure_marker(data, tok_cfg, tokenizer)
+    data_fingerprint = fingerprint(data)
+    deadline = time.monotonic() + data.prepare_timeout_seconds
+    while True:
+        if marker.is_file():
+            raise UserError(f"data preparation failed on the preparing rank: {marker.read_text(encoding='utf-8')}",
+                            is_echo=True)
+        if _is_current(folder, data, spec, data_fingerprint, log=lambda *_: None):
+            return folder
+        if time.monotonic() > deadline:
+            raise UserError(f"waited {data.prepare_timeout_seconds}s for {folder} to be prepared: raise "
+                            "data.prepare_timeout_seconds, or set data.prepare_per_node=true if nodes do not share "
+                            "a disk")
+        time.sleep(poll_seconds)
 
 
 def load_dataset_tokenizer(folder: Path) -> Tokenizer:

@@ -1,11 +1,18 @@
-"""DistEnv: rank, world size and device. A trivial single-process object outside torchrun."""
+"""DistEnv: rank, world size, device and the few collectives the loop needs.
+
+Outside torchrun it is a trivial single-process object whose collectives return their input. Under
+torchrun (`WORLD_SIZE` > 1) `DistEnv.start()` joins the process group: NCCL on CUDA, gloo elsewhere.
+"""
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from gptrain.errors import UserError
 
@@ -37,13 +44,86 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
     @classmethod
     def from_environment(cls, device_preference: str = "auto") -> DistEnv:
-        """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK if present (process groups come with DDP)."""
+        """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK if present (the process group is joined by start())."""
         device = resolve_device(device_preference)
         rank = int(os.environ.get("RANK", 0))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         world_size = int(os.environ.get("WORLD_SIZE", 1))
-        if device == "cuda" and world_size > 1:
+        if device.startswith("cuda") and world_size > 1:
             device = f"cuda:{local_rank}"
         return cls(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+    @classmethod
+    def start(cls, device_preference: str = "auto", timeout_seconds: float = 1800) -> DistEnv:
+        """from_environment(), then join the process group when launched by torchrun with several ranks."""
+        env = cls.from_environment(device_preference)
+        if not env.is_distributed or dist.is_initialized():
+            return env
+        if env.device == "mps":
+            raise UserError("multi-process training on Apple MPS is not supported: use --device cpu under torchrun")
+        if env.device.startswith("cuda"):
+            if env.local_rank >= torch.cuda.device_count():
+                raise UserError(f"local rank {env.local_rank} has no GPU ({torch.cuda.device_count()} visible): "
+                                "start at most one process per GPU (--nproc_per_node)")
+            torch.cuda.set_device(env.local_rank)
+        backend = "nccl" if env.device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds))
+        return env
+
+    def close(self) -> None:
+        if self.is_distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            dist.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over ranks in place (and return it)."""
+        if self.is_distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when flag is true on any rank: one decision for all."""
+        if not self.is_distributed:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        return bool(self.all_reduce_sum(t).item() > 0)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's obj on every rank (picklable; only ever our own values, never user files)."""
+        if not self.is_distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_objects(self, obj: Any) -> list[Any] | None:
+        """Every rank's obj, in rank order, on rank 0; None elsewhere."""
+        if not self.is_distributed:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def on_main(self, fn, *args, **kwargs) -> Any:
+        """fn() run on rank 0 only, its result broadcast; a UserError there is raised on every rank."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn(*args, **kwargs)
+            except UserError as e:
+                if not self.is_distributed:
+                    raise
+                error = str(e)
+        result, error = self.broadcast_object((result, error))
+        if error is not None:
+            raise UserError(error, is_echo=not self.is_main)
+        return result

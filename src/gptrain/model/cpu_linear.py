@@ -48,13 +48,14 @@ class _OneDNNLinear(torch.autograd.Function):
 def is_onednn_usable(x: Tensor, weight: Tensor) -> bool:
     return (
         _IS_ENABLED
+        # Inductor lowers this op only for frozen (constant) weights; compiled graphs use F.linear.
+        # Checked first: dynamo cannot trace mkldnn.is_available() and would break the graph here.
+        and not torch.compiler.is_compiling()
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
         and not torch.is_autocast_enabled("cpu")
-        # Inductor lowers this op only for frozen (constant) weights; compiled graphs use F.linear.
-        and not torch.compiler.is_compiling()
     )
 
 

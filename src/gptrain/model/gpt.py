@@ -1,6 +1,6 @@
 """GPT-2: pre-LN blocks, tanh GELU, learned positions, tied embeddings. Single-device code, HF names.
 
-Dims: B batch, T sequence, D width (n_embd), H heads, K head size, V vocab, C cache length.
+Dims: B batch, T sequence, N rows (B * T), D width (n_embd), H heads, K head size, V vocab, C cache length.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gptrain.errors import UserError
+from gptrain.model.chunked_loss import chunked_linear_cross_entropy, should_chunk
 from gptrain.model.cpu_linear import Linear
 
 
@@ -201,11 +202,13 @@ class GPT(nn.Module):
 
     def loss(self, x_BTD: Tensor, targets_BT: Tensor) -> Tensor:
         """Cross-entropy of the head on final hidden states; padded vocab rows never get probability."""
-        logits_BTV = self.lm_head(x_BTD)
+        x_ND, targets_N = x_BTD.reshape(-1, x_BTD.size(-1)), targets_BT.reshape(-1)
         V = self.config.vocab_size
-        if logits_BTV.size(-1) != V:
-            logits_BTV = logits_BTV[..., :V]
-        return F.cross_entropy(logits_BTV.reshape(-1, V).float(), targets_BT.reshape(-1), ignore_index=-1)
+        if should_chunk(x_ND, self.lm_head.weight):
+            # Never holds the (N, V) logits: several GB at GPT-2 scale (see chunked_loss.py).
+            return chunked_linear_cross_entropy(x_ND, self.lm_head.weight, targets_N, V)
+        logits_NV = self.lm_head(x_ND)[:, :V]
+        return F.cross_entropy(logits_NV.float(), targets_N, ignore_index=-1)
 
     @torch.no_grad()
     def generate(self, idx_BT: Tensor, max_new_tokens: int, **sampling) -> Tensor:

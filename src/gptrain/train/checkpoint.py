@@ -70,16 +70,23 @@ def _decode_bytes(s: str) -> torch.Tensor:
 
 
 def capture_rng() -> dict:
+    """This process's RNG states: the CPU generator and the current CUDA device's (if in use)."""
     rng = {"torch": _encode_bytes(torch.get_rng_state())}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = [_encode_bytes(s) for s in torch.cuda.get_rng_state_all()]
+        rng["cuda"] = [_encode_bytes(torch.cuda.get_rng_state())]
     return rng
 
 
-def restore_rng(rng: dict) -> None:
+def restore_rng(saved: dict | list, rank: int = 0, fallback_seed: int = 0) -> None:
+    """Restore this rank's RNG states; a rank the checkpoint did not have (more ranks now) is seeded."""
+    per_rank = saved if isinstance(saved, list) else [saved]  # format 1 stored rank 0's dict alone
+    if rank >= len(per_rank):
+        torch.manual_seed(fallback_seed)
+        return
+    rng = per_rank[rank]
     torch.set_rng_state(_decode_bytes(rng["torch"]))
     if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_decode_bytes(s) for s in rng["cuda"]])
+        torch.cuda.set_rng_state(_decode_bytes(rng["cuda"][0]))
 
 
 def shared_keys(state: dict[str, torch.Tensor]) -> set[str]:
@@ -93,31 +100,30 @@ def shared_keys(state: dict[str, torch.Tensor]) -> set[str]:
     return shared
 
 
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights as CPU copies; tied weights are stored once (safetensors refuses aliases)."""
-    state = model.state_dict()
-    shared = shared_keys(state)
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items() if k not in shared}
-
-
-def optimizer_snapshot(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state split into tensors (for safetensors) and JSON (param groups, scalars)."""
-    sd = optimizer.state_dict()
+def split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """A name-keyed optimizer state dict as tensors `<param name>.<key>` (for safetensors) and JSON."""
     tensors, scalars = {}, {}
-    for index, per_param in sd["state"].items():
+    for name, per_param in state_dict["state"].items():
         for key, value in per_param.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+                tensors[f"{name}.{key}"] = value.contiguous()
             else:
-                scalars[f"{index}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+                scalars[f"{name}.{key}"] = value
+    return tensors, {"keyed_by": "name", "param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
-def optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
+def join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The inverse of split_optimizer_state. Format-1 checkpoints are keyed by parameter index:
+    meta["keyed_by"] tells (the loop maps indices to names with distributed.state.by_name)."""
+    is_index = meta.get("keyed_by", "index") == "index"
+    state: dict = {}
     for name, value in [*tensors.items(), *meta["scalars"].items()]:
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+        if is_index:
+            param, key = name.split(".", 1)
+            state.setdefault(int(param), {})[key] = value
+        else:
+            param, key = name.rsplit(".", 1)
+            state.setdefault(param, {})[key] = value
     groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
 
@@ -255,11 +261,12 @@ def read_checkpoint(folder: Path, *, with_optimizer: bool = True) -> dict:
         }
         if with_optimizer:
             tensors = load_file(str(folder / "optimizer.safetensors"))
-            out["optimizer"] = optimizer_state_dict(tensors, state["optimizer"])
+            out["optimizer"] = join_optimizer_state(tensors, state["optimizer"])
     except (FileNotFoundError, KeyError, json.JSONDecodeError, SafetensorError) as e:
         raise UserError(f"{folder} is not a complete gptrain checkpoint ({e})") from None
     return out
 
 
-def make_state(train: TrainState, loader: dict, optimizer_meta: dict) -> dict:
-    return {"train": asdict(train), "loader": loader, "rng": capture_rng(), "optimizer": optimizer_meta}
+def make_state(train: TrainState, loader: dict, optimizer_meta: dict, rng_per_rank: list[dict]) -> dict:
+    """state.json: format 2 keys the optimizer by parameter name and keeps every rank's RNG states."""
+    return {"format": 2, "train": asdict(train), "loader": loader, "rng": rng_per_rank, "optimizer": optimizer_meta}

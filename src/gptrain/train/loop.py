@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import signal
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from gptrain.config import RunConfig, from_toml_text, to_toml
 from gptrain.data.loader import ShardLoader
-from gptrain.data.prepare import load_dataset_tokenizer, prepare_dataset, shard_paths
+from gptrain.data.prepare import (failure_marker, load_dataset_tokenizer, prepare_dataset, shard_paths,
+                                  wait_for_dataset, write_failure_marker)
+from gptrain.distributed import parallel, state as dstate
 from gptrain.distributed.env import DistEnv
 from gptrain.errors import UserError
-from gptrain.eval.val_loss import evaluate_loss
+from gptrain.eval.val_loss import evaluate_loss, num_eval_windows
 from gptrain.metrics.console import build_console_sink
 from gptrain.metrics.sinks import CsvSink, JsonlSink, MetricSink, SamplesSink
 from gptrain.metrics.throughput import estimate_mfu, peak_flops
@@ -29,9 +33,10 @@ from gptrain.tokenizer import Tokenizer, load_tokenizer
 from gptrain.tokenizer.base import save_tokenizer
 from gptrain.train import checkpoint as ckpt
 from gptrain.train.optim import build_optimizer
+from gptrain.train.run_dir import check_run_dir, find_auto_resume, is_run_dir
 from gptrain.train.samples import SamplesConfig, write_sample
 from gptrain.train.schedule import lr_at
-from gptrain.train.step import autocast_context, train_step
+from gptrain.train.step import autocast_context, train_step, uses_bf16
 
 
 @dataclass
@@ -40,7 +45,9 @@ class Plan:
 
     num_steps: int
     num_micro_steps: int  # gradient accumulation
-    tokens_per_step: int
+    tokens_per_step: int  # global batch, all ranks together
+    strategy: str  # none (one process), ddp, zero1, fsdp
+    world_size: int
 
 
 @dataclass
@@ -49,8 +56,8 @@ class Run:
     env: DistEnv
     run_dir: Path
     tokenizer: Tokenizer
-    model: GPT
-    step_model: torch.nn.Module  # the model the step calls: compiled or not
+    model: GPT  # the unwrapped model (FSDP2 shards it in place): evaluation, sampling, checkpoints
+    step_model: torch.nn.Module  # the module the step calls: DDP-wrapped and/or compiled, or the model
     optimizer: torch.optim.Optimizer
     train_loader: ShardLoader
     val_loader: ShardLoader
@@ -58,7 +65,7 @@ class Run:
     state: ckpt.TrainState = field(default_factory=ckpt.TrainState)
     sinks: list[MetricSink] = field(default_factory=list)
     writer: ckpt.CheckpointWriter = field(default_factory=ckpt.CheckpointWriter)
-    should_stop: bool = False  # set by Ctrl-C; the loop stops at the next step boundary
+    should_stop: bool = False  # set by Ctrl-C/SIGTERM on this rank; all ranks agree at the step's end
 
 
 def derive_plan(cfg: RunConfig, loader: ShardLoader, world_size: int) -> Plan:
@@ -73,41 +80,10 @@ def derive_plan(cfg: RunConfig, loader: ShardLoader, world_size: int) -> Plan:
     num_micro_steps = batch_tokens // micro_tokens
     num_steps = cfg.train.num_steps
     if cfg.train.num_epochs > 0:
-        sequences_per_step = cfg.train.batch_size * num_micro_steps
+        sequences_per_step = batch_tokens // cfg.model.block_size
         num_steps = max(1, math.ceil(cfg.train.num_epochs * loader.windows_per_epoch / sequences_per_step))
-    return Plan(num_steps=num_steps, num_micro_steps=num_micro_steps, tokens_per_step=batch_tokens)
-
-
-def check_run_dir(cfg: RunConfig, *, is_resume: bool, should_overwrite: bool) -> Path:
-    """The run directory to use; refuses (before any work) an existing one unless resuming or overwriting."""
-    run_dir = Path(cfg.run_dir or f"runs/{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} is a file: choose another --run-dir")
-    if is_resume:
-        if not (run_dir / "config.toml").is_file():
-            raise UserError(f"{run_dir} is not a run directory (no config.toml in it)")
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not should_overwrite:
-            raise UserError(f"run directory {run_dir} already exists: pass --resume {run_dir} to continue it, "
-                            "--overwrite to replace it, or choose another --run-dir")
-        if not is_run_dir(run_dir):
-            raise UserError(f"{run_dir} is not a gptrain run (no config.toml and checkpoints/): --overwrite "
-                            "only replaces runs; choose another --run-dir")
-    return run_dir
-
-
-def is_run_dir(path: Path) -> bool:
-    """A folder gptrain made: config.toml that parses, checkpoints/, and not the working directory or above."""
-    if Path.cwd().resolve().is_relative_to(path.resolve()):
-        return False
-    if not ((path / "checkpoints").is_dir() and (path / "config.toml").is_file()):
-        return False
-    try:
-        from_toml_text((path / "config.toml").read_text(encoding="utf-8"))
-    except UserError:
-        return False
-    return True
+    return Plan(num_steps=num_steps, num_micro_steps=num_micro_steps, tokens_per_step=batch_tokens,
+                strategy=parallel.resolve_strategy(cfg.parallel, world_size), world_size=world_size)
 
 
 def create_run_dir(run: Run, *, should_overwrite: bool) -> None:
@@ -141,50 +117,84 @@ def checked_sample_prompt(cfg: SamplesConfig, tokenizer: Tokenizer) -> SamplesCo
     return cfg
 
 
-def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Tokenizer | None, log) -> Run:
-    """Data (prepared if needed), tokenizer, model, optimizer and loaders. Writes nothing in run_dir.
+def prepare_data(cfg: RunConfig, env: DistEnv, fixed_tokenizer: Tokenizer | None, log) -> Path:
+    """One rank prepares (rank 0, or local rank 0 of each node with data.prepare_per_node); the others
+    wait on its files, not on a collective, since preparing a big corpus outlasts any collective timeout."""
+    is_preparer = env.is_main or (cfg.data.prepare_per_node and env.local_rank == 0)
+    if not env.is_distributed:
+        return prepare_dataset(cfg.data, cfg.tokenizer, tokenizer=fixed_tokenizer, log=log)
+    if is_preparer:
+        failure_marker(cfg.data, cfg.tokenizer, fixed_tokenizer).unlink(missing_ok=True)
+    env.barrier()  # no rank may see the previous attempt's failure marker
+    if not is_preparer:
+        return wait_for_dataset(cfg.data, cfg.tokenizer, fixed_tokenizer)
+    try:
+        return prepare_dataset(cfg.data, cfg.tokenizer, tokenizer=fixed_tokenizer, log=log)
+    except BaseException as e:
+        write_failure_marker(cfg.data, cfg.tokenizer, fixed_tokenizer, str(e) or type(e).__name__)
+        raise
+
+
+def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Tokenizer | None,
+              weights: dict | None, log) -> Run:
+    """Data (prepared if needed), tokenizer, model (with the given weights), its parallel wrapping,
+    optimizer and loaders. Writes nothing in run_dir.
 
     fixed_tokenizer: the tokenizer a resumed run or a fine-tuned checkpoint already uses.
     """
-    dataset = prepare_dataset(cfg.data, cfg.tokenizer, tokenizer=fixed_tokenizer, log=log)
+    dataset = prepare_data(cfg, env, fixed_tokenizer, log)
     tokenizer = fixed_tokenizer or load_dataset_tokenizer(dataset)
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=tokenizer.vocab_size))
     cfg = replace(cfg, samples=checked_sample_prompt(cfg.samples, tokenizer))
-    model = GPT(cfg.model).to(env.device)
     loader_args = dict(batch_size=cfg.train.batch_size, block_size=cfg.model.block_size,
                        rank=env.rank, world_size=env.world_size)
     train_loader = ShardLoader(shard_paths(dataset, "train"), seed=cfg.seed, **loader_args)
     val_loader = ShardLoader(shard_paths(dataset, "val"), shuffle=False, split="val", **loader_args)
     plan = derive_plan(cfg, train_loader, env.world_size)
-    optimizer = build_optimizer(model, cfg.optim, lr_at(0, plan.num_steps, cfg.schedule))
+    model = GPT(cfg.model).to(env.device)
+    if weights is not None:  # before wrapping: FSDP2 shards the weights the model holds
+        ckpt.load_model_weights(model, weights, run_dir)
+    if env.rank:  # distinct dropout masks per rank (rank 0 keeps the single-process stream)
+        torch.manual_seed(cfg.seed + env.rank)
+    if cfg.train.use_activation_checkpointing:
+        parallel.use_activation_checkpointing(model.transformer.h)
+    is_bf16 = uses_bf16(env.device, cfg.train.precision)
+    wrapped = parallel.wrap_model(model, plan.strategy, cfg.parallel, env, use_bf16=is_bf16)
+    optimizer = build_optimizer(model, cfg.optim, lr_at(0, plan.num_steps, cfg.schedule),
+                                shard_state=plan.strategy == "zero1")
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and env.device.startswith("cuda"))
-    step_model = torch.compile(model) if use_compile else model
+    step_model = torch.compile(wrapped, backend=cfg.train.compile_backend) if use_compile else wrapped
     return Run(cfg=cfg, env=env, run_dir=run_dir, tokenizer=tokenizer, model=model, step_model=step_model,
                optimizer=optimizer, train_loader=train_loader, val_loader=val_loader, plan=plan)
 
 
-def resume_from(run: Run, folder: Path) -> None:
-    """Load weights, optimizer, TrainState, loader position and RNG states from a checkpoint."""
-    pieces = ckpt.read_checkpoint(folder)
-    ckpt.load_model_weights(run.model, pieces["model"], folder)
-    run.optimizer.load_state_dict(pieces["optimizer"])
+def resume_from(run: Run, pieces: dict) -> None:
+    """Load optimizer, TrainState, loader position and RNG states from a checkpoint (weights are in)."""
+    optim_sd = pieces["optimizer"]
+    if pieces["state"].get("format", 1) == 1:  # keyed by parameter index in build_optimizer's order
+        optim_sd = dstate.by_name(optim_sd, dstate.param_names(run.model, run.optimizer))
+    dstate.load_optimizer_state(run.model, run.optimizer, optim_sd)
     # The stored param groups carry the old hyperparameters; the (possibly overridden) config wins.
     for group, decay in zip(run.optimizer.param_groups, (run.cfg.optim.weight_decay, 0.0), strict=True):
         group.update(weight_decay=decay, betas=(run.cfg.optim.beta1, run.cfg.optim.beta2), eps=run.cfg.optim.eps)
     run.state = ckpt.TrainState(**pieces["state"]["train"])
     run.train_loader.load_state_dict(pieces["state"]["loader"])
-    ckpt.restore_rng(pieces["state"]["rng"])
+    ckpt.restore_rng(pieces["state"]["rng"], run.env.rank, fallback_seed=run.cfg.seed + run.env.rank)
 
 
 def save(run: Run, names: list[str], *, is_periodic: bool = False) -> None:
-    """Snapshot now (CPU copies), write in the background; periodic ones are pruned to keep_last."""
+    """Gather the full state on rank 0 (a collective: every rank calls this), then write it there in
+    the background; periodic ones are pruned to keep_last."""
+    model_sd, optim_sd = dstate.gather_state(run.model, run.optimizer, is_main=run.env.is_main,
+                                             is_cpu=run.env.device == "cpu")
+    rngs = run.env.gather_objects(ckpt.capture_rng())
     if not run.env.is_main:
         return
-    opt_tensors, opt_meta = ckpt.optimizer_snapshot(run.optimizer)
+    opt_tensors, opt_meta = ckpt.split_optimizer_state(optim_sd)
     snapshot = ckpt.Snapshot(
-        model=ckpt.model_tensors(run.model),
+        model=model_sd,
         optimizer=opt_tensors,
-        state=ckpt.make_state(run.state, run.train_loader.state_dict(), opt_meta),
+        state=ckpt.make_state(run.state, run.train_loader.state_dict(), opt_meta, rngs),
         config_toml=to_toml(run.cfg),
         tokenizer_json=run.tokenizer.to_json(),
     )
@@ -199,9 +209,12 @@ def emit(run: Run, row: dict) -> None:
 
 
 def validate(run: Run) -> tuple[float, list[str]]:
-    """Evaluate and track the best val loss; returns the loss and ["best"] when best/ should be saved."""
+    """Evaluate on all ranks and track the best val loss; returns the loss and ["best"] when best/
+    should be saved (the same answer on every rank: the loss is reduced over them)."""
     autocast = autocast_context(run.env.device, run.cfg.train.precision)
-    metrics = evaluate_loss(run.model, run.val_loader, run.cfg.eval.num_batches, run.env.device, autocast)
+    num_windows = num_eval_windows(run.cfg.eval, run.cfg.train.batch_size, run.cfg.model.block_size)
+    metrics = evaluate_loss(run.model, run.val_loader, num_windows, run.env.device, autocast,
+                            reduce_sum=run.env.all_reduce_sum)
     emit(run, {"kind": "val", **metrics})
     state = run.state
     if state.best_val_loss is None or metrics["val_loss"] < state.best_val_loss:
@@ -219,6 +232,7 @@ def summarize(run: Run, train_loss: float, val_loss: float | None, text: str | N
 
 
 def sample(run: Run) -> str:
+    """Every rank samples with the same seed and length (under FSDP each forward is a collective)."""
     text = write_sample(run.model, run.tokenizer, run.cfg.samples, run.env.device)
     emit(run, {"kind": "sample", "text": text})
     return text
@@ -248,43 +262,59 @@ def train(
 ) -> dict:
     """Train a model as cfg says; returns a summary (run_dir, steps, losses, seconds, last sample).
 
+    Under torchrun every rank calls this; it joins the process group (and leaves it if it joined).
     resume: a run directory to continue from its latest checkpoint; pass its own config
     (`resolve_config(run_dir / "config.toml", overrides)`), as `gptrain train --resume` does.
+    "auto": the run cfg names (--run-dir, else the newest runs/<name>-*) if it has a checkpoint, with
+    its stored config; else a new run.
     init_from: a checkpoint (or run) whose weights, sizes and tokenizer to start from.
     should_tune_malloc: keep freed memory in the heap once setup is done (see runtime.tune_malloc).
     """
+    if resume is not None and (should_overwrite or init_from is not None):
+        raise UserError("--resume continues a run as it is: it cannot be combined with --overwrite or --init-from")
+    is_joined = dist.is_initialized()
+    env = DistEnv.start(cfg.device, cfg.parallel.timeout_seconds)
+    try:
+        return _train(cfg, env, resume, init_from, should_overwrite, should_tune_malloc, log)
+    finally:
+        if not is_joined:
+            env.close()
+
+
+def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bool, should_tune_malloc: bool,
+           log) -> dict:
+    if str(resume) == "auto":
+        found, should_overwrite = env.on_main(find_auto_resume, cfg)
+        resume = found
+        if found is not None:
+            cfg = from_toml_text((found / "config.toml").read_text(encoding="utf-8"))
     if resume is not None:
-        if should_overwrite or init_from is not None:
-            raise UserError("--resume continues a run as it is: it cannot be combined with --overwrite or --init-from")
         cfg = replace(cfg, run_dir=str(resume))
-    env = DistEnv.from_environment(cfg.device)
-    if env.world_size > 1:
-        # TODO(torchrun issue): DDP / ZeRO-1 / FSDP; until then, ranks would train unsynchronised copies.
-        raise UserError("multi-process training (torchrun) is not supported yet: run one process")
+    if env.device.startswith("cuda") and cfg.train.use_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (10-bit mantissa inputs)
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
-    run_dir = check_run_dir(cfg, is_resume=resume is not None, should_overwrite=should_overwrite)
-    fixed_tokenizer = None
+    run_dir = env.on_main(check_run_dir, cfg, is_resume=resume is not None, should_overwrite=should_overwrite)
+    fixed_tokenizer, weights, pieces = None, None, None
     if resume is not None:
-        resume_dir = ckpt.latest_checkpoint_dir(run_dir)
-        fixed_tokenizer = load_tokenizer(resume_dir / "tokenizer.json")
+        pieces = ckpt.read_checkpoint(ckpt.latest_checkpoint_dir(run_dir))
+        fixed_tokenizer, weights = load_tokenizer(pieces["tokenizer_path"]), pieces["model"]
     elif init_from is not None:
-        init_dir = ckpt.resolve_checkpoint_dir(init_from)
-        init_pieces = ckpt.read_checkpoint(init_dir, with_optimizer=False)
+        init_pieces = ckpt.read_checkpoint(ckpt.resolve_checkpoint_dir(init_from), with_optimizer=False)
         cfg = base_config_for_init(cfg, init_pieces["config_toml"])
-        fixed_tokenizer = load_tokenizer(init_pieces["tokenizer_path"])
-    run = build_run(cfg, env, run_dir, fixed_tokenizer, log)
+        fixed_tokenizer, weights = load_tokenizer(init_pieces["tokenizer_path"]), init_pieces["model"]
+    run = build_run(cfg, env, run_dir, fixed_tokenizer, weights, log)
     if should_tune_malloc:
         tune_malloc()  # after setup, so the corpus tokenizing's peak memory was returned to the OS
-    if resume is not None:
-        resume_from(run, resume_dir)
-    elif init_from is not None:
-        ckpt.load_model_weights(run.model, init_pieces["model"], init_dir)
+    if pieces is not None:
+        resume_from(run, pieces)
+    del pieces, weights
     create_run_dir(run, should_overwrite=should_overwrite)
     run.sinks = build_sinks(run)
     if resume is not None:
         emit(run, {"kind": "event", "message": f"resumed from step {run.state.step}", "resumed_from": run.state.step})
     try:
-        with stop_on_interrupt(run):
+        with stop_on_signals(run):
             return _loop(run)
     finally:
         run.writer.wait()
@@ -293,34 +323,41 @@ def train(
 
 
 @contextlib.contextmanager
-def stop_on_interrupt(run: Run):
-    """The first Ctrl-C asks the loop to stop at the next step boundary (and checkpoint there, so the
-    run resumes exactly); a second one interrupts at once."""
+def stop_on_signals(run: Run):
+    """Ctrl-C or SIGTERM (torchrun forwards both to every worker) asks the loop to stop at the next
+    step boundary and checkpoint there, so the run resumes exactly; a second Ctrl-C interrupts at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handle(signum, frame) -> None:
-        if run.should_stop:
+        if run.should_stop and signum == signal.SIGINT:
             raise KeyboardInterrupt
         run.should_stop = True
 
-    previous = signal.signal(signal.SIGINT, handle)
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _loop(run: Run) -> dict:
     cfg, env, state, plan = run.cfg, run.env, run.state, run.plan
     autocast = autocast_context(env.device, cfg.train.precision)
-    peak = peak_flops(env.device)
+    dtype = "bf16" if uses_bf16(env.device, cfg.train.precision) else "fp32"
+    # Rank 0 measures (when the device is not in the table) while the others wait: probes would compete.
+    peak, mfu_basis = env.on_main(peak_flops, env.device, dtype)
     n_params = run.model.num_parameters()
-    emit(run, {"kind": "event", "message": (
-        f"run {run.run_dir} | {n_params:,} parameters | device {env.device} | {plan.num_steps} steps of "
-        f"{plan.tokens_per_step:,} tokens ({plan.num_micro_steps} micro steps) | "
+    layout = dict(strategy=plan.strategy, world_size=plan.world_size, micro_batch=cfg.train.batch_size,
+                  num_micro_steps=plan.num_micro_steps, batch_tokens=plan.tokens_per_step)
+    emit(run, {"kind": "event", **layout, "message": (
+        f"run {run.run_dir} | {n_params:,} parameters | device {env.device} | {plan.strategy} on "
+        f"{plan.world_size} rank(s) | micro batch {cfg.train.batch_size} x {plan.num_micro_steps} accumulation "
+        f"steps | {plan.num_steps} steps of {plan.tokens_per_step:,} tokens | "
         f"{run.train_loader.num_tokens:,} train tokens")})
+    sync = partial(parallel.gradient_sync, run.step_model, plan.strategy, cfg.parallel)
     is_early_stop, last_loss = False, float("nan")
     recent: list[float] = []
     run.model.train()
@@ -331,7 +368,9 @@ def _loop(run: Run) -> dict:
         max_loss = cfg.train.spike_factor * state.loss_ema if is_guarded else float("inf")
         result = train_step(run.step_model, run.optimizer, run.train_loader, num_micro_steps=plan.num_micro_steps,
                             lr=lr, grad_clip=cfg.optim.grad_clip, device=env.device, autocast=autocast,
-                            max_loss=max_loss)
+                            max_loss=max_loss, gradient_sync=lambda is_last: sync(is_last=is_last),
+                            reduce_sum=env.all_reduce_sum, world_size=env.world_size,
+                            is_stop_requested=lambda: run.should_stop)
         state.step += 1
         state.tokens_seen += plan.tokens_per_step
         seconds = time.perf_counter() - started
@@ -343,16 +382,17 @@ def _loop(run: Run) -> dict:
                                                    f"spike (limit {max_loss:.4g}); update skipped"})
             if state.num_bad_steps >= cfg.train.max_bad_steps:
                 raise UserError(f"{state.num_bad_steps} bad steps in a row: lower schedule.peak_lr "
-                                f"(now {cfg.schedule.peak_lr}) or check the data")
+                                f"(now {cfg.schedule.peak_lr}) or check the data", is_echo=not env.is_main)
         else:
             state.num_bad_steps = 0
             state.loss_ema = last_loss if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * last_loss
         recent = (recent + [seconds])[-20:]
         mean_step_seconds = sum(recent) / len(recent)
         tokens_per_second = plan.tokens_per_step / mean_step_seconds
+        mfu = estimate_mfu(run.model.config, tokens_per_second, peak, num_devices=env.world_size)
         emit(run, {"kind": "train", "loss": last_loss, "lr": lr, "grad_norm": result.grad_norm,
-                   "tokens_per_second": tokens_per_second, "mfu": estimate_mfu(run.model.config, tokens_per_second,
-                   peak), "tokens_seen": state.tokens_seen, "epoch": run.train_loader.epochs_done,
+                   "tokens_per_second": tokens_per_second, "mfu": mfu, "mfu_basis": mfu_basis,
+                   "tokens_seen": state.tokens_seen, "epoch": run.train_loader.epochs_done,
                    "eta_seconds": (plan.num_steps - state.step) * mean_step_seconds})
         if state.step == plan.num_steps:
             break
@@ -367,7 +407,7 @@ def _loop(run: Run) -> dict:
         if is_due(state.step, cfg.samples.every_steps):
             sample(run)
         is_periodic = is_due(state.step, cfg.checkpoint.every_steps)
-        is_stopping = run.should_stop and not is_early_stop
+        is_stopping = result.should_stop and not is_early_stop
         if is_periodic or is_stopping:
             save(run, [f"{ckpt.STEP_PREFIX}{state.step:06d}"], is_periodic=is_periodic)
         if is_stopping:

@@ -27,8 +27,12 @@ class OptimConfig:
             raise UserError(f"optim.beta1 and optim.beta2 must be in [0, 1) (got {self.beta1}, {self.beta2})")
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.AdamW:
-    """AdamW over the model's parameters in two groups: decayed (dim >= 2) and not decayed."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, *, shard_state: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the model's parameters in two groups: decayed (dim >= 2) and not decayed.
+
+    shard_state: ZeRO-1, each rank keeps and updates only its share of the optimizer state
+    (torch's ZeroRedundancyOptimizer, which broadcasts the updated parameters after each step).
+    """
     params = [p for p in model.parameters() if p.requires_grad]  # a tied weight is listed once
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -40,4 +44,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
     extra = {}
     if cfg.use_fused and "fused" in inspect.signature(torch.optim.AdamW).parameters and device in ("cuda", "cpu"):
         extra["fused"] = True
+    if shard_state:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=lr, betas=(cfg.beta1, cfg.beta2),
+                                       eps=cfg.eps, **extra)
     return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from gptrain.data.loader import ShardLoader
+from gptrain.distributed.parallel import full_norm
 from gptrain.errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -24,9 +26,12 @@ class TrainConfig:
     num_epochs: float = 0.0  # > 0: train this many passes over the train split instead of num_steps
     precision: str = "auto"  # auto: bf16 autocast on GPUs that have it, fp32 elsewhere
     compile: str = "auto"  # auto: torch.compile on CUDA only
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation, for checks)
+    use_tf32: bool = True  # fp32 matmuls on TF32 tensor cores (CUDA)
     max_bad_steps: int = 10  # skipped steps in a row (non-finite, or spikes) before the run stops
     spike_factor: float = 0.0  # skip an update whose loss exceeds this times the running mean; 0: off
     log_every_steps: int = 10
+    use_activation_checkpointing: bool = False  # recompute block activations in backward: less memory
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -43,22 +48,32 @@ class TrainConfig:
             raise UserError("train.log_every_steps must be at least 1")
 
 
-def autocast_context(device: str, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (when asked or 'auto' and supported); fp32 everywhere else."""
+def uses_bf16(device: str, precision: str) -> bool:
+    """bf16 on CUDA when asked, or 'auto' and supported; fp32 everywhere else."""
     is_cuda = device.startswith("cuda")
     use_bf16 = precision == "bf16" or (precision == "auto" and is_cuda and torch.cuda.is_bf16_supported())
     if use_bf16 and not is_cuda:
         raise UserError("train.precision=bf16 needs a CUDA GPU here; use fp32 on this device")
-    if use_bf16:
+    return use_bf16
+
+
+def autocast_context(device: str, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (when asked or 'auto' and supported); fp32 everywhere else."""
+    if uses_bf16(device, precision):
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 @dataclass
 class StepResult:
-    loss: float  # mean loss over the step's micro batches
+    loss: float  # mean loss over the step's micro batches, on all ranks together
     grad_norm: float  # global norm before clipping
     is_applied: bool  # False when the step was skipped: non-finite loss or gradient, or a loss spike
+    should_stop: bool = False  # some rank was asked to stop (Ctrl-C, SIGTERM): every rank agrees
+
+
+def no_sync_context(is_last: bool) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 def train_step(
@@ -72,29 +87,42 @@ def train_step(
     device: str,
     autocast: contextlib.AbstractContextManager,
     max_loss: float = float("inf"),
+    gradient_sync: Callable[[bool], contextlib.AbstractContextManager] = no_sync_context,
+    reduce_sum: Callable[[Tensor], Tensor] = lambda t: t,
+    world_size: int = 1,
+    is_stop_requested: Callable[[], bool] = lambda: False,
 ) -> StepResult:
     """Forward/backward num_micro_steps micro batches, clip, and update, unless the loss or gradient is
-    non-finite or the loss exceeds max_loss (a spike)."""
+    non-finite or the loss exceeds max_loss (a spike).
+
+    gradient_sync(is_last) is the strategy's context for a micro step (DDP skips the all-reduce until
+    the last one); reduce_sum sums over ranks, so the loss and the stop request are the same on all.
+    is_stop_requested() is read after the backward passes, so a signal during this step stops after it.
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=device)
-    for _ in range(num_micro_steps):
+    for micro_step in range(num_micro_steps):
         x_BT, y_BT = loader.next_batch()
         if device.startswith("cuda"):  # pinned host memory makes the copy truly asynchronous
             x_BT, y_BT = x_BT.pin_memory(), y_BT.pin_memory()
         x_BT = x_BT.to(device, non_blocking=True)
         y_BT = y_BT.to(device, non_blocking=True)
-        with autocast:
-            loss = model(x_BT, y_BT) / num_micro_steps
-        loss.backward()
+        with gradient_sync(micro_step == num_micro_steps - 1):
+            with autocast:
+                loss = model(x_BT, y_BT) / num_micro_steps
+            loss.backward()
         loss_sum += loss.detach()
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = grad_clip if grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-    # The one host sync of the step: loss and norm come back together and decide whether to update.
-    loss, norm = torch.stack([loss_sum, grad_norm.to(loss_sum.device)]).tolist()
+    grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+    # The gradients are already reduced (the norm is the same on every rank); the loss and the stop
+    # request are summed here. One host sync per step: everything comes back together.
+    shared = reduce_sum(torch.stack([loss_sum, torch.tensor(float(is_stop_requested()), device=device)]))
+    loss, stops, norm = torch.cat([shared, grad_norm.reshape(1).to(shared.device, shared.dtype)]).tolist()
+    loss /= world_size
     is_applied = math.isfinite(loss) and math.isfinite(norm) and loss <= max_loss
     if is_applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=loss, grad_norm=norm, is_applied=is_applied)
+    return StepResult(loss=loss, grad_norm=norm, is_applied=is_applied, should_stop=stops > 0)

@@ -1,0 +1,101 @@
+"""Data-parallel strategies on torch.distributed: DDP, ZeRO-1 (DDP + sharded optimizer state), FSDP2.
+
+The model stays single-device code; this module wraps it. `wrap_model` returns the module the step
+calls, `gradient_sync` says whether a micro step reduces gradients, and activation checkpointing is
+applied here too, so the model never knows about any of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gptrain.distributed.env import DistEnv
+from gptrain.errors import UserError
+
+STRATEGIES = ("auto", "ddp", "zero1", "fsdp")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    strategy: str = "auto"  # auto: ddp under torchrun; ddp | zero1 | fsdp (ignored in one process)
+    fsdp_sync_every_micro_step: bool = True  # off: skip reduce-scatter on accumulation micro steps
+    fsdp_reshard_after_forward: bool = True  # off: keep gathered weights from forward to backward (speed)
+    timeout_seconds: int = 1800  # a collective that waits longer ends the job (data prep waits on files)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"parallel.strategy must be one of {', '.join(STRATEGIES)} (got {self.strategy!r})")
+        if self.timeout_seconds < 1:
+            raise UserError("parallel.timeout_seconds must be at least 1")
+
+
+def resolve_strategy(cfg: ParallelConfig, world_size: int) -> str:
+    """'none' in one process (nothing to synchronise), else the configured strategy (auto: ddp)."""
+    if world_size == 1:
+        return "none"
+    return "ddp" if cfg.strategy == "auto" else cfg.strategy
+
+
+def fully_shard_api():
+    """fully_shard and MixedPrecisionPolicy: public in torch >= 2.6, under _composable before."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    return fully_shard, MixedPrecisionPolicy
+
+
+def use_activation_checkpointing(blocks: nn.ModuleList) -> None:
+    """Recompute each block's activations in backward instead of keeping them (torch's checkpoint).
+
+    The block's forward is replaced on the instance, so parameter names and state_dict keys stay.
+    """
+    for block in blocks:
+        forward = block.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():  # evaluation and sampling keep their KV cache path
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = checkpointed
+
+
+def wrap_model(model: nn.Module, strategy: str, cfg: ParallelConfig, env: DistEnv, *, use_bf16: bool) -> nn.Module:
+    """The module the training step calls: DDP around the model, or the model itself sharded in place
+    by FSDP2 (each block, then the root holding the tied embeddings), or the model unchanged."""
+    if strategy in ("ddp", "zero1"):
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [env.local_rank] if env.device.startswith("cuda") else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    if strategy == "fsdp":
+        fully_shard, MixedPrecisionPolicy = fully_shard_api()
+        # Gradients are reduced in fp32 whatever the compute dtype, so sums over ranks do not lose bits.
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if use_bf16 else None, reduce_dtype=torch.float32)
+        for block in model.transformer.h:
+            fully_shard(block, mp_policy=policy, reshard_after_forward=cfg.fsdp_reshard_after_forward)
+        fully_shard(model, mp_policy=policy, reshard_after_forward=cfg.fsdp_reshard_after_forward)
+    return model
+
+
+def gradient_sync(step_model: nn.Module, strategy: str, cfg: ParallelConfig, *, is_last: bool):
+    """A context for one micro step: DDP and ZeRO-1 reduce gradients only on the last micro step;
+    FSDP reduce-scatters on every one unless fsdp_sync_every_micro_step is off."""
+    if strategy in ("ddp", "zero1"):
+        module = getattr(step_model, "_orig_mod", step_model)  # torch.compile keeps the DDP wrapper inside
+        return contextlib.nullcontext() if is_last else module.no_sync()
+    if strategy == "fsdp":
+        module = getattr(step_model, "_orig_mod", step_model)
+        module.set_requires_gradient_sync(is_last or cfg.fsdp_sync_every_micro_step)
+    return contextlib.nullcontext()
+
+
+def full_norm(norm: torch.Tensor) -> torch.Tensor:
+    """A gradient norm as a plain tensor (under FSDP2 it is a DTensor over the shards)."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -1,0 +1,82 @@
+"""Model and optimizer state keyed by parameter names, gathered from (and loaded into) any strategy.
+
+A checkpoint must not depend on how many ranks wrote it or how they were sharded: torch's own
+`torch.distributed.checkpoint.state_dict` tools give full, name-keyed state for one process, DDP and
+FSDP2. `ZeroRedundancyOptimizer` is outside them: it is consolidated on rank 0 and its parameter
+indices are mapped to names here (`param_names`). Every function is collective: call it on all ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
+
+FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def tied_names(model: nn.Module) -> set[str]:
+    """Names that alias an earlier parameter (a tied lm_head.weight is transformer.wte.weight)."""
+    seen: set[int] = set()
+    tied = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.add(id(p))
+    return tied
+
+
+def param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each parameter in the optimizer's flat index order (groups in turn)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def by_name(state_dict: dict, names: list[str]) -> dict:
+    """An index-keyed optimizer state dict (torch's own format) re-keyed by parameter name."""
+    groups = [dict(g, params=[names[i] for i in g["params"]]) for g in state_dict["param_groups"]]
+    return {"state": {names[i]: s for i, s in state_dict["state"].items()}, "param_groups": groups}
+
+
+def by_index(state_dict: dict, names: list[str]) -> dict:
+    """The inverse of by_name: a name-keyed optimizer state dict in torch's index-keyed format."""
+    index = {n: i for i, n in enumerate(names)}
+    groups = [dict(g, params=[index[n] for n in g["params"]]) for g in state_dict["param_groups"]]
+    return {"state": {index[n]: s for n, s in state_dict["state"].items()}, "param_groups": groups}
+
+
+def _is_zero(optimizer: torch.optim.Optimizer) -> bool:
+    return hasattr(optimizer, "consolidate_state_dict")
+
+
+def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer, *, is_main: bool,
+                 is_cpu: bool) -> tuple[dict, dict] | tuple[None, None]:
+    """Full model and optimizer state dicts keyed by name, on the CPU, on the main rank (None elsewhere).
+
+    model: the unwrapped model (FSDP2 shards it in place; DDP's wrapper is not passed). The copies are
+    independent of the live tensors, so a background thread can write them while training goes on.
+    """
+    if _is_zero(optimizer):
+        optimizer.consolidate_state_dict(to=0)
+        model_sd = model.state_dict() if is_main else None
+        optim_sd = by_name(optimizer.state_dict(), param_names(model, optimizer)) if is_main else None
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=FULL_ON_CPU)
+    if not is_main:
+        return None, None
+    tied = tied_names(model)
+    model_sd = {k: v for k, v in model_sd.items() if k not in tied}
+    # On a CPU run cpu_offload may hand back the live tensors themselves: copy them.
+    copy = (lambda t: t.detach().to("cpu", copy=True)) if is_cpu or _is_zero(optimizer) else (lambda t: t.detach())
+    model_sd = {k: copy(v).contiguous() for k, v in model_sd.items()}
+    optim_sd["state"] = {n: {k: copy(v) if torch.is_tensor(v) else v for k, v in s.items()}
+                         for n, s in optim_sd["state"].items()}
+    return model_sd, optim_sd
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """Load a full name-keyed optimizer state dict (read by every rank) into any strategy's optimizer."""
+    if _is_zero(optimizer):
+        optimizer.load_state_dict(by_index(state_dict, param_names(model, optimizer)))
+    else:
+        set_optimizer_state_dict(model, optimizer, state_dict, options=StateDictOptions(full_state_dict=True))
