@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="", help="where the tiny runs go (default: a temporary folder; under torchrun "
                    "runs/check-equivalence, which every rank must see)")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per case")
+    p.add_argument("--compile", metavar="BACKEND", default="",
+                   help="also run DDP and FSDP under torch.compile with this backend (inductor, aot_eager)")
 
     sub.add_parser("presets", help="list the named model sizes with their parameter counts")
     sub.add_parser("config", help="print every config key with its default value")
@@ -184,9 +186,9 @@ def cmd_check_equivalence(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
     if args.out or int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        return check_equivalence(Path(args.out or "runs/check-equivalence"), args.steps)
+        return check_equivalence(Path(args.out or "runs/check-equivalence"), args.steps, args.compile)
     with tempfile.TemporaryDirectory(prefix="gptrain-check-") as tmp:
-        return check_equivalence(Path(tmp), args.steps)
+        return check_equivalence(Path(tmp), args.steps, args.compile)
 
 
 def cmd_presets() -> int:
@@ -239,3 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gptrain: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun's summary follows; this names the rank first
+            print(f"gptrain: rank {os.environ.get('RANK')} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        raise

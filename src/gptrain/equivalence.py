@@ -29,19 +29,23 @@ class Case:
     world_size: int
     micro_batch: int
     strategy: str = "auto"
+    compile_backend: str = ""  # empty: eager
 
     @property
     def folder(self) -> str:
         return self.name.replace(" ", "_").replace(",", "").replace("/", "-")
 
 
-def cases(world_size: int) -> list[Case]:
-    """Every case trains on the same global batch of 2·W sequences (W: the distributed world size)."""
+def cases(world_size: int, compile_backend: str = "") -> list[Case]:
+    """Every case trains on the same global batch of 2·W sequences (W: the distributed world size);
+    with compile_backend, DDP and FSDP are also run under torch.compile with that backend."""
     sequences = 2 * world_size
     one = [Case("1 process (reference)", 1, sequences),
            Case("1 process, accumulation", 1, sequences // 2)]
     many = [Case(f"{world_size} ranks {s}", world_size, 2, s) for s in ("ddp", "zero1", "fsdp")]
     many += [Case(f"{world_size} ranks {s}, accumulation", world_size, 1, s) for s in ("ddp", "fsdp")]
+    if compile_backend:
+        many += [Case(f"{world_size} ranks {s}, compiled", world_size, 2, s, compile_backend) for s in ("ddp", "fsdp")]
     return one + many
 
 
@@ -63,7 +67,8 @@ def case_values(case: Case, out: Path, corpus: Path, num_steps: int) -> dict:
         "train.batch_tokens": 32 * case.micro_batch * case.world_size * (2 if "accumulation" in case.name else 1),
         "steps": num_steps, "lr": LEARNING_RATE, "schedule.num_warmup_steps": 2, "eval.every_steps": 3,
         "eval.num_tokens": 32 * 10, "samples.every_steps": 0, "samples.num_tokens": 8, "checkpoint.every_steps": 0,
-        "parallel": case.strategy, "device": "cpu", "train.compile": "off", "log.is_quiet": True,
+        "parallel": case.strategy, "device": "cpu", "train.compile": "on" if case.compile_backend else "off",
+        "train.compile_backend": case.compile_backend or "inductor", "log.is_quiet": True,
         "log.live": "off", "run_dir": str(out / case.folder), "seed": 7,
     }
 
@@ -118,33 +123,33 @@ def print_table(rows: list[dict], num_steps: int, final_loss: float) -> None:
               f"{r['weights']:>10.2e}  {'yes' if r['ok'] else 'NO'}")
 
 
-def launch_two_cpu_ranks(out: Path, num_steps: int) -> None:
+def launch_two_cpu_ranks(out: Path, num_steps: int, compile_backend: str) -> None:
     """Two gloo ranks on this machine through torch's elastic launcher (what torchrun itself uses)."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, rdzv_backend="c10d",
                           rdzv_endpoint="127.0.0.1:0", run_id=f"gptrain-check-{os.getpid()}", max_restarts=0,
                           monitor_interval=0.2)
-    args = ("-m", "gptrain.equivalence", "--worker", str(out), str(num_steps))
+    args = ("-m", "gptrain.equivalence", "--worker", str(out), str(num_steps), compile_backend)
     elastic_launch(config, sys.executable)(*args)
 
 
-def check_equivalence(out: Path, num_steps: int = 6) -> int:
+def check_equivalence(out: Path, num_steps: int = 6, compile_backend: str = "") -> int:
     """Run every case and print the table; 0 when all are within tolerance, 1 otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    all_cases = cases(max(world_size, 2))
+    all_cases = cases(max(world_size, 2), compile_backend)
     single = [c for c in all_cases if c.world_size == 1]
     if world_size == 1:
         write_corpus(out)
         train_cases(out, single, num_steps)
-        launch_two_cpu_ranks(out, num_steps)
+        launch_two_cpu_ranks(out, num_steps, compile_backend)
     else:
         if rank == 0:
             write_corpus(out)
             clean = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_",
                      "MASTER_", "GROUP_", "ROLE_", "TORCHELASTIC", "LOCAL_WORLD_SIZE"))}
-            subprocess.run([sys.executable, "-m", "gptrain.equivalence", "--single", str(out), str(num_steps)],
+            subprocess.run([sys.executable, "-m", "gptrain.equivalence", "--single", str(out), str(num_steps), ""],
                            env=clean, check=True)
         train_cases(out, [c for c in all_cases if c.world_size > 1], num_steps)  # its first setup waits
         if rank != 0:
@@ -156,7 +161,7 @@ def check_equivalence(out: Path, num_steps: int = 6) -> int:
 
 
 if __name__ == "__main__":
-    mode, folder, steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    mode, folder, steps, backend = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     world = int(os.environ.get("WORLD_SIZE", 1))
-    chosen = [c for c in cases(max(world, 2)) if (c.world_size == 1) == (mode == "--single")]
+    chosen = [c for c in cases(max(world, 2), backend) if (c.world_size == 1) == (mode == "--single")]
     train_cases(folder, chosen, steps)

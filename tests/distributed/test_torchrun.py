@@ -1,0 +1,190 @@
+"""Real torchrun launches on the CPU (gloo): equivalence of strategies, two nodes, kill and resume with
+other ranks and strategies, SIGTERM, a failing rank. Each launch costs a few seconds; runs are shared."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptrain.equivalence import WEIGHT_TOLERANCE
+from gptrain.train import checkpoint as ckpt
+from conftest import make_corpus_text
+
+WORKER = str(Path(__file__).with_name("worker.py"))
+TIMEOUT = 180
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPTRAIN_", "TEST_", "RANK", "WORLD_SIZE",
+                                                                     "LOCAL_RANK", "MASTER_", "TORCHELASTIC"))}
+    return env | {"OMP_NUM_THREADS": "1"} | {k: str(v) for k, v in extra.items()}
+
+
+def torchrun_cmd(nproc: int, *args: str, nodes: str = "") -> list[str]:
+    launch = nodes.split() if nodes else ["--standalone"]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *launch, WORKER, *args]
+
+
+def run(cmd: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def train_args(root: Path, run_dir: str, steps: int = 12, *extra: str) -> list[str]:
+    return ["train", "--data", str(root / "corpus.txt"), "--data.data_dir", str(root / "dataset"),
+            "--tokenizer", "char", "--embd", "32", "--layers", "2", "--heads", "2", "--context", "32",
+            "--batch-size", "2", "--train.batch_tokens", "128", "--steps", str(steps), "--lr", "3e-3",
+            "--schedule.num_warmup_steps", "2", "--eval.every_steps", "4", "--eval.num_tokens", "320",
+            "--samples.every_steps", "0", "--samples.num_tokens", "8", "--checkpoint.every_steps", "4",
+            "--checkpoint.keep_last", "5", "--device", "cpu", "--compile", "off", "--quiet", "--seed", "7",
+            "--run-dir", str(root / run_dir), *extra]
+
+
+def rows(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def weights(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "checkpoints" / "final" / "model.safetensors"))
+
+
+def windows(log: Path, rank: int, first: int | None = None) -> list[tuple]:
+    reads = [json.loads(line) for line in Path(f"{log}.rank{rank}").read_text().splitlines()][:first]
+    return [tuple(w) for batch in reads for w in batch]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("torchrun")
+    (folder / "corpus.txt").write_text(make_corpus_text(400))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(root) -> Path:
+    """An uninterrupted 2-rank DDP run of 12 steps (it also prepares the dataset on rank 0 while rank 1 waits)."""
+    run(torchrun_cmd(2, *train_args(root, "reference")), root, TEST_WINDOW_LOG=root / "reference.windows")
+    return root / "reference"
+
+
+@pytest.mark.dist
+def test_check_equivalence_all_strategies_and_accumulation(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "gptrain", "check-equivalence", "--out", str(tmp_path),
+                           "--compile", "aot_eager"], env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    table = [line for line in done.stdout.splitlines() if line.rstrip().endswith(("yes", "NO"))]
+    assert len(table) == 8 and all(line.rstrip().endswith("yes") for line in table)
+    assert "zero1" in done.stdout and "fsdp, accumulation" in done.stdout and "ddp, compiled" in done.stdout
+
+
+@pytest.mark.dist
+def test_reference_run_logs_its_layout_and_one_global_window_order(reference):
+    first = rows(reference, "event")[0]
+    assert (first["strategy"], first["world_size"], first["micro_batch"], first["num_micro_steps"],
+            first["batch_tokens"]) == ("ddp", 2, 2, 1, 128)
+    assert len(rows(reference, "train")) == 12 and rows(reference, "train")[-1]["loss"] < rows(reference, "train")[0]["loss"]
+    seen = windows(reference.parent / "reference.windows", 0) + windows(reference.parent / "reference.windows", 1)
+    assert len(seen) == 12 * 4 and len(set(seen)) == len(seen)  # disjoint across ranks, none twice
+
+
+@pytest.mark.dist
+def test_two_nodes_equal_one_node(root, reference):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = f"--nnodes 2 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:{port} --rdzv-id two-nodes"
+    procs = [subprocess.Popen(torchrun_cmd(1, *train_args(root, "two_nodes"), nodes=f"{nodes} --node_rank {i}"),
+                              cwd=root, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=TIMEOUT)
+        assert p.returncode == 0, err[-3000:]
+    a, b = weights(reference), weights(root / "two_nodes")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in rows(root / "two_nodes", "train")] == [r["loss"] for r in rows(reference, "train")]
+
+
+def _kill_after_first_checkpoint(root: Path) -> Path:
+    """A 2-rank run SIGKILLed (the whole process group) once its step-4 checkpoint is on disk."""
+    proc = subprocess.Popen(torchrun_cmd(2, *train_args(root, "killed")), cwd=root, start_new_session=True,
+                            env=_env(TEST_STEP_SLEEP=0.25, TEST_WINDOW_LOG=root / "killed.windows"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + TIMEOUT
+    while not (root / "killed" / "checkpoints" / "step_000004" / "state.json").is_file():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (root / "killed" / "checkpoints" / "final").exists()
+    return root / "killed"
+
+
+@pytest.mark.dist
+def test_sigkill_then_resume_with_other_ranks_and_strategy(root, reference):
+    killed = _kill_after_first_checkpoint(root)
+    step = json.loads((ckpt.latest_checkpoint_dir(killed) / "state.json").read_text())["train"]["step"]
+    for name in ("one_rank", "fsdp", "same"):
+        shutil.copytree(killed, root / name)
+    one = [sys.executable, WORKER, "train", "--resume", str(root / "one_rank"), "--quiet"]
+    run(one, root, TEST_WINDOW_LOG=root / "one_rank.windows")
+    run(torchrun_cmd(2, "train", "--resume", str(root / "fsdp"), "--parallel", "fsdp", "--quiet"), root,
+        TEST_WINDOW_LOG=root / "fsdp.windows")
+    run(torchrun_cmd(2, "train", "--resume", str(root / "same"), "--quiet"), root)
+
+    expected_loss = rows(reference, "train")[-1]["loss"]
+    ref_weights = weights(reference)
+    same = weights(root / "same")  # same ranks and strategy: bitwise
+    assert all(torch.equal(same[k], ref_weights[k]) for k in ref_weights)
+    for name in ("one_rank", "fsdp"):
+        layout = [r for r in rows(root / name, "event") if "world_size" in r][-1]  # the resumed launch's
+        assert (layout["world_size"], layout["strategy"]) == ((1, "none") if name == "one_rank" else (2, "fsdp"))
+        assert rows(root / name, "train")[-1]["loss"] == pytest.approx(expected_loss, rel=1e-5)
+        resumed = weights(root / name)
+        assert max(float((resumed[k] - ref_weights[k]).abs().max()) for k in ref_weights) <= WEIGHT_TOLERANCE
+        # Windows read before the checkpoint (2 ranks, one micro batch per step) and after the resume
+        # are exactly the uninterrupted run's: none twice, none skipped.
+        before = windows(root / "killed.windows", 0, step) + windows(root / "killed.windows", 1, step)
+        ranks = 1 if name == "one_rank" else 2
+        after = [w for r in range(ranks) for w in windows(root / f"{name}.windows", r)]
+        full = windows(root / "reference.windows", 0) + windows(root / "reference.windows", 1)
+        assert Counter(before + after) == Counter(full)
+
+
+@pytest.mark.dist
+def test_sigterm_to_torchrun_saves_and_every_worker_exits_cleanly(root):
+    run_dir = root / "terminated"
+    proc = subprocess.Popen(torchrun_cmd(2, *train_args(root, "terminated", 500, "--checkpoint.every_steps", "0")),
+                            cwd=root, env=_env(TEST_STEP_SLEEP=0.1, TEST_EXIT_LOG=root / "terminated.exit"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + TIMEOUT
+    while not (run_dir / "metrics.jsonl").is_file() or len(rows(run_dir, "train")) < 3:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    saved = ckpt.latest_checkpoint_dir(run_dir)
+    step = ckpt.read_checkpoint(saved)["state"]["train"]["step"]
+    assert 3 <= step < 500 and any("stopped at step" in r["message"] for r in rows(run_dir, "event"))
+    assert [Path(f"{root}/terminated.exit.rank{r}").read_text() for r in (0, 1)] == ["0", "0"]
+
+
+@pytest.mark.dist
+def test_a_rank_that_raises_ends_the_whole_job(root):
+    started = time.monotonic()
+    done = subprocess.run(torchrun_cmd(2, *train_args(root, "failing", 50)), cwd=root, capture_output=True,
+                          text=True, env=_env(TEST_FAIL_RANK=1, TEST_FAIL_STEP=3), timeout=TIMEOUT)
+    assert done.returncode != 0
+    assert "gptrain: rank 1 failed: RuntimeError: injected failure on rank 1" in done.stderr
+    assert time.monotonic() - started < 90  # torchrun stopped rank 0 instead of letting it hang
