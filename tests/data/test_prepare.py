@@ -97,3 +97,34 @@ def test_fingerprint_does_not_depend_on_how_the_path_is_spelled(corpus_dir, monk
     absolute = fingerprint(DataConfig(source=str(corpus_dir)))
     monkeypatch.chdir(corpus_dir.parent)
     assert fingerprint(DataConfig(source=corpus_dir.name)) == absolute
+
+
+def test_a_folder_of_llmc_shards_is_used_as_is(tmp_path):
+    from gptrain.data.prepare import load_dataset_tokenizer
+    from gptrain.data.shards import write_shard
+
+    folder = tmp_path / "fineweb10B"
+    folder.mkdir()
+    write_shard(folder / "fineweb_val_000000.bin", np.arange(100) % 50257, 50257)
+    write_shard(folder / "fineweb_train_000001.bin", np.arange(300) % 50257, 50257)
+    data = DataConfig(source=str(folder))
+    assert prepare_dataset(data, TokenizerConfig(kind="gpt2")) == folder
+    assert sorted(p.name for p in folder.iterdir()) == ["fineweb_train_000001.bin", "fineweb_val_000000.bin"]
+    assert load_dataset_tokenizer(folder, TokenizerConfig(kind="gpt2")).vocab_size == 50257
+    with pytest.raises(UserError, match="--tokenizer gpt2"):
+        load_dataset_tokenizer(folder, TokenizerConfig(kind="char"))
+
+
+def test_waiting_ranks_see_the_dataset_a_failure_or_time_out(corpus_dir, tmp_path):
+    from gptrain.data.prepare import failure_marker, wait_for_dataset, write_failure_marker
+
+    data = DataConfig(source=str(corpus_dir), data_dir=str(tmp_path / "ds"), prepare_timeout_seconds=1)
+    tok = TokenizerConfig(kind="char")
+    with pytest.raises(UserError, match="waited 1s .* data.prepare_per_node"):
+        wait_for_dataset(data, tok, None, poll_seconds=0.05)
+    write_failure_marker(data, tok, None, "the corpus is empty")
+    with pytest.raises(UserError, match="failed on the preparing rank: the corpus is empty"):
+        wait_for_dataset(data, tok, None, poll_seconds=0.05)
+    failure_marker(data, tok, None).unlink()
+    folder = prepare_dataset(data, tok, log=lambda *_: None)
+    assert wait_for_dataset(data, tok, None, poll_seconds=0.05) == folder

@@ -3,6 +3,8 @@
 import csv
 import json
 import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,3 +228,25 @@ def test_resume_applies_overridden_optimizer_settings(tmp_path, corpus_dir):
     finally:
         loop.train_step = real
     assert seen["groups"] == [(0.05, (0.9, 0.99)), (0.0, (0.9, 0.99))]
+
+
+def test_resume_auto_continues_a_run_or_starts_it(tmp_path, corpus_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    values = tiny_values(tmp_path, corpus_dir, steps=8, **{"checkpoint.every_steps": 4, "samples.every_steps": 0,
+                                                          "run_dir": ""})
+    cfg = resolve_config(None, values, environ={})
+    first = train(cfg, resume="auto", log=lambda *_: None)  # nothing to resume: a new run
+    run_dir = tmp_path / first["run_dir"]
+    assert run_dir.parent.name == "runs" and first["step"] == 8
+    # Keep only what existed at step 4 (as if the job was preempted there), then requeue the same command.
+    shutil.rmtree(run_dir / "checkpoints" / "final")
+    shutil.rmtree(run_dir / "checkpoints" / "best")
+    again = train(cfg, resume="auto", log=lambda *_: None)
+    assert Path(again["run_dir"]) == Path(first["run_dir"]) and again["train_loss"] == first["train_loss"]
+    assert any(r["message"] == "resumed from step 4" for r in _rows(run_dir, "event"))
+    # A run killed before its first checkpoint starts again in the same folder.
+    fresh = tmp_path / "fresh"
+    (fresh / "checkpoints").mkdir(parents=True)
+    shutil.copy(run_dir / "config.toml", fresh / "config.toml")
+    summary = train(replace(cfg, run_dir=str(fresh)), resume="auto", log=lambda *_: None)
+    assert summary["step"] == 8 and (fresh / "checkpoints" / "final").is_dir()

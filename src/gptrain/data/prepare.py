@@ -157,6 +157,8 @@ def prepare_dataset(
     With `tokenizer` given (a resumed run, a fine-tuned checkpoint), the corpus is encoded with it:
     the usual folder is reused if it was made with that very tokenizer, else a folder named by its hash.
     """
+    if (shards := shard_folder(data.source)) is not None:
+        return shards
     folder, spec = _locate(data, tok_cfg, tokenizer)
     data_fingerprint = fingerprint(data)
     if _is_current(folder, data, spec, data_fingerprint, log):
@@ -241,8 +243,23 @@ def wait_for_dataset(data: DataConfig, tok_cfg: TokenizerConfig, tokenizer: Toke
         time.sleep(poll_seconds)
 
 
-def load_dataset_tokenizer(folder: Path) -> Tokenizer:
-    return load_tokenizer(folder / "tokenizer.json")
+def shard_folder(source: str) -> Path | None:
+    """A folder that already holds train and val token shards (llm.c's, or a gptrain dataset): used as is."""
+    path = Path(source).expanduser()
+    if source == "shakespeare" or not path.is_dir():
+        return None
+    has_split = [any(path.glob(f"*_{split}_[0-9][0-9][0-9][0-9][0-9][0-9].bin")) for split in ("train", "val")]
+    return path if all(has_split) else None
+
+
+def load_dataset_tokenizer(folder: Path, tok_cfg: TokenizerConfig | None = None) -> Tokenizer:
+    """The dataset's tokenizer.json; a folder of llm.c shards has none and takes tokenizer.kind=gpt2."""
+    if (folder / "tokenizer.json").is_file() or tok_cfg is None:
+        return load_tokenizer(folder / "tokenizer.json")
+    if tok_cfg.kind != "gpt2":
+        raise UserError(f"{folder} holds token shards without a tokenizer.json: pass --tokenizer gpt2 if they are "
+                        "GPT-2 tokens (llm.c's are), or use the tokenizer that made them (--init-from its run)")
+    return build_tokenizer(tok_cfg)
 
 
 def shard_paths(folder: Path, split: str) -> list[Path]:

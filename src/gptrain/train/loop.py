@@ -18,8 +18,8 @@ import torch.distributed as dist
 
 from gptrain.config import RunConfig, from_toml_text, to_toml
 from gptrain.data.loader import ShardLoader
-from gptrain.data.prepare import (failure_marker, load_dataset_tokenizer, prepare_dataset, shard_paths,
-                                  wait_for_dataset, write_failure_marker)
+from gptrain.data.prepare import (failure_marker, load_dataset_tokenizer, prepare_dataset, shard_folder,
+                                  shard_paths, wait_for_dataset, write_failure_marker)
 from gptrain.distributed import parallel, state as dstate
 from gptrain.distributed.env import DistEnv
 from gptrain.errors import UserError
@@ -121,7 +121,7 @@ def prepare_data(cfg: RunConfig, env: DistEnv, fixed_tokenizer: Tokenizer | None
     """One rank prepares (rank 0, or local rank 0 of each node with data.prepare_per_node); the others
     wait on its files, not on a collective, since preparing a big corpus outlasts any collective timeout."""
     is_preparer = env.is_main or (cfg.data.prepare_per_node and env.local_rank == 0)
-    if not env.is_distributed:
+    if not env.is_distributed or shard_folder(cfg.data.source) is not None:
         return prepare_dataset(cfg.data, cfg.tokenizer, tokenizer=fixed_tokenizer, log=log)
     if is_preparer:
         failure_marker(cfg.data, cfg.tokenizer, fixed_tokenizer).unlink(missing_ok=True)
@@ -143,7 +143,7 @@ def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Toke
     fixed_tokenizer: the tokenizer a resumed run or a fine-tuned checkpoint already uses.
     """
     dataset = prepare_data(cfg, env, fixed_tokenizer, log)
-    tokenizer = fixed_tokenizer or load_dataset_tokenizer(dataset)
+    tokenizer = fixed_tokenizer or load_dataset_tokenizer(dataset, cfg.tokenizer)
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=tokenizer.vocab_size))
     cfg = replace(cfg, samples=checked_sample_prompt(cfg.samples, tokenizer))
     loader_args = dict(batch_size=cfg.train.batch_size, block_size=cfg.model.block_size,
