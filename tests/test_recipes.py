@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from gptrain.config import resolve_config
-from gptrain.train.loop import derive_plan
+from gptrain.train.setup import derive_plan
 from gptrain.train.schedule import lr_at
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

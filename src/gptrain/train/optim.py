@@ -27,7 +27,8 @@ class OptimConfig:
             raise UserError(f"optim.beta1 and optim.beta2 must be in [0, 1) (got {self.beta1}, {self.beta2})")
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, *, shard_state: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, *,
+                    shard_state: bool = False) -> torch.optim.Optimizer:
     """AdamW over the model's parameters in two groups: decayed (dim >= 2) and not decayed.
 
     shard_state: ZeRO-1, each rank keeps and updates only its share of the optimizer state

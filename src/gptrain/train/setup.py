@@ -1,0 +1,158 @@
+"""Setting up a run: derived sizes, data (prepared once across ranks), model and its parallel wrapping,
+optimizer and loaders. Nothing here writes into the run directory except create_run_dir."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from gptrain.config import RunConfig, from_toml_text, to_toml
+from gptrain.data.loader import ShardLoader
+from gptrain.data.prepare import (failure_marker, load_dataset_tokenizer, prepare_dataset, shard_folder,
+                                  shard_paths, wait_for_dataset, write_failure_marker)
+from gptrain.distributed import parallel
+from gptrain.distributed.env import DistEnv
+from gptrain.errors import UserError
+from gptrain.metrics.sinks import MetricSink
+from gptrain.model.gpt import GPT
+from gptrain.tokenizer import Tokenizer
+from gptrain.tokenizer.base import save_tokenizer
+from gptrain.train import checkpoint as ckpt
+from gptrain.train.optim import build_optimizer
+from gptrain.train.run_dir import is_run_dir
+from gptrain.train.samples import SamplesConfig
+from gptrain.train.schedule import lr_at
+from gptrain.train.step import uses_bf16
+
+
+@dataclass
+class Plan:
+    """Derived sizes, computed once and logged."""
+
+    num_steps: int
+    num_micro_steps: int  # gradient accumulation
+    tokens_per_step: int  # global batch, all ranks together
+    strategy: str  # none (one process), ddp, zero1, fsdp
+    world_size: int
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    env: DistEnv
+    run_dir: Path
+    tokenizer: Tokenizer
+    model: GPT  # the unwrapped model (FSDP2 shards it in place): evaluation, sampling, checkpoints
+    step_model: torch.nn.Module  # the module the step calls: DDP-wrapped and/or compiled, or the model
+    optimizer: torch.optim.Optimizer
+    train_loader: ShardLoader
+    val_loader: ShardLoader
+    plan: Plan
+    state: ckpt.TrainState = field(default_factory=ckpt.TrainState)
+    sinks: list[MetricSink] = field(default_factory=list)
+    writer: ckpt.CheckpointWriter = field(default_factory=ckpt.CheckpointWriter)
+    should_stop: bool = False  # set by Ctrl-C/SIGTERM on this rank; all ranks agree at the step's end
+
+
+def derive_plan(cfg: RunConfig, loader: ShardLoader, world_size: int) -> Plan:
+    """Accumulation from the global batch (tokens), micro batch and world size; steps from epochs."""
+    micro_tokens = cfg.train.batch_size * cfg.model.block_size * world_size
+    batch_tokens = cfg.train.batch_tokens or micro_tokens
+    if batch_tokens % micro_tokens:
+        raise UserError(
+            f"train.batch_tokens={batch_tokens} is not a multiple of batch_size x block_size x world_size "
+            f"= {micro_tokens}: pick a multiple, or 0 for no accumulation"
+        )
+    num_micro_steps = batch_tokens // micro_tokens
+    num_steps = cfg.train.num_steps
+    if cfg.train.num_epochs > 0:
+        sequences_per_step = batch_tokens // cfg.model.block_size
+        num_steps = max(1, math.ceil(cfg.train.num_epochs * loader.windows_per_epoch / sequences_per_step))
+    return Plan(num_steps=num_steps, num_micro_steps=num_micro_steps, tokens_per_step=batch_tokens,
+                strategy=parallel.resolve_strategy(cfg.parallel, world_size), world_size=world_size)
+
+
+def create_run_dir(run: Run, *, should_overwrite: bool) -> None:
+    """Make the run directory once everything is known to work, and write config.toml and tokenizer.json."""
+    if not run.env.is_main:
+        return
+    if should_overwrite and run.run_dir.exists() and is_run_dir(run.run_dir):
+        shutil.rmtree(run.run_dir)
+    (run.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    tmp = run.run_dir / "config.toml.tmp"
+    tmp.write_text(to_toml(run.cfg), encoding="utf-8")
+    tmp.replace(run.run_dir / "config.toml")
+    save_tokenizer(run.tokenizer, run.run_dir / "tokenizer.json")
+
+
+def base_config_for_init(cfg: RunConfig, config_toml: str) -> RunConfig:
+    """Fine-tuning keeps the checkpoint's architecture and tokenizer; only dropout may change."""
+    base = from_toml_text(config_toml)
+    return replace(cfg, model=replace(base.model, dropout=cfg.model.dropout), tokenizer=base.tokenizer)
+
+
+def checked_sample_prompt(cfg: SamplesConfig, tokenizer: Tokenizer) -> SamplesConfig:
+    """A prompt the tokenizer cannot encode fails now, not at the first sample; the default prompt
+    (a line break) falls back to the start of a document for corpora without line breaks."""
+    try:
+        tokenizer.encode(cfg.prompt)
+    except UserError:
+        if cfg.prompt != SamplesConfig().prompt:
+            raise
+        return replace(cfg, prompt="")
+    return cfg
+
+
+def prepare_data(cfg: RunConfig, env: DistEnv, fixed_tokenizer: Tokenizer | None, log) -> Path:
+    """One rank prepares (rank 0, or local rank 0 of each node with data.prepare_per_node); the others
+    wait on its files, not on a collective, since preparing a big corpus outlasts any collective timeout."""
+    is_preparer = env.is_main or (cfg.data.prepare_per_node and env.local_rank == 0)
+    if not env.is_distributed or shard_folder(cfg.data.source) is not None:
+        return prepare_dataset(cfg.data, cfg.tokenizer, tokenizer=fixed_tokenizer, log=log)
+    if is_preparer:
+        failure_marker(cfg.data, cfg.tokenizer, fixed_tokenizer).unlink(missing_ok=True)
+    env.barrier()  # no rank may see the previous attempt's failure marker
+    if not is_preparer:
+        return wait_for_dataset(cfg.data, cfg.tokenizer, fixed_tokenizer)
+    try:
+        return prepare_dataset(cfg.data, cfg.tokenizer, tokenizer=fixed_tokenizer, log=log)
+    except BaseException as e:
+        write_failure_marker(cfg.data, cfg.tokenizer, fixed_tokenizer, str(e) or type(e).__name__)
+        raise
+
+
+def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Tokenizer | None,
+              weights: dict | None, log) -> Run:
+    """Data (prepared if needed), tokenizer, model (with the given weights), its parallel wrapping,
+    optimizer and loaders. Writes nothing in run_dir.
+
+    fixed_tokenizer: the tokenizer a resumed run or a fine-tuned checkpoint already uses.
+    """
+    dataset = prepare_data(cfg, env, fixed_tokenizer, log)
+    tokenizer = fixed_tokenizer or load_dataset_tokenizer(dataset, cfg.tokenizer)
+    cfg = replace(cfg, model=replace(cfg.model, vocab_size=tokenizer.vocab_size))
+    cfg = replace(cfg, samples=checked_sample_prompt(cfg.samples, tokenizer))
+    loader_args = dict(batch_size=cfg.train.batch_size, block_size=cfg.model.block_size,
+                       rank=env.rank, world_size=env.world_size)
+    train_loader = ShardLoader(shard_paths(dataset, "train"), seed=cfg.seed, **loader_args)
+    val_loader = ShardLoader(shard_paths(dataset, "val"), shuffle=False, split="val", **loader_args)
+    plan = derive_plan(cfg, train_loader, env.world_size)
+    model = GPT(cfg.model).to(env.device)
+    if weights is not None:  # before wrapping: FSDP2 shards the weights the model holds
+        ckpt.load_model_weights(model, weights, run_dir)
+    if env.rank:  # distinct dropout masks per rank (rank 0 keeps the single-process stream)
+        torch.manual_seed(cfg.seed + env.rank)
+    if cfg.train.use_activation_checkpointing:
+        parallel.use_activation_checkpointing(model.transformer.h)
+    is_bf16 = uses_bf16(env.device, cfg.train.precision)
+    wrapped = parallel.wrap_model(model, plan.strategy, cfg.parallel, env, use_bf16=is_bf16)
+    optimizer = build_optimizer(model, cfg.optim, lr_at(0, plan.num_steps, cfg.schedule),
+                                shard_state=plan.strategy == "zero1")
+    use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and env.device.startswith("cuda"))
+    step_model = torch.compile(wrapped, backend=cfg.train.compile_backend) if use_compile else wrapped
+    return Run(cfg=cfg, env=env, run_dir=run_dir, tokenizer=tokenizer, model=model, step_model=step_model,
+               optimizer=optimizer, train_loader=train_loader, val_loader=val_loader, plan=plan)
