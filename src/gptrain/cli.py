@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --run-dir")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA only)")
+    p.add_argument("--dry-run", action="store_true", help="build everything, run two steps, report peak memory per "
+                   "rank and the largest micro batch that fits; writes no run")
 
     p = sub.add_parser("prepare", help="turn a corpus into token shards", epilog=TRAIN_EPILOG, formatter_class=fmt)
     _add_config_flags(p)
@@ -144,6 +146,13 @@ def cmd_train(args: argparse.Namespace, extra: dict[str, str]) -> int:
 
     cfg = _resolve(args, extra)
     log = (lambda *_: None) if cfg.log.is_quiet else print
+    if args.dry_run:
+        if args.resume or args.init_from:
+            raise UserError("--dry-run measures a new run: it cannot be combined with --resume or --init-from")
+        from gptrain.train.dry_run import dry_run
+
+        dry_run(cfg, log=log)
+        return 0
     summary = train(cfg, resume=args.resume, init_from=args.init_from, should_overwrite=args.overwrite,
                     should_tune_malloc=True, log=log)
     if summary["is_stopped"]:

@@ -1,6 +1,7 @@
 """Tiny end-to-end trainings on the CPU: loss falls, run directory contract, exact resume, fine-tuning."""
 
 import csv
+import math
 import json
 import shutil
 from dataclasses import replace
@@ -250,3 +251,15 @@ def test_resume_auto_continues_a_run_or_starts_it(tmp_path, corpus_dir, monkeypa
     shutil.copy(run_dir / "config.toml", fresh / "config.toml")
     summary = train(replace(cfg, run_dir=str(fresh)), resume="auto", log=lambda *_: None)
     assert summary["step"] == 8 and (fresh / "checkpoints" / "final").is_dir()
+
+
+def test_dry_run_measures_memory_and_writes_no_run(tmp_path, corpus_dir, capsys):
+    from gptrain.train.dry_run import dry_run
+
+    cfg = resolve_config(None, tiny_values(tmp_path, corpus_dir), environ={})
+    (row,) = dry_run(cfg, log=lambda *_: None)
+    assert not (tmp_path / "run").exists()
+    assert math.isfinite(row["loss"]) and 0 < row["peak_bytes"] <= row["peak_double_bytes"] < row["capacity_bytes"]
+    assert row["largest_micro_batch"] is None or row["largest_micro_batch"] > 0
+    out = capsys.readouterr().out
+    assert "none on 1 rank(s) | micro batch 8 x 1 accumulation steps" in out and "peak (B=16)" in out

@@ -1,0 +1,117 @@
+"""`gptrain train --dry-run`: build everything, run two steps, and report peak memory per rank and the
+largest micro batch that should fit. No run directory is written (the dataset is prepared as usual)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from gptrain.config import RunConfig
+from gptrain.distributed import parallel
+from gptrain.distributed.env import DistEnv
+from gptrain.train.schedule import lr_at
+from gptrain.train.setup import Run, build_run
+from gptrain.train.step import autocast_context, train_step
+
+HEADROOM = 0.9  # leave 10% of the device for the allocator's fragmentation and the rest of the process
+
+
+def reset_peak_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: str) -> int:
+    """Peak tensor memory on a GPU; elsewhere the process's peak resident set (it never goes down)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def memory_capacity_bytes(device: str) -> int:
+    """The GPU's memory, or this rank's share of the machine's memory."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(device)[1]
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def _micro_step_at(run: Run, batch_size: int) -> None:
+    """One forward/backward with another micro batch (gradients reduced as usual, then dropped)."""
+    loader = copy.copy(run.train_loader)
+    loader.batch_size = batch_size
+    x_BT, y_BT = (t.to(run.env.device) for t in loader.next_batch())
+    with parallel.gradient_sync(run.step_model, run.plan.strategy, run.cfg.parallel, is_last=True):
+        with autocast_context(run.env.device, run.cfg.train.precision):
+            loss = run.step_model(x_BT, y_BT)
+        loss.backward()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def measure(run: Run) -> dict:
+    """Two real steps, then one micro step at twice the micro batch: memory grows linearly with it."""
+    cfg, env, plan = run.cfg, run.env, run.plan
+    reset_peak_memory(env.device)
+    autocast = autocast_context(env.device, cfg.train.precision)
+    for step in range(2):
+        result = train_step(run.step_model, run.optimizer, run.train_loader, num_micro_steps=plan.num_micro_steps,
+                            lr=lr_at(step, plan.num_steps, cfg.schedule), grad_clip=cfg.optim.grad_clip,
+                            device=env.device, autocast=autocast,
+                            gradient_sync=lambda is_last: parallel.gradient_sync(
+                                run.step_model, plan.strategy, cfg.parallel, is_last=is_last),
+                            reduce_sum=env.all_reduce_sum, world_size=env.world_size)
+    B = cfg.train.batch_size
+    peak = peak_memory_bytes(env.device)
+    _micro_step_at(run, 2 * B)
+    peak_double = max(peak, peak_memory_bytes(env.device))
+    per_sequence = (peak_double - peak) / B
+    capacity = memory_capacity_bytes(env.device)
+    fixed = peak - B * per_sequence
+    largest = math.floor((HEADROOM * capacity - fixed) / per_sequence) if per_sequence > 0 else None
+    return {"rank": env.rank, "device": env.device, "loss": result.loss, "peak_bytes": peak,
+            "peak_double_bytes": peak_double, "per_sequence_bytes": per_sequence, "capacity_bytes": capacity,
+            "largest_micro_batch": largest}
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def print_report(run: Run, rows: list[dict]) -> None:
+    cfg, plan = run.cfg, run.plan
+    B = cfg.train.batch_size
+    print(f"dry run: {run.model.num_parameters():,} parameters | {plan.strategy} on {plan.world_size} rank(s) | "
+          f"micro batch {B} x {plan.num_micro_steps} accumulation steps | {plan.tokens_per_step:,} tokens per "
+          f"step | 2 steps done, loss {rows[0]['loss']:.4f}")
+    print(f"{'rank':>4} {'device':<8} {f'peak (B={B})':>14} {f'peak (B={2 * B})':>14} {'memory':>11}  "
+          "largest micro batch (estimate)")
+    for r in rows:
+        largest = r["largest_micro_batch"]
+        guess = "unknown (memory did not grow with the batch)" if largest is None else f"about {largest}"
+        print(f"{r['rank']:>4} {r['device']:<8} {_gb(r['peak_bytes']):>14} {_gb(r['peak_double_bytes']):>14} "
+              f"{_gb(r['capacity_bytes']):>11}  {guess}")
+    print("nothing was written; on CPUs the peak is the process's resident memory, on GPUs tensor memory")
+
+
+def dry_run(cfg: RunConfig, log=print) -> list[dict]:
+    """Build the run as `gptrain train` would, measure on every rank; rank 0 prints the table."""
+    is_joined = dist.is_initialized()
+    env = DistEnv.start(cfg.device, cfg.parallel.timeout_seconds)
+    try:
+        torch.manual_seed(cfg.seed)
+        run = build_run(cfg, env, Path(cfg.run_dir or "runs/dry-run"), None, None, log)
+        rows = env.gather_objects(measure(run))
+        if env.is_main:
+            print_report(run, rows)
+        return rows or []
+    finally:
+        if not is_joined:
+            env.close()
