@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -156,8 +157,11 @@ def cmd_train(args: argparse.Namespace, extra: dict[str, str]) -> int:
     summary = train(cfg, resume=args.resume, init_from=args.init_from, should_overwrite=args.overwrite,
                     should_tune_malloc=True, log=log)
     if summary["is_stopped"]:
-        # Under torchrun a stop is a clean end (it forwards Ctrl-C/SIGTERM and waits for the workers).
-        return 0 if "TORCHELASTIC_RUN_ID" in os.environ else 130
+        # Under torchrun a stop is a clean end (it forwards Ctrl-C/SIGTERM and waits for the workers);
+        # alone, the shell's convention: 128 + the signal (130 for Ctrl-C, 143 for SIGTERM).
+        return 0 if "TORCHELASTIC_RUN_ID" in os.environ else 128 + (summary["stop_signal"] or signal.SIGINT)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
     print(f"run directory: {summary['run_dir']}\nfinal train loss {summary['train_loss']:.4f} | "
           f"val loss {summary['val_loss']:.4f} | {summary['elapsed_seconds']:.0f}s of training")
     return 0

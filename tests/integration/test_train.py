@@ -263,3 +263,29 @@ def test_dry_run_measures_memory_and_writes_no_run(tmp_path, corpus_dir, capsys)
     assert row["largest_micro_batch"] is None or row["largest_micro_batch"] > 0
     out = capsys.readouterr().out
     assert "none on 1 rank(s) | micro batch 8 x 1 accumulation steps" in out and "peak (B=16)" in out
+
+
+def test_sigterm_saves_and_exits_143(tmp_path, corpus_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    values = tiny_values(tmp_path, corpus_dir, steps=100000, **{"checkpoint.every_steps": 0, "eval.every_steps": 0,
+                                                               "samples.every_steps": 0})
+    args = [f"--{k}={v}" for k, v in values.items() if "." in k] + ["--run-dir", values["run_dir"], "--quiet"]
+    args += ["--data", values["data.source"], "--tokenizer", "char", "--context", "32", "--batch-size", "8",
+             "--embd", "32", "--layers", "2", "--heads", "2", "--steps", "100000"]
+    args = [a for a in args if not a.startswith(("--data.source", "--tokenizer.kind", "--log.is_quiet"))]
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("GPTRAIN_")}
+    proc = subprocess.Popen([sys.executable, "-m", "gptrain", "train", *args], env=env, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    run = tmp_path / "run"
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").is_file() or len(_rows(run, "train")) < 3:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    saved = Checkpoint.load(run)
+    assert 3 <= saved.state["train"]["step"] < 100000

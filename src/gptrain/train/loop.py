@@ -7,7 +7,6 @@ import signal
 import threading
 import time
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -91,7 +90,7 @@ def summarize(run: Run, train_loss: float, val_loss: float | None, text: str | N
     state = run.state
     return {"run_dir": str(run.run_dir), "step": state.step, "train_loss": train_loss, "val_loss": val_loss,
             "best_val_loss": state.best_val_loss, "elapsed_seconds": state.elapsed_seconds, "sample": text,
-            "is_stopped": text is None}
+            "is_stopped": text is None, "stop_signal": run.stop_signal}
 
 
 def sample(run: Run) -> str:
@@ -196,7 +195,7 @@ def stop_on_signals(run: Run):
     def handle(signum, frame) -> None:
         if run.should_stop and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        run.should_stop = True
+        run.should_stop, run.stop_signal = True, run.stop_signal or signum
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -220,7 +219,9 @@ def _loop(run: Run) -> dict:
         f"{plan.world_size} rank(s) | micro batch {cfg.train.batch_size} x {plan.num_micro_steps} accumulation "
         f"steps | {plan.num_steps} steps of {plan.tokens_per_step:,} tokens | "
         f"{run.train_loader.num_tokens:,} train tokens")})
-    sync = partial(parallel.gradient_sync, run.step_model, plan.strategy, cfg.parallel)
+    def sync(is_last: bool):
+        return parallel.gradient_sync(run.step_model, plan.strategy, cfg.parallel, is_last=is_last)
+
     is_early_stop, last_loss = False, float("nan")
     recent: list[float] = []
     run.model.train()
@@ -231,7 +232,7 @@ def _loop(run: Run) -> dict:
         max_loss = cfg.train.spike_factor * state.loss_ema if is_guarded else float("inf")
         result = train_step(run.step_model, run.optimizer, run.train_loader, num_micro_steps=plan.num_micro_steps,
                             lr=lr, grad_clip=cfg.optim.grad_clip, device=env.device, autocast=autocast,
-                            max_loss=max_loss, gradient_sync=lambda is_last: sync(is_last=is_last),
+                            max_loss=max_loss, gradient_sync=sync,
                             reduce_sum=env.all_reduce_sum, world_size=env.world_size,
                             is_stop_requested=lambda: run.should_stop)
         state.step += 1

@@ -56,6 +56,7 @@ class Run:
     sinks: list[MetricSink] = field(default_factory=list)
     writer: ckpt.CheckpointWriter = field(default_factory=ckpt.CheckpointWriter)
     should_stop: bool = False  # set by Ctrl-C/SIGTERM on this rank; all ranks agree at the step's end
+    stop_signal: int = 0  # the signal that asked this rank to stop (0: none, or another rank's)
 
 
 def derive_plan(cfg: RunConfig, loader: ShardLoader, world_size: int) -> Plan:
