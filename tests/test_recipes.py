@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from gptrain.config import resolve_config
-from gptrain.train.setup import derive_plan
 from gptrain.train.schedule import lr_at
+from gptrain.train.setup import derive_plan
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(CONFIGS.glob("*.toml"))

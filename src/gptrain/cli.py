@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per case")
     p.add_argument("--compile", metavar="BACKEND", default="",
                    help="also run DDP and FSDP under torch.compile with this backend (inductor, aot_eager)")
+    p.add_argument("--device", default="auto", help="auto: CUDA under torchrun (or alone with 2+ GPUs), else cpu")
 
     sub.add_parser("presets", help="list the named model sizes with their parameter counts")
     sub.add_parser("config", help="print every config key with its default value")
@@ -122,9 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(args: argparse.Namespace, extra: dict[str, str]):
-    from gptrain.config import resolve_config
+def _rank() -> int:
+    """This process's rank under torchrun (0 alone)."""
+    return int(os.environ.get("RANK", 0)) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else 0
 
+
+def _cli_values(args: argparse.Namespace, extra: dict[str, str]) -> dict[str, object]:
+    """Every config value the command line sets (aliases, dotted keys, and the train flags that map to keys)."""
     cli = _config_values(args, extra)
     if getattr(args, "run_dir", None):
         cli["run_dir"] = args.run_dir
@@ -132,6 +137,22 @@ def _resolve(args: argparse.Namespace, extra: dict[str, str]):
         cli["log.is_quiet"] = "true"
     if getattr(args, "compile", None):
         cli["train.compile"] = args.compile
+    return cli
+
+
+def _resolve(args: argparse.Namespace, extra: dict[str, str]):
+    """The run's config: defaults, preset, recipe (or the resumed run's config.toml), .env, environment, flags.
+    A mistake here is the same on every rank, so under torchrun only rank 0 reports it."""
+    from gptrain.config import resolve_config
+
+    try:
+        return resolve_config(_recipe(args), _cli_values(args, extra))
+    except UserError as e:
+        e.is_echo = _rank() != 0
+        raise
+
+
+def _recipe(args: argparse.Namespace) -> Path | None:
     recipe = args.recipe
     if getattr(args, "resume", None) and args.resume != "auto":
         if recipe:
@@ -139,7 +160,7 @@ def _resolve(args: argparse.Namespace, extra: dict[str, str]):
         recipe = Path(args.resume) / "config.toml"
         if not recipe.is_file():
             raise UserError(f"{args.resume} is not a run directory (no config.toml in it)")
-    return resolve_config(recipe, cli)
+    return recipe
 
 
 def cmd_train(args: argparse.Namespace, extra: dict[str, str]) -> int:
@@ -155,12 +176,12 @@ def cmd_train(args: argparse.Namespace, extra: dict[str, str]) -> int:
         dry_run(cfg, log=log)
         return 0
     summary = train(cfg, resume=args.resume, init_from=args.init_from, should_overwrite=args.overwrite,
-                    should_tune_malloc=True, log=log)
+                    should_tune_malloc=True, overrides=_cli_values(args, extra), log=log)
     if summary["is_stopped"]:
         # Under torchrun a stop is a clean end (it forwards Ctrl-C/SIGTERM and waits for the workers);
         # alone, the shell's convention: 128 + the signal (130 for Ctrl-C, 143 for SIGTERM).
         return 0 if "TORCHELASTIC_RUN_ID" in os.environ else 128 + (summary["stop_signal"] or signal.SIGINT)
-    if int(os.environ.get("RANK", 0)) != 0:
+    if _rank() != 0:
         return 0
     print(f"run directory: {summary['run_dir']}\nfinal train loss {summary['train_loss']:.4f} | "
           f"val loss {summary['val_loss']:.4f} | {summary['elapsed_seconds']:.0f}s of training")
@@ -199,9 +220,9 @@ def cmd_check_equivalence(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
     if args.out or int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        return check_equivalence(Path(args.out or "runs/check-equivalence"), args.steps, args.compile)
+        return check_equivalence(Path(args.out or "runs/check-equivalence"), args.steps, args.compile, args.device)
     with tempfile.TemporaryDirectory(prefix="gptrain-check-") as tmp:
-        return check_equivalence(Path(tmp), args.steps, args.compile)
+        return check_equivalence(Path(tmp), args.steps, args.compile, args.device)
 
 
 def cmd_presets() -> int:
@@ -229,8 +250,12 @@ def cmd_config() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        rest, extra = split_dotted(sys.argv[1:] if argv is None else argv)
-        args = build_parser().parse_args(rest)
+        try:
+            rest, extra = split_dotted(sys.argv[1:] if argv is None else argv)
+            args = build_parser().parse_args(rest)
+        except UserError as e:
+            e.is_echo = _rank() != 0  # the same command on every rank: rank 0 reports it
+            raise
         if args.command in ("train", "prepare"):
             return (cmd_train if args.command == "train" else cmd_prepare)(args, extra)
         if extra:
@@ -248,13 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(args.device)
     except UserError as e:
         if not e.is_echo:  # an echo is rank 0's error, which rank 0 prints
-            rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None
-            print(f"gptrain: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
+            rank = f" (rank {_rank()})" if _rank() else ""
+            print(f"gptrain: error{rank}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gptrain: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun's summary follows; this names the rank first
-            print(f"gptrain: rank {os.environ.get('RANK')} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            print(f"gptrain: rank {_rank()} failed: {type(e).__name__}: {e}", file=sys.stderr)
         raise

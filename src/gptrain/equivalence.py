@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 LEARNING_RATE = 3e-3
 LOSS_TOLERANCE = 2e-5  # fp32 sums in another order: a few ulps of a loss near 4, kept over a few steps
 # Adam divides by the gradient's own scale, so rounding noise in tiny gradients moves a weight by a
@@ -28,6 +30,7 @@ class Case:
     name: str
     world_size: int
     micro_batch: int
+    num_micro_steps: int = 1
     strategy: str = "auto"
     compile_backend: str = ""  # empty: eager
 
@@ -36,16 +39,18 @@ class Case:
         return self.name.replace(" ", "_").replace(",", "").replace("/", "-")
 
 
-def cases(world_size: int, compile_backend: str = "") -> list[Case]:
+def build_cases(world_size: int, compile_backend: str = "") -> list[Case]:
     """Every case trains on the same global batch of 2·W sequences (W: the distributed world size);
     with compile_backend, DDP and FSDP are also run under torch.compile with that backend."""
     sequences = 2 * world_size
     one = [Case("1 process (reference)", 1, sequences),
-           Case("1 process, accumulation", 1, sequences // 2)]
-    many = [Case(f"{world_size} ranks {s}", world_size, 2, s) for s in ("ddp", "zero1", "fsdp")]
-    many += [Case(f"{world_size} ranks {s}, accumulation", world_size, 1, s) for s in ("ddp", "fsdp")]
+           Case("1 process, accumulation", 1, sequences // 2, num_micro_steps=2)]
+    many = [Case(f"{world_size} ranks {s}", world_size, 2, strategy=s) for s in ("ddp", "zero1", "fsdp")]
+    many += [Case(f"{world_size} ranks {s}, accumulation", world_size, 1, num_micro_steps=2, strategy=s)
+             for s in ("ddp", "fsdp")]
     if compile_backend:
-        many += [Case(f"{world_size} ranks {s}, compiled", world_size, 2, s, compile_backend) for s in ("ddp", "fsdp")]
+        many += [Case(f"{world_size} ranks {s}, compiled", world_size, 2, strategy=s, compile_backend=compile_backend)
+                 for s in ("ddp", "fsdp")]
     return one + many
 
 
@@ -60,30 +65,31 @@ def write_corpus(folder: Path) -> Path:
     return path
 
 
-def case_values(case: Case, out: Path, corpus: Path, num_steps: int) -> dict:
+def case_values(case: Case, out: Path, corpus: Path, num_steps: int, device: str) -> dict:
     return {
         "data.source": str(corpus), "data.data_dir": str(out / "dataset"), "tokenizer.kind": "char",
         "embd": 32, "layers": 2, "heads": 2, "context": 32, "batch-size": case.micro_batch,
-        "train.batch_tokens": 32 * case.micro_batch * case.world_size * (2 if "accumulation" in case.name else 1),
+        "train.batch_tokens": 32 * case.micro_batch * case.world_size * case.num_micro_steps,
         "steps": num_steps, "lr": LEARNING_RATE, "schedule.num_warmup_steps": 2, "eval.every_steps": 3,
         "eval.num_tokens": 32 * 10, "samples.every_steps": 0, "samples.num_tokens": 8, "checkpoint.every_steps": 0,
-        "parallel": case.strategy, "device": "cpu", "train.compile": "on" if case.compile_backend else "off",
+        "parallel": case.strategy, "device": device, "train.compile": "on" if case.compile_backend else "off",
         "train.compile_backend": case.compile_backend or "inductor", "log.is_quiet": True,
         "log.live": "off", "run_dir": str(out / case.folder), "seed": 7,
+        "train.precision": "fp32", "train.use_tf32": False,  # plain fp32 everywhere: differences mean bugs
     }
 
 
-def train_cases(out: Path, selected: list[Case], num_steps: int) -> None:
+def train_cases(out: Path, selected: list[Case], num_steps: int, device: str) -> None:
     """Train each case in turn in this process (all ranks call this under torchrun)."""
     from gptrain.config import resolve_config
     from gptrain.distributed.env import DistEnv
     from gptrain.train.loop import train
 
     corpus = out / "corpus.txt"
-    env = DistEnv.start("cpu")  # one process group for all cases (train() joins it, it does not leave it)
+    env = DistEnv.start(device)  # one process group for all cases (train() joins it, it does not leave it)
     try:
         for case in selected:
-            cfg = resolve_config(None, case_values(case, out, corpus, num_steps), environ={})
+            cfg = resolve_config(None, case_values(case, out, corpus, num_steps, device), environ={})
             train(cfg, should_overwrite=True, log=lambda *_: None)
     finally:
         env.close()
@@ -123,45 +129,59 @@ def print_table(rows: list[dict], num_steps: int, final_loss: float) -> None:
               f"{r['weights']:>10.2e}  {'yes' if r['ok'] else 'NO'}")
 
 
-def launch_two_cpu_ranks(out: Path, num_steps: int, compile_backend: str) -> None:
-    """Two gloo ranks on this machine through torch's elastic launcher (what torchrun itself uses)."""
+def launch_two_ranks(out: Path, num_steps: int, compile_backend: str, device: str) -> None:
+    """Two ranks on this machine through torch's elastic launcher (what torchrun itself uses)."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, rdzv_backend="c10d",
                           rdzv_endpoint="127.0.0.1:0", run_id=f"gptrain-check-{os.getpid()}", max_restarts=0,
                           monitor_interval=0.2)
-    args = ("-m", "gptrain.equivalence", "--worker", str(out), str(num_steps), compile_backend)
+    args = ("-m", "gptrain.equivalence", "--worker", str(out), str(num_steps), compile_backend, device)
     elastic_launch(config, sys.executable)(*args)
 
 
-def check_equivalence(out: Path, num_steps: int = 6, compile_backend: str = "") -> int:
+def pick_device(preference: str, world_size: int) -> str:
+    """auto: under torchrun the usual choice (CUDA first); alone, two GPUs if there are, else the CPU."""
+    from gptrain.distributed.env import resolve_device
+
+    if preference != "auto":
+        return resolve_device(preference)
+    if world_size > 1:
+        return resolve_device("auto")
+    return "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else "cpu"
+
+
+def check_equivalence(out: Path, num_steps: int = 6, compile_backend: str = "", device: str = "auto") -> int:
     """Run every case and print the table; 0 when all are within tolerance, 1 otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    all_cases = cases(max(world_size, 2), compile_backend)
+    device = pick_device(device, world_size)
+    all_cases = build_cases(max(world_size, 2), compile_backend)
     single = [c for c in all_cases if c.world_size == 1]
     if world_size == 1:
         write_corpus(out)
-        train_cases(out, single, num_steps)
-        launch_two_cpu_ranks(out, num_steps, compile_backend)
+        train_cases(out, single, num_steps, device)
+        launch_two_ranks(out, num_steps, compile_backend, device)
     else:
         if rank == 0:
             write_corpus(out)
             clean = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_",
                      "MASTER_", "GROUP_", "ROLE_", "TORCHELASTIC", "LOCAL_WORLD_SIZE"))}
-            subprocess.run([sys.executable, "-m", "gptrain.equivalence", "--single", str(out), str(num_steps), ""],
-                           env=clean, check=True)
-        train_cases(out, [c for c in all_cases if c.world_size > 1], num_steps)  # its first setup waits
+            subprocess.run([sys.executable, "-m", "gptrain.equivalence", "--single", str(out), str(num_steps), "",
+                            device.split(":")[0]], env=clean, check=True)
+        multi = [c for c in all_cases if c.world_size > 1]
+        train_cases(out, multi, num_steps, device.split(":")[0])  # the group's first setup waits for rank 0
         if rank != 0:
             return 0
     rows, is_ok = compare(out, all_cases)
+    print(f"device: {device} ({'NCCL' if device.startswith('cuda') else 'gloo'} between ranks), fp32 without TF32")
     print_table(rows, num_steps, _results(out / all_cases[0].folder)[0][-1])
     print("all equivalent" if is_ok else "NOT equivalent: see the rows marked NO")
     return 0 if is_ok else 1
 
 
 if __name__ == "__main__":
-    mode, folder, steps, backend = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    mode, folder, steps, backend, device_name = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:6]
     world = int(os.environ.get("WORLD_SIZE", 1))
-    chosen = [c for c in cases(max(world, 2), backend) if (c.world_size == 1) == (mode == "--single")]
-    train_cases(folder, chosen, steps)
+    chosen = [c for c in build_cases(max(world, 2), backend) if (c.world_size == 1) == (mode == "--single")]
+    train_cases(folder, chosen, steps, device_name)

@@ -67,3 +67,14 @@ def test_loader_state_carries_its_seed(shard_dir):
     b = ShardLoader(_paths(shard_dir, "train"), batch_size=4, block_size=16, seed=99)
     b.load_state_dict(state)
     assert torch.equal(b.next_batch()[0], expected)
+
+
+def test_shards_each_shorter_than_a_window_are_refused(tmp_path):
+    from gptrain.data.shards import write_shard
+
+    paths = []
+    for i in range(3):  # 3 x 10 tokens: enough in total, but no shard holds 16 + 1
+        paths.append(tmp_path / f"x_train_{i:06d}.bin")
+        write_shard(paths[-1], np.arange(10), 64)
+    with pytest.raises(UserError, match="no train shard holds a whole context window"):
+        ShardLoader(paths, batch_size=2, block_size=16)

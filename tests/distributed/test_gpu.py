@@ -27,11 +27,11 @@ def test_chunked_loss_under_bf16_autocast_matches_the_plain_loss():
     torch.testing.assert_close(gw, pw, rtol=5e-2, atol=1e-3)
 
 
-def test_torchrun_one_gpu_bf16_compiled_fsdp_trains(tmp_path, corpus_dir):
+def test_torchrun_one_gpu_bf16_compiled_trains(tmp_path, corpus_dir):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "gptrain",
            "train", "--data", str(corpus_dir), "--data.data_dir", str(tmp_path / "ds"), "--tokenizer", "char",
            "--embd", "64", "--layers", "2", "--heads", "2", "--context", "64", "--batch-size", "16", "--steps", "40",
-           "--lr", "3e-3", "--parallel", "fsdp", "--compile", "on", "--quiet", "--run-dir", str(tmp_path / "run")]
+           "--lr", "3e-3", "--compile", "on", "--quiet", "--run-dir", str(tmp_path / "run")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gptrain.distributed import parallel
-from gptrain.distributed.parallel import ParallelConfig, gradient_sync, resolve_strategy, use_activation_checkpointing
+from gptrain.distributed.parallel import ParallelConfig, apply_activation_checkpointing, gradient_sync, resolve_strategy
 from gptrain.errors import UserError
 from gptrain.model.gpt import GPT
 
@@ -17,7 +17,7 @@ def model_pair(tiny_config):
     plain = GPT(tiny_config)
     checkpointed = GPT(tiny_config)
     checkpointed.load_state_dict(plain.state_dict())
-    use_activation_checkpointing(checkpointed.transformer.h)
+    apply_activation_checkpointing(checkpointed.transformer.h)
     return plain, checkpointed
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_corpus_text
 from safetensors.torch import load_file
 
 from gptrain.equivalence import WEIGHT_TOLERANCE
 from gptrain.train import checkpoint as ckpt
-from conftest import make_corpus_text
 
 WORKER = str(Path(__file__).with_name("worker.py"))
 TIMEOUT = 180
@@ -136,28 +136,36 @@ def _kill_after_first_checkpoint(root: Path) -> Path:
 def test_sigkill_then_resume_with_other_ranks_and_strategy(root, reference):
     killed = _kill_after_first_checkpoint(root)
     step = json.loads((ckpt.latest_checkpoint_dir(killed) / "state.json").read_text())["train"]["step"]
-    for name in ("one_rank", "fsdp", "same"):
+    for name in ("one_rank", "fsdp", "zero1", "same", "other_batch"):
         shutil.copytree(killed, root / name)
     one = [sys.executable, WORKER, "train", "--resume", str(root / "one_rank"), "--quiet"]
     run(one, root, TEST_WINDOW_LOG=root / "one_rank.windows")
     run(torchrun_cmd(2, "train", "--resume", str(root / "fsdp"), "--parallel", "fsdp", "--quiet"), root,
         TEST_WINDOW_LOG=root / "fsdp.windows")
+    # ZeRO-1 and half the micro batch (so two accumulation micro steps): the same global batch.
+    run(torchrun_cmd(2, "train", "--resume", str(root / "zero1"), "--parallel", "zero1", "--batch-size", "1",
+                     "--quiet"), root, TEST_WINDOW_LOG=root / "zero1.windows")
     run(torchrun_cmd(2, "train", "--resume", str(root / "same"), "--quiet"), root)
+    refused = subprocess.run([sys.executable, WORKER, "train", "--resume", str(root / "other_batch"),
+                              "--train.batch_tokens", "256"], cwd=root, env=_env(), capture_output=True, text=True)
+    assert refused.returncode == 2 and "keep train.batch_tokens (the global batch)" in refused.stderr
 
     expected_loss = rows(reference, "train")[-1]["loss"]
     ref_weights = weights(reference)
     same = weights(root / "same")  # same ranks and strategy: bitwise
     assert all(torch.equal(same[k], ref_weights[k]) for k in ref_weights)
-    for name in ("one_rank", "fsdp"):
+    expected_layouts = {"one_rank": (1, "none", 2, 2), "fsdp": (2, "fsdp", 2, 1), "zero1": (2, "zero1", 1, 2)}
+    for name, expected_layout in expected_layouts.items():
         layout = [r for r in rows(root / name, "event") if "world_size" in r][-1]  # the resumed launch's
-        assert (layout["world_size"], layout["strategy"]) == ((1, "none") if name == "one_rank" else (2, "fsdp"))
+        assert (layout["world_size"], layout["strategy"], layout["micro_batch"], layout["num_micro_steps"]) == \
+            expected_layout
         assert rows(root / name, "train")[-1]["loss"] == pytest.approx(expected_loss, rel=1e-5)
         resumed = weights(root / name)
         assert max(float((resumed[k] - ref_weights[k]).abs().max()) for k in ref_weights) <= WEIGHT_TOLERANCE
         # Windows read before the checkpoint (2 ranks, one micro batch per step) and after the resume
         # are exactly the uninterrupted run's: none twice, none skipped.
         before = windows(root / "killed.windows", 0, step) + windows(root / "killed.windows", 1, step)
-        ranks = 1 if name == "one_rank" else 2
+        ranks = expected_layout[0]
         after = [w for r in range(ranks) for w in windows(root / f"{name}.windows", r)]
         full = windows(root / "reference.windows", 0) + windows(root / "reference.windows", 1)
         assert Counter(before + after) == Counter(full)

@@ -1,8 +1,8 @@
 """Tiny end-to-end trainings on the CPU: loss falls, run directory contract, exact resume, fine-tuning."""
 
 import csv
-import math
 import json
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path

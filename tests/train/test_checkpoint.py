@@ -17,7 +17,7 @@ def _trained(tiny_config):
 
 
 def _snapshot(model, opt, step=3):
-    model_sd, optim_sd = gather_state(model, opt, is_main=True, is_cpu=True)
+    model_sd, optim_sd = gather_state(model, opt, is_main=True)
     tensors, meta = ckpt.split_optimizer_state(optim_sd)
     state = ckpt.make_state(ckpt.TrainState(step=step, best_val_loss=2.5), {"epoch": 1, "position": 7}, meta,
                             [ckpt.capture_rng()])
@@ -63,7 +63,7 @@ def test_index_keyed_format_1_optimizer_state_maps_to_names(tiny_config):
     names = param_names(model, opt)
     assert names[0] == "transformer.wte.weight" and "lm_head.weight" not in names  # tied: listed once
     indexed = opt.state_dict()
-    _, named = gather_state(model, opt, is_main=True, is_cpu=True)
+    _, named = gather_state(model, opt, is_main=True)
     round_trip = by_index(named, names)
     assert round_trip["state"].keys() == indexed["state"].keys()
     for i, per_param in indexed["state"].items():

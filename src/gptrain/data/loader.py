@@ -57,6 +57,9 @@ class ShardLoader:
         self.num_tokens = num_tokens
         self.epoch, self.position = 0, 0
         self._order = self._epoch_windows(0)
+        if len(self._order) == 0:
+            raise UserError(f"no {split} shard holds a whole context window ({block_size} + 1 tokens): use "
+                            "bigger shards (data.shard_tokens) or a smaller model.block_size")
         self.on_windows = None  # test hook: called with the (shard, start) pairs this rank reads
 
     def _epoch_windows(self, epoch: int) -> np.ndarray:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +174,9 @@ def prepare_dataset(
     fit_texts = train_texts + val_texts if tok_cfg.kind == "char" else train_texts
     tokenizer = tokenizer or build_tokenizer(tok_cfg, fit_texts)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(folder.name + ".tmp")
+    # A name of this process's own: with data.prepare_per_node on a disk that nodes share after all,
+    # two preparers never write into one folder.
+    tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     prefix = folder.name

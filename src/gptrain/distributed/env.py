@@ -7,8 +7,8 @@ torchrun (`WORLD_SIZE` > 1) `DistEnv.start()` joins the process group: NCCL on C
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -80,22 +80,22 @@ class DistEnv:
         if self.is_distributed and dist.is_initialized():
             dist.destroy_process_group()
 
-    def barrier(self) -> None:
-        if self.is_distributed:
+    def barrier(self, timeout_seconds: float | None = None) -> None:
+        """Wait for every rank; with a timeout, on a gloo group of its own (longer than the default's)."""
+        if not self.is_distributed:
+            return
+        if timeout_seconds is None:
             dist.barrier()
+            return
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_seconds))
+        dist.barrier(group=group)
+        dist.destroy_process_group(group)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over ranks in place (and return it)."""
         if self.is_distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
-
-    def any_rank(self, flag: bool) -> bool:
-        """True on every rank when flag is true on any rank: one decision for all."""
-        if not self.is_distributed:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        return bool(self.all_reduce_sum(t).item() > 0)
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's obj on every rank (picklable; only ever our own values, never user files)."""

@@ -50,7 +50,7 @@ def fully_shard_api():
     return fully_shard, MixedPrecisionPolicy
 
 
-def use_activation_checkpointing(blocks: nn.ModuleList) -> None:
+def apply_activation_checkpointing(blocks: nn.ModuleList) -> None:
     """Recompute each block's activations in backward instead of keeping them (torch's checkpoint).
 
     The block's forward is replaced on the instance, so parameter names and state_dict keys stay.

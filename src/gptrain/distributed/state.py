@@ -49,8 +49,29 @@ def _is_zero(optimizer: torch.optim.Optimizer) -> bool:
     return hasattr(optimizer, "consolidate_state_dict")
 
 
-def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer, *, is_main: bool,
-                 is_cpu: bool) -> tuple[dict, dict] | tuple[None, None]:
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def live_pointers(model: nn.Module, optimizer: torch.optim.Optimizer) -> set[int]:
+    """Storage addresses of the tensors training keeps updating (weights and optimizer state)."""
+    tensors = [_local(p) for p in model.parameters()]
+    for opt in (optimizer, getattr(optimizer, "optim", None)):  # ZeRO-1 keeps its shard's state inside
+        for per_param in (opt.state.values() if opt is not None else []):
+            if isinstance(per_param, dict):  # ZeroRedundancyOptimizer's own .state can hold None
+                tensors += [_local(v) for v in per_param.values() if torch.is_tensor(v)]
+    return {t.data_ptr() for t in tensors}
+
+
+def detached_cpu_copy(t: torch.Tensor, live: set[int]) -> torch.Tensor:
+    """t on the CPU, never sharing memory with a live tensor (a background thread writes it)."""
+    if t.device.type != "cpu" or t.data_ptr() in live:
+        return t.detach().to("cpu", copy=True)
+    return t.detach()
+
+
+def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 is_main: bool) -> tuple[dict, dict] | tuple[None, None]:
     """Full model and optimizer state dicts keyed by name, on the CPU, on the main rank (None elsewhere).
 
     model: the unwrapped model (FSDP2 shards it in place; DDP's wrapper is not passed). The copies are
@@ -64,12 +85,10 @@ def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer, *, is_main:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=FULL_ON_CPU)
     if not is_main:
         return None, None
+    live = live_pointers(model, optimizer)
     tied = tied_names(model)
-    model_sd = {k: v for k, v in model_sd.items() if k not in tied}
-    # On a CPU run cpu_offload may hand back the live tensors themselves: copy them.
-    copy = (lambda t: t.detach().to("cpu", copy=True)) if is_cpu or _is_zero(optimizer) else (lambda t: t.detach())
-    model_sd = {k: copy(v).contiguous() for k, v in model_sd.items()}
-    optim_sd["state"] = {n: {k: copy(v) if torch.is_tensor(v) else v for k, v in s.items()}
+    model_sd = {k: detached_cpu_copy(v, live).contiguous() for k, v in model_sd.items() if k not in tied}
+    optim_sd["state"] = {n: {k: detached_cpu_copy(v, live) if torch.is_tensor(v) else v for k, v in s.items()}
                          for n, s in optim_sd["state"].items()}
     return model_sd, optim_sd
 
@@ -78,5 +97,13 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     """Load a full name-keyed optimizer state dict (read by every rank) into any strategy's optimizer."""
     if _is_zero(optimizer):
         optimizer.load_state_dict(by_index(state_dict, param_names(model, optimizer)))
+        # ZeroRedundancyOptimizer moves 0-dim state (Adam's step) to the CPU; fused and capturable
+        # AdamW need it on the parameter's device (pytorch/pytorch#124133).
+        for group in optimizer.optim.param_groups:
+            if group.get("fused") or group.get("capturable"):
+                for p in group["params"]:
+                    state = optimizer.optim.state.get(p, {})
+                    if torch.is_tensor(state.get("step")):
+                        state["step"] = state["step"].to(p.device, torch.float32)
     else:
         set_optimizer_state_dict(model, optimizer, state_dict, options=StateDictOptions(full_state_dict=True))

@@ -17,7 +17,7 @@ from gptrain.config import RunConfig
 from gptrain.distributed import parallel
 from gptrain.distributed.env import DistEnv
 from gptrain.train.schedule import lr_at
-from gptrain.train.setup import Run, build_run
+from gptrain.train.setup import Run, build_run, configure_device
 from gptrain.train.step import autocast_context, train_step
 
 HEADROOM = 0.9  # leave 10% of the device for the allocator's fragmentation and the rest of the process
@@ -44,20 +44,24 @@ def memory_capacity_bytes(device: str) -> int:
     return total // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
-def _micro_step_at(run: Run, batch_size: int) -> None:
-    """One forward/backward with another micro batch (gradients reduced as usual, then dropped)."""
+def _micro_step_at(run: Run, batch_size: int) -> int:
+    """Peak memory of one eager forward/backward at another micro batch (gradients reduced, then dropped)."""
     loader = copy.copy(run.train_loader)
     loader.batch_size = batch_size
     x_BT, y_BT = (t.to(run.env.device) for t in loader.next_batch())
-    with parallel.gradient_sync(run.step_model, run.plan.strategy, run.cfg.parallel, is_last=True):
+    eager = getattr(run.step_model, "_orig_mod", run.step_model)  # no recompiling for a new batch shape
+    reset_peak_memory(run.env.device)
+    with parallel.gradient_sync(eager, run.plan.strategy, run.cfg.parallel, is_last=True):
         with autocast_context(run.env.device, run.cfg.train.precision):
-            loss = run.step_model(x_BT, y_BT)
+            loss = eager(x_BT, y_BT)
         loss.backward()
     run.optimizer.zero_grad(set_to_none=True)
+    return peak_memory_bytes(run.env.device)
 
 
 def measure(run: Run) -> dict:
-    """Two real steps, then one micro step at twice the micro batch: memory grows linearly with it."""
+    """Two real steps (the optimizer state now exists), then one micro step at the micro batch B and one
+    at 2B: memory grows linearly with the batch, so the two give the cost of a sequence."""
     cfg, env, plan = run.cfg, run.env, run.plan
     reset_peak_memory(env.device)
     autocast = autocast_context(env.device, cfg.train.precision)
@@ -69,16 +73,16 @@ def measure(run: Run) -> dict:
                                 run.step_model, plan.strategy, cfg.parallel, is_last=is_last),
                             reduce_sum=env.all_reduce_sum, world_size=env.world_size)
     B = cfg.train.batch_size
-    peak = peak_memory_bytes(env.device)
-    _micro_step_at(run, 2 * B)
-    peak_double = max(peak, peak_memory_bytes(env.device))
+    peak_steps = peak_memory_bytes(env.device)
+    peak = _micro_step_at(run, B)
+    peak_double = max(peak, _micro_step_at(run, 2 * B))
     per_sequence = (peak_double - peak) / B
     capacity = memory_capacity_bytes(env.device)
     fixed = peak - B * per_sequence
     largest = math.floor((HEADROOM * capacity - fixed) / per_sequence) if per_sequence > 0 else None
-    return {"rank": env.rank, "device": env.device, "loss": result.loss, "peak_bytes": peak,
-            "peak_double_bytes": peak_double, "per_sequence_bytes": per_sequence, "capacity_bytes": capacity,
-            "largest_micro_batch": largest}
+    return {"rank": env.rank, "device": env.device, "loss": result.loss, "peak_steps_bytes": peak_steps,
+            "peak_bytes": peak, "peak_double_bytes": peak_double, "per_sequence_bytes": per_sequence,
+            "capacity_bytes": capacity, "largest_micro_batch": largest}
 
 
 def _gb(n: float) -> str:
@@ -91,13 +95,13 @@ def print_report(run: Run, rows: list[dict]) -> None:
     print(f"dry run: {run.model.num_parameters():,} parameters | {plan.strategy} on {plan.world_size} rank(s) | "
           f"micro batch {B} x {plan.num_micro_steps} accumulation steps | {plan.tokens_per_step:,} tokens per "
           f"step | 2 steps done, loss {rows[0]['loss']:.4f}")
-    print(f"{'rank':>4} {'device':<8} {f'peak (B={B})':>14} {f'peak (B={2 * B})':>14} {'memory':>11}  "
-          "largest micro batch (estimate)")
+    print(f"{'rank':>4} {'device':<8} {'peak (steps)':>13} {f'peak (B={B})':>14} {f'peak (B={2 * B})':>14} "
+          f"{'memory':>11}  largest micro batch (estimate)")
     for r in rows:
         largest = r["largest_micro_batch"]
         guess = "unknown (memory did not grow with the batch)" if largest is None else f"about {largest}"
-        print(f"{r['rank']:>4} {r['device']:<8} {_gb(r['peak_bytes']):>14} {_gb(r['peak_double_bytes']):>14} "
-              f"{_gb(r['capacity_bytes']):>11}  {guess}")
+        print(f"{r['rank']:>4} {r['device']:<8} {_gb(r['peak_steps_bytes']):>13} {_gb(r['peak_bytes']):>14} "
+              f"{_gb(r['peak_double_bytes']):>14} {_gb(r['capacity_bytes']):>11}  {guess}")
     print("nothing was written; on CPUs the peak is the process's resident memory, on GPUs tensor memory")
 
 
@@ -106,7 +110,7 @@ def dry_run(cfg: RunConfig, log=print) -> list[dict]:
     is_joined = dist.is_initialized()
     env = DistEnv.start(cfg.device, cfg.parallel.timeout_seconds)
     try:
-        torch.manual_seed(cfg.seed)
+        configure_device(cfg, env)
         run = build_run(cfg, env, Path(cfg.run_dir or "runs/dry-run"), None, None, log)
         rows = env.gather_objects(measure(run))
         if env.is_main:

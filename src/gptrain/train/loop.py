@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gptrain.config import RunConfig, from_toml_text, to_toml
-from gptrain.distributed import parallel, state as dstate
+from gptrain.config import RunConfig, resolve_config, to_toml
+from gptrain.distributed import parallel
+from gptrain.distributed import state as dstate
 from gptrain.distributed.env import DistEnv
 from gptrain.errors import UserError
 from gptrain.eval.val_loss import evaluate_loss, num_eval_windows
@@ -26,12 +27,18 @@ from gptrain.train import checkpoint as ckpt
 from gptrain.train.run_dir import check_run_dir, find_auto_resume
 from gptrain.train.samples import write_sample
 from gptrain.train.schedule import lr_at
-from gptrain.train.setup import Run, base_config_for_init, build_run, create_run_dir
+from gptrain.train.setup import Run, base_config_for_init, build_run, configure_device, create_run_dir
 from gptrain.train.step import autocast_context, train_step, uses_bf16
 
 
 def resume_from(run: Run, pieces: dict) -> None:
     """Load optimizer, TrainState, loader position and RNG states from a checkpoint (weights are in)."""
+    saved = pieces["state"]["train"]
+    if saved["step"] and saved["tokens_seen"] != saved["step"] * run.plan.tokens_per_step:
+        raise UserError(f"this run trained on {saved['tokens_seen'] // saved['step']:,} tokens per step and would "
+                        f"now take {run.plan.tokens_per_step:,}: keep train.batch_tokens (the global batch) when "
+                        "resuming; the micro batch (--batch-size) and the number of ranks may change",
+                        is_echo=not run.env.is_main)
     optim_sd = pieces["optimizer"]
     if pieces["state"].get("format", 1) == 1:  # keyed by parameter index in build_optimizer's order
         optim_sd = dstate.by_name(optim_sd, dstate.param_names(run.model, run.optimizer))
@@ -44,11 +51,10 @@ def resume_from(run: Run, pieces: dict) -> None:
     ckpt.restore_rng(pieces["state"]["rng"], run.env.rank, fallback_seed=run.cfg.seed + run.env.rank)
 
 
-def save(run: Run, names: list[str], *, is_periodic: bool = False) -> None:
+def save_checkpoint(run: Run, names: list[str], *, is_periodic: bool = False) -> None:
     """Gather the full state on rank 0 (a collective: every rank calls this), then write it there in
     the background; periodic ones are pruned to keep_last."""
-    model_sd, optim_sd = dstate.gather_state(run.model, run.optimizer, is_main=run.env.is_main,
-                                             is_cpu=run.env.device == "cpu")
+    model_sd, optim_sd = dstate.gather_state(run.model, run.optimizer, is_main=run.env.is_main)
     rngs = run.env.gather_objects(ckpt.capture_rng())
     if not run.env.is_main:
         return
@@ -78,6 +84,7 @@ def validate(run: Run) -> tuple[float, list[str]]:
     metrics = evaluate_loss(run.model, run.val_loader, num_windows, run.env.device, autocast,
                             reduce_sum=run.env.all_reduce_sum)
     emit(run, {"kind": "val", **metrics})
+    run.last_val_loss = metrics["val_loss"]
     state = run.state
     if state.best_val_loss is None or metrics["val_loss"] < state.best_val_loss:
         state.best_val_loss, state.num_bad_evals = metrics["val_loss"], 0
@@ -120,6 +127,7 @@ def train(
     init_from: str | Path | None = None,
     should_overwrite: bool = False,
     should_tune_malloc: bool = False,
+    overrides: dict | None = None,
     log=print,
 ) -> dict:
     """Train a model as cfg says; returns a summary (run_dir, steps, losses, seconds, last sample).
@@ -128,38 +136,44 @@ def train(
     resume: a run directory to continue from its latest checkpoint; pass its own config
     (`resolve_config(run_dir / "config.toml", overrides)`), as `gptrain train --resume` does.
     "auto": the run cfg names (--run-dir, else the newest runs/<name>-*) if it has a checkpoint, with
-    its stored config; else a new run.
+    its stored config and `overrides` (the command line's values) on top; else a new run from cfg.
     init_from: a checkpoint (or run) whose weights, sizes and tokenizer to start from.
     should_tune_malloc: keep freed memory in the heap once setup is done (see runtime.tune_malloc).
     """
-    if resume is not None and (should_overwrite or init_from is not None):
+    is_auto = str(resume) == "auto"
+    if resume is not None and (should_overwrite or (init_from is not None and not is_auto)):
         raise UserError("--resume continues a run as it is: it cannot be combined with --overwrite or --init-from")
     is_joined = dist.is_initialized()
     env = DistEnv.start(cfg.device, cfg.parallel.timeout_seconds)
-    try:
-        return _train(cfg, env, resume, init_from, should_overwrite, should_tune_malloc, log)
-    finally:
-        if not is_joined:
-            env.close()
+    if is_auto:
+        found, should_overwrite = env.on_main(find_auto_resume, cfg)
+        resume = found
+        if found is not None:
+            cfg, init_from = resolve_config(found / "config.toml", overrides or {}), None
+    summary = _train(cfg, env, resume, init_from, should_overwrite, should_tune_malloc, log)
+    # Left only on success: after an error, destroying an NCCL group can block on peers still inside a
+    # collective; the process exits instead and torchrun ends the others.
+    if not is_joined:
+        env.close()
+    return summary
+
+
+def read_resume_checkpoint(run_dir: Path, env: DistEnv) -> dict:
+    """The newest checkpoint, chosen by rank 0 (every rank then reads that same folder)."""
+    folder = env.on_main(ckpt.latest_checkpoint_dir, run_dir)
+    return ckpt.read_checkpoint(folder)
 
 
 def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bool, should_tune_malloc: bool,
            log) -> dict:
-    if str(resume) == "auto":
-        found, should_overwrite = env.on_main(find_auto_resume, cfg)
-        resume = found
-        if found is not None:
-            cfg = from_toml_text((found / "config.toml").read_text(encoding="utf-8"))
     if resume is not None:
         cfg = replace(cfg, run_dir=str(resume))
-    if env.device.startswith("cuda") and cfg.train.use_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (10-bit mantissa inputs)
-        torch.backends.cudnn.allow_tf32 = True
+    configure_device(cfg, env)
     torch.manual_seed(cfg.seed)
     run_dir = env.on_main(check_run_dir, cfg, is_resume=resume is not None, should_overwrite=should_overwrite)
     fixed_tokenizer, weights, pieces = None, None, None
     if resume is not None:
-        pieces = ckpt.read_checkpoint(ckpt.latest_checkpoint_dir(run_dir))
+        pieces = read_resume_checkpoint(run_dir, env)
         fixed_tokenizer, weights = load_tokenizer(pieces["tokenizer_path"]), pieces["model"]
     elif init_from is not None:
         init_pieces = ckpt.read_checkpoint(ckpt.resolve_checkpoint_dir(init_from), with_optimizer=False)
@@ -205,20 +219,48 @@ def stop_on_signals(run: Run):
             signal.signal(sig, handler)
 
 
+def log_layout(run: Run) -> None:
+    """The first event row: what trains where, and how the global batch is made up."""
+    cfg, plan = run.cfg, run.plan
+    layout = dict(strategy=plan.strategy, world_size=plan.world_size, micro_batch=cfg.train.batch_size,
+                  num_micro_steps=plan.num_micro_steps, batch_tokens=plan.tokens_per_step)
+    emit(run, {"kind": "event", **layout, "message": (
+        f"run {run.run_dir} | {run.model.num_parameters():,} parameters | device {run.env.device} | "
+        f"{plan.strategy} on {plan.world_size} rank(s) | micro batch {cfg.train.batch_size} x "
+        f"{plan.num_micro_steps} accumulation steps | {plan.num_steps} steps of {plan.tokens_per_step:,} tokens | "
+        f"{run.train_loader.num_tokens:,} train tokens")})
+
+
+def after_step(run: Run, should_stop: bool) -> tuple[bool, bool]:
+    """Evaluate, sample and checkpoint when due (on every rank: these are collectives under FSDP).
+    Returns (is_early_stop, is_stopping); one snapshot serves every folder due at this step."""
+    cfg, state = run.cfg, run.state
+    names, is_early_stop = [], False
+    if is_due(state.step, cfg.eval.every_steps):
+        _, names = validate(run)
+        is_early_stop = 0 < cfg.eval.patience <= state.num_bad_evals
+        if is_early_stop:
+            emit(run, {"kind": "event", "message": f"early stop: val loss has not improved for "
+                                                   f"{state.num_bad_evals} evaluations"})
+    if is_due(state.step, cfg.samples.every_steps):
+        sample(run)
+    is_periodic = is_due(state.step, cfg.checkpoint.every_steps)
+    is_stopping = should_stop and not is_early_stop
+    if is_periodic or is_stopping:
+        names = [f"{ckpt.STEP_PREFIX}{state.step:06d}", *names]
+    if names:
+        save_checkpoint(run, names, is_periodic=is_periodic)
+    return is_early_stop, is_stopping
+
+
 def _loop(run: Run) -> dict:
     cfg, env, state, plan = run.cfg, run.env, run.state, run.plan
     autocast = autocast_context(env.device, cfg.train.precision)
     dtype = "bf16" if uses_bf16(env.device, cfg.train.precision) else "fp32"
     # Rank 0 measures (when the device is not in the table) while the others wait: probes would compete.
     peak, mfu_basis = env.on_main(peak_flops, env.device, dtype)
-    n_params = run.model.num_parameters()
-    layout = dict(strategy=plan.strategy, world_size=plan.world_size, micro_batch=cfg.train.batch_size,
-                  num_micro_steps=plan.num_micro_steps, batch_tokens=plan.tokens_per_step)
-    emit(run, {"kind": "event", **layout, "message": (
-        f"run {run.run_dir} | {n_params:,} parameters | device {env.device} | {plan.strategy} on "
-        f"{plan.world_size} rank(s) | micro batch {cfg.train.batch_size} x {plan.num_micro_steps} accumulation "
-        f"steps | {plan.num_steps} steps of {plan.tokens_per_step:,} tokens | "
-        f"{run.train_loader.num_tokens:,} train tokens")})
+    log_layout(run)
+
     def sync(is_last: bool):
         return parallel.gradient_sync(run.step_model, plan.strategy, cfg.parallel, is_last=is_last)
 
@@ -232,9 +274,8 @@ def _loop(run: Run) -> dict:
         max_loss = cfg.train.spike_factor * state.loss_ema if is_guarded else float("inf")
         result = train_step(run.step_model, run.optimizer, run.train_loader, num_micro_steps=plan.num_micro_steps,
                             lr=lr, grad_clip=cfg.optim.grad_clip, device=env.device, autocast=autocast,
-                            max_loss=max_loss, gradient_sync=sync,
-                            reduce_sum=env.all_reduce_sum, world_size=env.world_size,
-                            is_stop_requested=lambda: run.should_stop)
+                            max_loss=max_loss, gradient_sync=sync, reduce_sum=env.all_reduce_sum,
+                            world_size=env.world_size, is_stop_requested=lambda: run.should_stop)
         state.step += 1
         state.tokens_seen += plan.tokens_per_step
         seconds = time.perf_counter() - started
@@ -260,27 +301,15 @@ def _loop(run: Run) -> dict:
                    "eta_seconds": (plan.num_steps - state.step) * mean_step_seconds})
         if state.step == plan.num_steps:
             break
-        if is_due(state.step, cfg.eval.every_steps):
-            _, names = validate(run)
-            if names:
-                save(run, names)
-            is_early_stop = 0 < cfg.eval.patience <= state.num_bad_evals
-            if is_early_stop:
-                emit(run, {"kind": "event", "message": f"early stop: val loss has not improved for "
-                                                       f"{state.num_bad_evals} evaluations"})
-        if is_due(state.step, cfg.samples.every_steps):
-            sample(run)
-        is_periodic = is_due(state.step, cfg.checkpoint.every_steps)
-        is_stopping = result.should_stop and not is_early_stop
-        if is_periodic or is_stopping:
-            save(run, [f"{ckpt.STEP_PREFIX}{state.step:06d}"], is_periodic=is_periodic)
+        is_early_stop, is_stopping = after_step(run, result.should_stop)
         if is_stopping:
             emit(run, {"kind": "event", "message": f"stopped at step {state.step} (checkpoint saved); "
                                                    f"continue with: gptrain train --resume {run.run_dir}"})
             return summarize(run, last_loss, None, None)
-    final_val_loss, names = validate(run)
+    # An early stop has just evaluated this step: its figures stand (no second val row for one step).
+    final_val_loss, names = (run.last_val_loss, []) if is_early_stop else validate(run)
     text = sample(run)
-    save(run, ["final", *names])  # one snapshot for both when the last evaluation is also the best
+    save_checkpoint(run, ["final", *names])  # one snapshot for both when the last evaluation is also the best
     run.writer.wait()
     emit(run, {"kind": "event", "message": f"done: {state.step} steps in {state.elapsed_seconds:.0f}s | "
                                            f"best val loss {state.best_val_loss:.4f} | {run.run_dir}"})

@@ -12,8 +12,15 @@ import torch
 
 from gptrain.config import RunConfig, from_toml_text, to_toml
 from gptrain.data.loader import ShardLoader
-from gptrain.data.prepare import (failure_marker, load_dataset_tokenizer, prepare_dataset, shard_folder,
-                                  shard_paths, wait_for_dataset, write_failure_marker)
+from gptrain.data.prepare import (
+    failure_marker,
+    load_dataset_tokenizer,
+    prepare_dataset,
+    shard_folder,
+    shard_paths,
+    wait_for_dataset,
+    write_failure_marker,
+)
 from gptrain.distributed import parallel
 from gptrain.distributed.env import DistEnv
 from gptrain.errors import UserError
@@ -57,6 +64,7 @@ class Run:
     writer: ckpt.CheckpointWriter = field(default_factory=ckpt.CheckpointWriter)
     should_stop: bool = False  # set by Ctrl-C/SIGTERM on this rank; all ranks agree at the step's end
     stop_signal: int = 0  # the signal that asked this rank to stop (0: none, or another rank's)
+    last_val_loss: float | None = None
 
 
 def derive_plan(cfg: RunConfig, loader: ShardLoader, world_size: int) -> Plan:
@@ -112,18 +120,29 @@ def prepare_data(cfg: RunConfig, env: DistEnv, fixed_tokenizer: Tokenizer | None
     """One rank prepares (rank 0, or local rank 0 of each node with data.prepare_per_node); the others
     wait on its files, not on a collective, since preparing a big corpus outlasts any collective timeout."""
     is_preparer = env.is_main or (cfg.data.prepare_per_node and env.local_rank == 0)
+    log = log if env.is_main else (lambda *_: None)  # only rank 0 writes to the console
     if not env.is_distributed or shard_folder(cfg.data.source) is not None:
         return prepare_dataset(cfg.data, cfg.tokenizer, tokenizer=fixed_tokenizer, log=log)
     if is_preparer:
         failure_marker(cfg.data, cfg.tokenizer, fixed_tokenizer).unlink(missing_ok=True)
     env.barrier()  # no rank may see the previous attempt's failure marker
     if not is_preparer:
-        return wait_for_dataset(cfg.data, cfg.tokenizer, fixed_tokenizer)
-    try:
-        return prepare_dataset(cfg.data, cfg.tokenizer, tokenizer=fixed_tokenizer, log=log)
-    except BaseException as e:
-        write_failure_marker(cfg.data, cfg.tokenizer, fixed_tokenizer, str(e) or type(e).__name__)
-        raise
+        folder = wait_for_dataset(cfg.data, cfg.tokenizer, fixed_tokenizer)
+    else:
+        try:
+            folder = prepare_dataset(cfg.data, cfg.tokenizer, tokenizer=fixed_tokenizer, log=log)
+        except BaseException as e:
+            write_failure_marker(cfg.data, cfg.tokenizer, fixed_tokenizer, str(e) or type(e).__name__)
+            raise
+    if cfg.data.prepare_per_node:  # nodes finish at different times; the next collectives have short timeouts
+        env.barrier(timeout_seconds=cfg.data.prepare_timeout_seconds)
+    return folder
+
+
+def configure_device(cfg: RunConfig, env: DistEnv) -> None:
+    """Process-wide settings for the device: TF32 tensor cores for fp32 matmuls on CUDA."""
+    if env.device.startswith("cuda") and cfg.train.use_tf32:
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls on TF32 (10-bit mantissa inputs)
 
 
 def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Tokenizer | None,
@@ -142,13 +161,16 @@ def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Toke
     train_loader = ShardLoader(shard_paths(dataset, "train"), seed=cfg.seed, **loader_args)
     val_loader = ShardLoader(shard_paths(dataset, "val"), shuffle=False, split="val", **loader_args)
     plan = derive_plan(cfg, train_loader, env.world_size)
+    # The global batch is part of the run: stored, so a resume on another number of ranks keeps it.
+    cfg = replace(cfg, train=replace(cfg.train, batch_tokens=plan.tokens_per_step))
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
     model = GPT(cfg.model).to(env.device)
     if weights is not None:  # before wrapping: FSDP2 shards the weights the model holds
         ckpt.load_model_weights(model, weights, run_dir)
     if env.rank:  # distinct dropout masks per rank (rank 0 keeps the single-process stream)
         torch.manual_seed(cfg.seed + env.rank)
     if cfg.train.use_activation_checkpointing:
-        parallel.use_activation_checkpointing(model.transformer.h)
+        parallel.apply_activation_checkpointing(model.transformer.h)
     is_bf16 = uses_bf16(env.device, cfg.train.precision)
     wrapped = parallel.wrap_model(model, plan.strategy, cfg.parallel, env, use_bf16=is_bf16)
     optimizer = build_optimizer(model, cfg.optim, lr_at(0, plan.num_steps, cfg.schedule),

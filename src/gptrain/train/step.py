@@ -72,7 +72,7 @@ class StepResult:
     should_stop: bool = False  # some rank was asked to stop (Ctrl-C, SIGTERM): every rank agrees
 
 
-def no_sync_context(is_last: bool) -> contextlib.AbstractContextManager:
+def always_sync(is_last: bool) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
@@ -87,7 +87,7 @@ def train_step(
     device: str,
     autocast: contextlib.AbstractContextManager,
     max_loss: float = float("inf"),
-    gradient_sync: Callable[[bool], contextlib.AbstractContextManager] = no_sync_context,
+    gradient_sync: Callable[[bool], contextlib.AbstractContextManager] = always_sync,
     reduce_sum: Callable[[Tensor], Tensor] = lambda t: t,
     world_size: int = 1,
     is_stop_requested: Callable[[], bool] = lambda: False,
