@@ -17,6 +17,7 @@ import torch
 from conftest import make_corpus_text
 from safetensors.torch import load_file
 
+from gptrain import Checkpoint
 from gptrain.equivalence import WEIGHT_TOLERANCE
 from gptrain.train import checkpoint as ckpt
 
@@ -149,6 +150,12 @@ def test_sigkill_then_resume_with_other_ranks_and_strategy(root, reference):
     refused = subprocess.run([sys.executable, WORKER, "train", "--resume", str(root / "other_batch"),
                               "--train.batch_tokens", "256"], cwd=root, env=_env(), capture_output=True, text=True)
     assert refused.returncode == 2 and "keep train.batch_tokens (the global batch)" in refused.stderr
+
+    # A checkpoint written by FSDP ranks loads in one plain process, and its weights are the saved ones.
+    plain = Checkpoint.load(root / "fsdp", device="cpu")
+    saved = weights(root / "fsdp")
+    assert all(torch.equal(plain.model.state_dict()[k], saved[k]) for k in saved)
+    assert len(plain.generate("KING", max_new_tokens=5, is_greedy=True)) == 5
 
     expected_loss = rows(reference, "train")[-1]["loss"]
     ref_weights = weights(reference)

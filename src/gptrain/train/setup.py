@@ -164,7 +164,9 @@ def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Toke
     # The global batch is part of the run: stored, so a resume on another number of ranks keeps it.
     cfg = replace(cfg, train=replace(cfg.train, batch_tokens=plan.tokens_per_step))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
-    model = GPT(cfg.model).to(env.device)
+    model = GPT(cfg.model)
+    if plan.strategy != "fsdp":  # FSDP2 moves each block to the device as it shards it: a model bigger
+        model.to(env.device)     # than one device never sits there whole
     if weights is not None:  # before wrapping: FSDP2 shards the weights the model holds
         ckpt.load_model_weights(model, weights, run_dir)
     if env.rank:  # distinct dropout masks per rank (rank 0 keeps the single-process stream)
