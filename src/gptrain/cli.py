@@ -170,7 +170,8 @@ def cmd_train(args: argparse.Namespace, extra: dict[str, str]) -> int:
     log = (lambda *_: None) if cfg.log.is_quiet else print
     if args.dry_run:
         if args.resume or args.init_from:
-            raise UserError("--dry-run measures a new run: it cannot be combined with --resume or --init-from")
+            raise UserError("--dry-run measures a new run: it cannot be combined with --resume or --init-from",
+                            is_echo=_rank() != 0)
         from gptrain.train.dry_run import dry_run
 
         dry_run(cfg, log=log)
@@ -218,7 +219,7 @@ def cmd_check_equivalence(args: argparse.Namespace) -> int:
     from gptrain.equivalence import check_equivalence
 
     if args.steps < 1:
-        raise UserError("--steps must be at least 1")
+        raise UserError("--steps must be at least 1", is_echo=_rank() != 0)
     if args.out or int(os.environ.get("WORLD_SIZE", 1)) > 1:
         return check_equivalence(Path(args.out or "runs/check-equivalence"), args.steps, args.compile, args.device)
     with tempfile.TemporaryDirectory(prefix="gptrain-check-") as tmp:

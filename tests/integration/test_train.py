@@ -259,10 +259,10 @@ def test_dry_run_measures_memory_and_writes_no_run(tmp_path, corpus_dir, capsys)
     cfg = resolve_config(None, tiny_values(tmp_path, corpus_dir), environ={})
     (row,) = dry_run(cfg, log=lambda *_: None)
     assert not (tmp_path / "run").exists()
-    assert math.isfinite(row["loss"]) and 0 < row["peak_bytes"] <= row["peak_double_bytes"] < row["capacity_bytes"]
+    assert math.isfinite(row["loss"]) and 0 < row["peak_half_bytes"] <= row["peak_bytes"] < row["capacity_bytes"]
     assert row["largest_micro_batch"] is None or row["largest_micro_batch"] > 0
     out = capsys.readouterr().out
-    assert "none on 1 rank(s) | micro batch 8 x 1 accumulation steps" in out and "peak (B=16)" in out
+    assert "none on 1 rank(s) | micro batch 8 x 1 accumulation steps" in out and "peak (B=4)" in out
 
 
 def test_sigterm_saves_and_exits_143(tmp_path, corpus_dir):

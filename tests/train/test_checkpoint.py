@@ -2,7 +2,7 @@ import torch
 from safetensors.torch import load_file
 
 from gptrain.config import RunConfig, to_toml
-from gptrain.distributed.state import by_index, gather_state, load_optimizer_state, param_names
+from gptrain.distributed.state import gather_state, key_by_index, list_param_names, load_optimizer_state
 from gptrain.model.gpt import GPT
 from gptrain.train import checkpoint as ckpt
 from gptrain.train.optim import OptimConfig, build_optimizer
@@ -60,11 +60,11 @@ def test_snapshot_is_a_copy_not_the_live_tensors(tiny_config):
 
 def test_index_keyed_format_1_optimizer_state_maps_to_names(tiny_config):
     model, opt = _trained(tiny_config)
-    names = param_names(model, opt)
+    names = list_param_names(model, opt)
     assert names[0] == "transformer.wte.weight" and "lm_head.weight" not in names  # tied: listed once
     indexed = opt.state_dict()
     _, named = gather_state(model, opt, is_main=True)
-    round_trip = by_index(named, names)
+    round_trip = key_by_index(named, names)
     assert round_trip["state"].keys() == indexed["state"].keys()
     for i, per_param in indexed["state"].items():
         assert all(torch.equal(per_param[k], round_trip["state"][i][k]) for k in per_param)

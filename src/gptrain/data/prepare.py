@@ -159,7 +159,7 @@ def prepare_dataset(
     With `tokenizer` given (a resumed run, a fine-tuned checkpoint), the corpus is encoded with it:
     the usual folder is reused if it was made with that very tokenizer, else a folder named by its hash.
     """
-    if (shards := shard_folder(data.source)) is not None:
+    if (shards := find_shard_folder(data.source)) is not None:
         return shards
     folder, spec = _locate(data, tok_cfg, tokenizer)
     data_fingerprint = fingerprint(data)
@@ -247,7 +247,7 @@ def wait_for_dataset(data: DataConfig, tok_cfg: TokenizerConfig, tokenizer: Toke
         time.sleep(poll_seconds)
 
 
-def shard_folder(source: str) -> Path | None:
+def find_shard_folder(source: str) -> Path | None:
     """A folder that already holds train and val token shards (llm.c's, or a gptrain dataset): used as is."""
     path = Path(source).expanduser()
     if source == "shakespeare" or not path.is_dir():

@@ -62,7 +62,11 @@ class DistEnv:
     @classmethod
     def start(cls, device_preference: str = "auto", timeout_seconds: float = 1800) -> DistEnv:
         """from_environment(), then join the process group when launched by torchrun with several ranks."""
-        env = cls.from_environment(device_preference)
+        try:
+            env = cls.from_environment(device_preference)
+        except UserError as e:  # the same device setting on every rank: rank 0 reports it
+            e.is_echo = int(os.environ.get("RANK", 0)) != 0
+            raise
         if not env.is_distributed or dist.is_initialized():
             return env
         if env.device == "mps":
@@ -80,16 +84,20 @@ class DistEnv:
         if self.is_distributed and dist.is_initialized():
             dist.destroy_process_group()
 
-    def barrier(self, timeout_seconds: float | None = None) -> None:
-        """Wait for every rank; with a timeout, on a gloo group of its own (longer than the default's)."""
-        if not self.is_distributed:
-            return
-        if timeout_seconds is None:
+    def barrier(self) -> None:
+        if self.is_distributed:
             dist.barrier()
-            return
+
+    def all_gather_objects(self, obj: Any, timeout_seconds: float) -> list[Any]:
+        """Every rank's obj on every rank, through a gloo group of its own that waits up to timeout_seconds
+        (the default group's timeout is meant for collectives, not for ranks doing long work in between)."""
+        if not self.is_distributed:
+            return [obj]
         group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_seconds))
-        dist.barrier(group=group)
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=group)
         dist.destroy_process_group(group)
+        return out
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over ranks in place (and return it)."""

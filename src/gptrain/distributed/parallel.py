@@ -23,8 +23,8 @@ STRATEGIES = ("auto", "ddp", "zero1", "fsdp")
 @dataclass(kw_only=True)
 class ParallelConfig:
     strategy: str = "auto"  # auto: ddp under torchrun; ddp | zero1 | fsdp (ignored in one process)
-    fsdp_sync_every_micro_step: bool = True  # off: skip reduce-scatter on accumulation micro steps
-    fsdp_reshard_after_forward: bool = True  # off: keep gathered weights from forward to backward (speed)
+    should_fsdp_sync_micro_steps: bool = True  # off: skip reduce-scatter on accumulation micro steps
+    should_fsdp_reshard_after_forward: bool = True  # off: keep gathered weights from forward to backward (speed)
     timeout_seconds: int = 1800  # a collective that waits longer ends the job (data prep waits on files)
 
     def __post_init__(self) -> None:
@@ -41,7 +41,7 @@ def resolve_strategy(cfg: ParallelConfig, world_size: int) -> str:
     return "ddp" if cfg.strategy == "auto" else cfg.strategy
 
 
-def fully_shard_api():
+def import_fully_shard():
     """fully_shard and MixedPrecisionPolicy: public in torch >= 2.6, under _composable before."""
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -77,12 +77,12 @@ def wrap_model(model: nn.Module, strategy: str, cfg: ParallelConfig, env: DistEn
     if strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
 
-        fully_shard, MixedPrecisionPolicy = fully_shard_api()
+        fully_shard, MixedPrecisionPolicy = import_fully_shard()
         # Gradients are reduced in fp32 whatever the compute dtype, so sums over ranks do not lose bits.
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if use_bf16 else None, reduce_dtype=torch.float32)
         # The mesh names the device: each block's weights move there as they are sharded (model on the CPU).
         mesh = init_device_mesh(env.device.split(":")[0], (env.world_size,))
-        options = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.fsdp_reshard_after_forward)
+        options = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.should_fsdp_reshard_after_forward)
         for block in model.transformer.h:
             fully_shard(block, **options)
         fully_shard(model, **options)
@@ -91,16 +91,16 @@ def wrap_model(model: nn.Module, strategy: str, cfg: ParallelConfig, env: DistEn
 
 def gradient_sync(step_model: nn.Module, strategy: str, cfg: ParallelConfig, *, is_last: bool):
     """A context for one micro step: DDP and ZeRO-1 reduce gradients only on the last micro step;
-    FSDP reduce-scatters on every one unless fsdp_sync_every_micro_step is off."""
+    FSDP reduce-scatters on every one unless should_fsdp_sync_micro_steps is off."""
     if strategy in ("ddp", "zero1"):
         module = getattr(step_model, "_orig_mod", step_model)  # torch.compile keeps the DDP wrapper inside
         return contextlib.nullcontext() if is_last else module.no_sync()
     if strategy == "fsdp":
         module = getattr(step_model, "_orig_mod", step_model)
-        module.set_requires_gradient_sync(is_last or cfg.fsdp_sync_every_micro_step)
+        module.set_requires_gradient_sync(is_last or cfg.should_fsdp_sync_micro_steps)
     return contextlib.nullcontext()
 
 
-def full_norm(norm: torch.Tensor) -> torch.Tensor:
+def gather_norm(norm: torch.Tensor) -> torch.Tensor:
     """A gradient norm as a plain tensor (under FSDP2 it is a DTensor over the shards)."""
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

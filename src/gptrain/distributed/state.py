@@ -3,7 +3,8 @@
 A checkpoint must not depend on how many ranks wrote it or how they were sharded: torch's own
 `torch.distributed.checkpoint.state_dict` tools give full, name-keyed state for one process, DDP and
 FSDP2. `ZeroRedundancyOptimizer` is outside them: it is consolidated on rank 0 and its parameter
-indices are mapped to names here (`param_names`). Every function is collective: call it on all ranks.
+indices are mapped to names here (`list_param_names`). gather_state and load_optimizer_state are
+collective: call them on every rank.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def tied_names(model: nn.Module) -> set[str]:
+def find_tied_names(model: nn.Module) -> set[str]:
     """Names that alias an earlier parameter (a tied lm_head.weight is transformer.wte.weight)."""
     seen: set[int] = set()
     tied = set()
@@ -26,20 +27,20 @@ def tied_names(model: nn.Module) -> set[str]:
     return tied
 
 
-def param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+def list_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The name of each parameter in the optimizer's flat index order (groups in turn)."""
     names = {id(p): n for n, p in model.named_parameters()}
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def by_name(state_dict: dict, names: list[str]) -> dict:
+def key_by_name(state_dict: dict, names: list[str]) -> dict:
     """An index-keyed optimizer state dict (torch's own format) re-keyed by parameter name."""
     groups = [dict(g, params=[names[i] for i in g["params"]]) for g in state_dict["param_groups"]]
     return {"state": {names[i]: s for i, s in state_dict["state"].items()}, "param_groups": groups}
 
 
-def by_index(state_dict: dict, names: list[str]) -> dict:
-    """The inverse of by_name: a name-keyed optimizer state dict in torch's index-keyed format."""
+def key_by_index(state_dict: dict, names: list[str]) -> dict:
+    """The inverse of key_by_name: a name-keyed optimizer state dict in torch's index-keyed format."""
     index = {n: i for i, n in enumerate(names)}
     groups = [dict(g, params=[index[n] for n in g["params"]]) for g in state_dict["param_groups"]]
     return {"state": {index[n]: s for n, s in state_dict["state"].items()}, "param_groups": groups}
@@ -53,7 +54,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def live_pointers(model: nn.Module, optimizer: torch.optim.Optimizer) -> set[int]:
+def collect_live_pointers(model: nn.Module, optimizer: torch.optim.Optimizer) -> set[int]:
     """Storage addresses of the tensors training keeps updating (weights and optimizer state)."""
     tensors = [_local(p) for p in model.parameters()]
     for opt in (optimizer, getattr(optimizer, "optim", None)):  # ZeRO-1 keeps its shard's state inside
@@ -80,13 +81,13 @@ def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer, *,
     if _is_zero(optimizer):
         optimizer.consolidate_state_dict(to=0)
         model_sd = model.state_dict() if is_main else None
-        optim_sd = by_name(optimizer.state_dict(), param_names(model, optimizer)) if is_main else None
+        optim_sd = key_by_name(optimizer.state_dict(), list_param_names(model, optimizer)) if is_main else None
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=FULL_ON_CPU)
     if not is_main:
         return None, None
-    live = live_pointers(model, optimizer)
-    tied = tied_names(model)
+    live = collect_live_pointers(model, optimizer)
+    tied = find_tied_names(model)
     model_sd = {k: detached_cpu_copy(v, live).contiguous() for k, v in model_sd.items() if k not in tied}
     optim_sd["state"] = {n: {k: detached_cpu_copy(v, live) if torch.is_tensor(v) else v for k, v in s.items()}
                          for n, s in optim_sd["state"].items()}
@@ -96,7 +97,7 @@ def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer, *,
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
     """Load a full name-keyed optimizer state dict (read by every rank) into any strategy's optimizer."""
     if _is_zero(optimizer):
-        optimizer.load_state_dict(by_index(state_dict, param_names(model, optimizer)))
+        optimizer.load_state_dict(key_by_index(state_dict, list_param_names(model, optimizer)))
         # ZeroRedundancyOptimizer moves 0-dim state (Adam's step) to the CPU; fused and capturable
         # AdamW need it on the parameter's device (pytorch/pytorch#124133).
         for group in optimizer.optim.param_groups:

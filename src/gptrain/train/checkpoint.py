@@ -69,15 +69,15 @@ def _decode_bytes(s: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
 
 
-def capture_rng() -> dict:
-    """This process's RNG states: the CPU generator and the current CUDA device's (if in use)."""
+def capture_rng(device: str = "cpu") -> dict:
+    """This process's RNG states: the CPU generator's, and the training CUDA device's when there is one."""
     rng = {"torch": _encode_bytes(torch.get_rng_state())}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = [_encode_bytes(torch.cuda.get_rng_state())]
+    if device.startswith("cuda"):
+        rng["cuda"] = [_encode_bytes(torch.cuda.get_rng_state(device))]
     return rng
 
 
-def restore_rng(saved: dict | list, rank: int = 0, fallback_seed: int = 0) -> None:
+def restore_rng(saved: dict | list, rank: int = 0, fallback_seed: int = 0, device: str = "cpu") -> None:
     """Restore this rank's RNG states; a rank the checkpoint did not have (more ranks now) is seeded."""
     per_rank = saved if isinstance(saved, list) else [saved]  # format 1 stored rank 0's dict alone
     if rank >= len(per_rank):
@@ -85,8 +85,8 @@ def restore_rng(saved: dict | list, rank: int = 0, fallback_seed: int = 0) -> No
         return
     rng = per_rank[rank]
     torch.set_rng_state(_decode_bytes(rng["torch"]))
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(_decode_bytes(rng["cuda"][0]))
+    if "cuda" in rng and device.startswith("cuda"):
+        torch.cuda.set_rng_state(_decode_bytes(rng["cuda"][0]), device)
 
 
 def shared_keys(state: dict[str, torch.Tensor]) -> set[str]:
@@ -114,7 +114,7 @@ def split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], di
 
 def join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     """The inverse of split_optimizer_state. Format-1 checkpoints are keyed by parameter index:
-    meta["keyed_by"] tells (the loop maps indices to names with distributed.state.by_name)."""
+    meta["keyed_by"] tells (the loop maps indices to names with distributed.state.key_by_name)."""
     is_index = meta.get("keyed_by", "index") == "index"
     state: dict = {}
     for name, value in [*tensors.items(), *meta["scalars"].items()]:

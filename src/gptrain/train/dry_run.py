@@ -16,6 +16,7 @@ import torch.distributed as dist
 from gptrain.config import RunConfig
 from gptrain.distributed import parallel
 from gptrain.distributed.env import DistEnv
+from gptrain.errors import UserError
 from gptrain.train.schedule import lr_at
 from gptrain.train.setup import Run, build_run, configure_device
 from gptrain.train.step import autocast_context, train_step
@@ -60,8 +61,9 @@ def _micro_step_at(run: Run, batch_size: int) -> int:
 
 
 def measure(run: Run) -> dict:
-    """Two real steps (the optimizer state now exists), then one micro step at the micro batch B and one
-    at 2B: memory grows linearly with the batch, so the two give the cost of a sequence."""
+    """Two real steps (the optimizer state now exists), then one micro step at B/2 and one at the micro
+    batch B (known to fit by then): memory grows linearly with the batch, so the two give the cost of
+    a sequence."""
     cfg, env, plan = run.cfg, run.env, run.plan
     reset_peak_memory(env.device)
     autocast = autocast_context(env.device, cfg.train.precision)
@@ -74,14 +76,15 @@ def measure(run: Run) -> dict:
                             reduce_sum=env.all_reduce_sum, world_size=env.world_size)
     B = cfg.train.batch_size
     peak_steps = peak_memory_bytes(env.device)
-    peak = _micro_step_at(run, B)
-    peak_double = max(peak, _micro_step_at(run, 2 * B))
-    per_sequence = (peak_double - peak) / B
+    half = max(1, B // 2)
+    peak_half = _micro_step_at(run, half)
+    peak = max(peak_half, _micro_step_at(run, B))
+    per_sequence = (peak - peak_half) / (B - half) if B > half else 0.0
     capacity = memory_capacity_bytes(env.device)
     fixed = peak - B * per_sequence
     largest = math.floor((HEADROOM * capacity - fixed) / per_sequence) if per_sequence > 0 else None
     return {"rank": env.rank, "device": env.device, "loss": result.loss, "peak_steps_bytes": peak_steps,
-            "peak_bytes": peak, "peak_double_bytes": peak_double, "per_sequence_bytes": per_sequence,
+            "peak_half_bytes": peak_half, "peak_bytes": peak, "per_sequence_bytes": per_sequence,
             "capacity_bytes": capacity, "largest_micro_batch": largest}
 
 
@@ -95,13 +98,13 @@ def print_report(run: Run, rows: list[dict]) -> None:
     print(f"dry run: {run.model.num_parameters():,} parameters | {plan.strategy} on {plan.world_size} rank(s) | "
           f"micro batch {B} x {plan.num_micro_steps} accumulation steps | {plan.tokens_per_step:,} tokens per "
           f"step | 2 steps done, loss {rows[0]['loss']:.4f}")
-    print(f"{'rank':>4} {'device':<8} {'peak (steps)':>13} {f'peak (B={B})':>14} {f'peak (B={2 * B})':>14} "
+    print(f"{'rank':>4} {'device':<8} {'peak (steps)':>13} {f'peak (B={max(1, B // 2)})':>14} {f'peak (B={B})':>14} "
           f"{'memory':>11}  largest micro batch (estimate)")
     for r in rows:
         largest = r["largest_micro_batch"]
         guess = "unknown (memory did not grow with the batch)" if largest is None else f"about {largest}"
-        print(f"{r['rank']:>4} {r['device']:<8} {_gb(r['peak_steps_bytes']):>13} {_gb(r['peak_bytes']):>14} "
-              f"{_gb(r['peak_double_bytes']):>14} {_gb(r['capacity_bytes']):>11}  {guess}")
+        print(f"{r['rank']:>4} {r['device']:<8} {_gb(r['peak_steps_bytes']):>13} {_gb(r['peak_half_bytes']):>14} "
+              f"{_gb(r['peak_bytes']):>14} {_gb(r['capacity_bytes']):>11}  {guess}")
     print("nothing was written; on CPUs the peak is the process's resident memory, on GPUs tensor memory")
 
 
@@ -109,13 +112,17 @@ def dry_run(cfg: RunConfig, log=print) -> list[dict]:
     """Build the run as `gptrain train` would, measure on every rank; rank 0 prints the table."""
     is_joined = dist.is_initialized()
     env = DistEnv.start(cfg.device, cfg.parallel.timeout_seconds)
+    configure_device(cfg.train, env)
+    run = build_run(cfg, env, Path(cfg.run_dir or "runs/dry-run"), None, None, log)
     try:
-        configure_device(cfg, env)
-        run = build_run(cfg, env, Path(cfg.run_dir or "runs/dry-run"), None, None, log)
-        rows = env.gather_objects(measure(run))
-        if env.is_main:
-            print_report(run, rows)
-        return rows or []
-    finally:
-        if not is_joined:
-            env.close()
+        row = measure(run)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"micro batch {cfg.train.batch_size} does not fit on {env.device} (out of memory in the "
+                        "first steps): lower --batch-size, or try --parallel fsdp or "
+                        "--train.use_activation_checkpointing=on") from None
+    rows = env.gather_objects(row)
+    if env.is_main:
+        print_report(run, rows)
+    if not is_joined:  # only on success: see train()
+        env.close()
+    return rows or []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -41,21 +42,22 @@ def resume_from(run: Run, pieces: dict) -> None:
                         is_echo=not run.env.is_main)
     optim_sd = pieces["optimizer"]
     if pieces["state"].get("format", 1) == 1:  # keyed by parameter index in build_optimizer's order
-        optim_sd = dstate.by_name(optim_sd, dstate.param_names(run.model, run.optimizer))
+        optim_sd = dstate.key_by_name(optim_sd, dstate.list_param_names(run.model, run.optimizer))
     dstate.load_optimizer_state(run.model, run.optimizer, optim_sd)
     # The stored param groups carry the old hyperparameters; the (possibly overridden) config wins.
     for group, decay in zip(run.optimizer.param_groups, (run.cfg.optim.weight_decay, 0.0), strict=True):
         group.update(weight_decay=decay, betas=(run.cfg.optim.beta1, run.cfg.optim.beta2), eps=run.cfg.optim.eps)
     run.state = ckpt.TrainState(**pieces["state"]["train"])
     run.train_loader.load_state_dict(pieces["state"]["loader"])
-    ckpt.restore_rng(pieces["state"]["rng"], run.env.rank, fallback_seed=run.cfg.seed + run.env.rank)
+    ckpt.restore_rng(pieces["state"]["rng"], run.env.rank, fallback_seed=run.cfg.seed + run.env.rank,
+                     device=run.env.device)
 
 
 def save_checkpoint(run: Run, names: list[str], *, is_periodic: bool = False) -> None:
     """Gather the full state on rank 0 (a collective: every rank calls this), then write it there in
     the background; periodic ones are pruned to keep_last."""
     model_sd, optim_sd = dstate.gather_state(run.model, run.optimizer, is_main=run.env.is_main)
-    rngs = run.env.gather_objects(ckpt.capture_rng())
+    rngs = run.env.gather_objects(ckpt.capture_rng(run.env.device))
     if not run.env.is_main:
         return
     opt_tensors, opt_meta = ckpt.split_optimizer_state(optim_sd)
@@ -142,7 +144,8 @@ def train(
     """
     is_auto = str(resume) == "auto"
     if resume is not None and (should_overwrite or (init_from is not None and not is_auto)):
-        raise UserError("--resume continues a run as it is: it cannot be combined with --overwrite or --init-from")
+        raise UserError("--resume continues a run as it is: it cannot be combined with --overwrite or --init-from",
+                        is_echo=int(os.environ.get("RANK", 0)) != 0)
     is_joined = dist.is_initialized()
     env = DistEnv.start(cfg.device, cfg.parallel.timeout_seconds)
     if is_auto:
@@ -168,7 +171,7 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
            log) -> dict:
     if resume is not None:
         cfg = replace(cfg, run_dir=str(resume))
-    configure_device(cfg, env)
+    configure_device(cfg.train, env)
     torch.manual_seed(cfg.seed)
     run_dir = env.on_main(check_run_dir, cfg, is_resume=resume is not None, should_overwrite=should_overwrite)
     fixed_tokenizer, weights, pieces = None, None, None
@@ -187,9 +190,14 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
     del pieces, weights
     create_run_dir(run, should_overwrite=should_overwrite)
     run.sinks = build_sinks(run)
-    if resume is not None:
-        emit(run, {"kind": "event", "message": f"resumed from step {run.state.step}", "resumed_from": run.state.step})
     try:
+        log_layout(run)  # the first event row of every launch, a resumed one too
+        if resume is not None:
+            emit(run, {"kind": "event", "message": f"resumed from step {run.state.step}",
+                       "resumed_from": run.state.step})
+            if run.state.step >= run.plan.num_steps:  # a requeued job whose run had already finished
+                emit(run, {"kind": "event", "message": f"the run is already complete ({run.plan.num_steps} steps)"})
+                return summarize(run, run.state.loss_ema or float("nan"), run.state.best_val_loss, "")
         with stop_on_signals(run):
             return _loop(run)
     finally:
@@ -200,7 +208,7 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
 
 @contextlib.contextmanager
 def stop_on_signals(run: Run):
-    """Ctrl-C or SIGTERM (torchrun forwards both to every worker) asks the loop to stop at the next
+    """Ctrl-C, SIGTERM or SIGHUP (torchrun forwards them to every worker) asks the loop to stop at the next
     step boundary and checkpoint there, so the run resumes exactly; a second Ctrl-C interrupts at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -211,7 +219,9 @@ def stop_on_signals(run: Run):
             raise KeyboardInterrupt
         run.should_stop, run.stop_signal = True, run.stop_signal or signum
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # torchrun forwards SIGHUP too (a closed SSH session): it also saves and stops.
+    signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {sig: signal.signal(sig, handle) for sig in signals}
     try:
         yield
     finally:
@@ -236,13 +246,14 @@ def after_step(run: Run, should_stop: bool) -> tuple[bool, bool]:
     Returns (is_early_stop, is_stopping); one snapshot serves every folder due at this step."""
     cfg, state = run.cfg, run.state
     names, is_early_stop = [], False
-    if is_due(state.step, cfg.eval.every_steps):
+    # A stop skips evaluation and samples: torchrun kills workers that take longer than ~30 s to exit.
+    if is_due(state.step, cfg.eval.every_steps) and not should_stop:
         _, names = validate(run)
         is_early_stop = 0 < cfg.eval.patience <= state.num_bad_evals
         if is_early_stop:
             emit(run, {"kind": "event", "message": f"early stop: val loss has not improved for "
                                                    f"{state.num_bad_evals} evaluations"})
-    if is_due(state.step, cfg.samples.every_steps):
+    if is_due(state.step, cfg.samples.every_steps) and not should_stop:
         sample(run)
     is_periodic = is_due(state.step, cfg.checkpoint.every_steps)
     is_stopping = should_stop and not is_early_stop
@@ -259,7 +270,6 @@ def _loop(run: Run) -> dict:
     dtype = "bf16" if uses_bf16(env.device, cfg.train.precision) else "fp32"
     # Rank 0 measures (when the device is not in the table) while the others wait: probes would compete.
     peak, mfu_basis = env.on_main(peak_flops, env.device, dtype)
-    log_layout(run)
 
     def sync(is_last: bool):
         return parallel.gradient_sync(run.step_model, plan.strategy, cfg.parallel, is_last=is_last)

@@ -5,6 +5,7 @@ These run on rank 0 only; the loop broadcasts their answer, so every rank writes
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -64,5 +65,8 @@ def find_auto_resume(cfg: RunConfig) -> tuple[Path | None, bool]:
         if is_run_dir(run_dir) and has_checkpoint(run_dir):
             return run_dir, False
         return None, is_run_dir(run_dir)
-    candidates = sorted(Path("runs").glob(f"{cfg.name}-[0-9]*-[0-9]*"), key=lambda p: p.name, reverse=True)
+    # Exactly <name>-YYYYmmdd-HHMMSS: the runs of "gpt2" are not those of "gpt2-124m-fineweb".
+    own = re.compile(re.escape(cfg.name) + r"-\d{8}-\d{6}")
+    candidates = sorted((p for p in Path("runs").glob(f"{cfg.name}-*") if own.fullmatch(p.name)),
+                        key=lambda p: p.name, reverse=True)
     return next((p for p in candidates if is_run_dir(p) and has_checkpoint(p)), None), False

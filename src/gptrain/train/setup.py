@@ -13,10 +13,11 @@ import torch
 from gptrain.config import RunConfig, from_toml_text, to_toml
 from gptrain.data.loader import ShardLoader
 from gptrain.data.prepare import (
+    DataConfig,
     failure_marker,
+    find_shard_folder,
     load_dataset_tokenizer,
     prepare_dataset,
-    shard_folder,
     shard_paths,
     wait_for_dataset,
     write_failure_marker,
@@ -26,14 +27,14 @@ from gptrain.distributed.env import DistEnv
 from gptrain.errors import UserError
 from gptrain.metrics.sinks import MetricSink
 from gptrain.model.gpt import GPT
-from gptrain.tokenizer import Tokenizer
+from gptrain.tokenizer import Tokenizer, TokenizerConfig
 from gptrain.tokenizer.base import save_tokenizer
 from gptrain.train import checkpoint as ckpt
 from gptrain.train.optim import build_optimizer
 from gptrain.train.run_dir import is_run_dir
 from gptrain.train.samples import SamplesConfig
 from gptrain.train.schedule import lr_at
-from gptrain.train.step import uses_bf16
+from gptrain.train.step import TrainConfig, uses_bf16
 
 
 @dataclass
@@ -116,32 +117,42 @@ def checked_sample_prompt(cfg: SamplesConfig, tokenizer: Tokenizer) -> SamplesCo
     return cfg
 
 
-def prepare_data(cfg: RunConfig, env: DistEnv, fixed_tokenizer: Tokenizer | None, log) -> Path:
+def prepare_data(data: DataConfig, tok_cfg: TokenizerConfig, env: DistEnv, fixed_tokenizer: Tokenizer | None,
+                 log) -> Path:
     """One rank prepares (rank 0, or local rank 0 of each node with data.prepare_per_node); the others
     wait on its files, not on a collective, since preparing a big corpus outlasts any collective timeout."""
-    is_preparer = env.is_main or (cfg.data.prepare_per_node and env.local_rank == 0)
+    is_preparer = env.is_main or (data.prepare_per_node and env.local_rank == 0)
     log = log if env.is_main else (lambda *_: None)  # only rank 0 writes to the console
-    if not env.is_distributed or shard_folder(cfg.data.source) is not None:
-        return prepare_dataset(cfg.data, cfg.tokenizer, tokenizer=fixed_tokenizer, log=log)
+    is_ready = env.on_main(find_shard_folder, data.source) is not None  # one answer for every rank
+    if not env.is_distributed or is_ready:
+        return prepare_dataset(data, tok_cfg, tokenizer=fixed_tokenizer, log=log)
     if is_preparer:
-        failure_marker(cfg.data, cfg.tokenizer, fixed_tokenizer).unlink(missing_ok=True)
+        failure_marker(data, tok_cfg, fixed_tokenizer).unlink(missing_ok=True)
     env.barrier()  # no rank may see the previous attempt's failure marker
-    if not is_preparer:
-        folder = wait_for_dataset(cfg.data, cfg.tokenizer, fixed_tokenizer)
-    else:
-        try:
-            folder = prepare_dataset(cfg.data, cfg.tokenizer, tokenizer=fixed_tokenizer, log=log)
-        except BaseException as e:
-            write_failure_marker(cfg.data, cfg.tokenizer, fixed_tokenizer, str(e) or type(e).__name__)
+    folder, error = None, None
+    try:
+        if is_preparer:
+            folder = prepare_dataset(data, tok_cfg, tokenizer=fixed_tokenizer, log=log)
+        else:
+            folder = wait_for_dataset(data, tok_cfg, fixed_tokenizer)
+    except Exception as e:
+        if is_preparer:
+            write_failure_marker(data, tok_cfg, fixed_tokenizer, str(e) or type(e).__name__)
+        if not data.prepare_per_node:
             raise
-    if cfg.data.prepare_per_node:  # nodes finish at different times; the next collectives have short timeouts
-        env.barrier(timeout_seconds=cfg.data.prepare_timeout_seconds)
+        error = str(e) or type(e).__name__
+    if data.prepare_per_node:
+        # Nodes finish at different times and a failure marker stays on its node's disk: every rank
+        # tells every other how it went, in a gloo group that waits as long as preparation may take.
+        errors = [e for e in env.all_gather_objects(error, timeout_seconds=data.prepare_timeout_seconds) if e]
+        if errors:
+            raise UserError(f"data preparation failed on a node: {errors[0]}", is_echo=not env.is_main)
     return folder
 
 
-def configure_device(cfg: RunConfig, env: DistEnv) -> None:
+def configure_device(train: TrainConfig, env: DistEnv) -> None:
     """Process-wide settings for the device: TF32 tensor cores for fp32 matmuls on CUDA."""
-    if env.device.startswith("cuda") and cfg.train.use_tf32:
+    if env.device.startswith("cuda") and train.use_tf32:
         torch.set_float32_matmul_precision("high")  # fp32 matmuls on TF32 (10-bit mantissa inputs)
 
 
@@ -152,7 +163,7 @@ def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Toke
 
     fixed_tokenizer: the tokenizer a resumed run or a fine-tuned checkpoint already uses.
     """
-    dataset = prepare_data(cfg, env, fixed_tokenizer, log)
+    dataset = prepare_data(cfg.data, cfg.tokenizer, env, fixed_tokenizer, log)
     tokenizer = fixed_tokenizer or load_dataset_tokenizer(dataset, cfg.tokenizer)
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=tokenizer.vocab_size))
     cfg = replace(cfg, samples=checked_sample_prompt(cfg.samples, tokenizer))

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from gptrain.data.loader import ShardLoader
-from gptrain.distributed.parallel import full_norm
+from gptrain.distributed.parallel import gather_norm
 from gptrain.errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -115,7 +115,7 @@ def train_step(
         loss_sum += loss.detach()
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = grad_clip if grad_clip > 0 else float("inf")
-    grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+    grad_norm = gather_norm(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
     # The gradients are already reduced (the norm is the same on every rank); the loss and the stop
     # request are summed here. One host sync per step: everything comes back together.
     shared = reduce_sum(torch.stack([loss_sum, torch.tensor(float(is_stop_requested()), device=device)]))
