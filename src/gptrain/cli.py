@@ -14,7 +14,7 @@ TRAIN_EPILOG = """\
 Any config field can be set as --section.field=value (or GPTRAIN_SECTION__FIELD=value in the
 environment or a .env file), e.g. --model.dropout=0.1 --schedule.kind=wsd --eval.patience=3.
 Precedence: defaults < --preset < recipe TOML < .env < environment < flags.
-Sections: model, tokenizer, data, train, optim, schedule, eval, samples, checkpoint, log.
+Sections: model, tokenizer, data, train, optim, schedule, eval, samples, checkpoint, parallel, log.
 Run `gptrain config` to print every key with its default."""
 
 

@@ -1,4 +1,4 @@
-"""train(): the one explicit training loop, with setup in small build_* functions."""
+"""train(): the one explicit training loop, with resume, checkpoints, evaluation and samples (setup: setup.py)."""
 
 from __future__ import annotations
 
