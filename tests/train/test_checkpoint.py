@@ -90,3 +90,16 @@ def test_background_writer_overwrites_atomically_and_prunes(tiny_config, tmp_pat
     assert ckpt.read_checkpoint(root / "best")["state"]["train"]["step"] == 6
     assert ckpt.resolve_checkpoint_dir(tmp_path) == root / "step_000004"
     assert ckpt.latest_checkpoint_dir(tmp_path) == root / "best"
+
+
+def test_a_save_before_any_update_leaves_the_optimizer_untouched(tiny_config):
+    model = GPT(tiny_config)
+    opt = build_optimizer(model, OptimConfig(), lr=1e-3)
+    model_sd, optim_sd = gather_state(model, opt, is_main=True)
+    assert not opt.state and optim_sd["state"] == {}  # no zero-lr step was taken to create the state
+    assert optim_sd["param_groups"][0]["params"][0] == "transformer.wte.weight"
+    tensors, meta = ckpt.split_optimizer_state(optim_sd)
+    fresh = GPT(tiny_config)
+    opt2 = build_optimizer(fresh, OptimConfig(), lr=1e-3)
+    load_optimizer_state(fresh, opt2, ckpt.join_optimizer_state(tensors, meta))
+    assert not opt2.state and model_sd.keys() == {k for k in model.state_dict() if k != "lm_head.weight"}

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_optimizer_state_dict,
+)
 
 FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -82,6 +87,14 @@ def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer, *,
         optimizer.consolidate_state_dict(to=0)
         model_sd = model.state_dict() if is_main else None
         optim_sd = key_by_name(optimizer.state_dict(), list_param_names(model, optimizer)) if is_main else None
+    elif not optimizer.state:
+        # No update applied yet (every step so far skipped): get_state_dict would create the state with
+        # a zero-lr step, which counts as one and changes every later update. Save the state as empty.
+        model_sd = get_model_state_dict(model, options=FULL_ON_CPU)
+        names = iter(list_param_names(model, optimizer))
+        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [next(names) for _ in g["params"]]}
+                  for g in optimizer.param_groups]
+        optim_sd = {"state": {}, "param_groups": groups}
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=FULL_ON_CPU)
     if not is_main:
@@ -96,6 +109,8 @@ def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer, *,
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
     """Load a full name-keyed optimizer state dict (read by every rank) into any strategy's optimizer."""
+    if not state_dict["state"]:
+        return  # saved before any update: a fresh optimizer is exactly that (its settings come from the config)
     if _is_zero(optimizer):
         optimizer.load_state_dict(key_by_index(state_dict, list_param_names(model, optimizer)))
         # ZeroRedundancyOptimizer moves 0-dim state (Adam's step) to the CPU; fused and capturable
