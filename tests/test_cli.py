@@ -28,7 +28,7 @@ def tiny_args(tmp_path, corpus):
     (["train", "--model.n_embdd=3"], "unknown config key 'model.n_embdd'"),
     (["train", "--data", "/no/such/corpus.txt"], "does not exist"),
     (["train", "/no/such/recipe.toml"], "config file /no/such/recipe.toml does not exist"),
-    (["train", "--resume", "/no/such/run"], "is not a run directory"),
+    (["train", "--resume", "/no/such/run"], "run directory /no/such/run does not exist"),
     (["generate", "--checkpoint", "/no/such/ckpt"], "does not exist"),
     (["train", "--lr", "-1"], "peak_lr must be positive"),
     (["train", "--bogus"], "unrecognized arguments: --bogus"),

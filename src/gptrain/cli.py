@@ -158,9 +158,17 @@ def _recipe(args: argparse.Namespace) -> Path | None:
         if recipe:
             raise UserError("--resume takes the run's own config.toml; pass overrides as flags, not a recipe")
         recipe = Path(args.resume) / "config.toml"
+        if not Path(args.resume).exists():
+            raise UserError(f"run directory {args.resume} does not exist: give the folder of the run to continue")
         if not recipe.is_file():
             raise UserError(f"{args.resume} is not a run directory (no config.toml in it)")
     return recipe
+
+
+def _is_lost_peer(e: Exception) -> bool:
+    """A collective that failed because a peer process went away (gloo or NCCL), not this rank's bug."""
+    text = str(e)
+    return "Connection closed by peer" in text or "Connection reset by peer" in text or "NCCL communicator" in text
 
 
 def cmd_train(args: argparse.Namespace, extra: dict[str, str]) -> int:
@@ -183,6 +191,9 @@ def cmd_train(args: argparse.Namespace, extra: dict[str, str]) -> int:
         # alone, the shell's convention: 128 + the signal (130 for Ctrl-C, 143 for SIGTERM).
         return 0 if "TORCHELASTIC_RUN_ID" in os.environ else 128 + (summary["stop_signal"] or signal.SIGINT)
     if _rank() != 0:
+        return 0
+    if summary.get("is_already_complete"):
+        print(f"run directory: {summary['run_dir']} (already complete: nothing to train)")
         return 0
     print(f"run directory: {summary['run_dir']}\nfinal train loss {summary['train_loss']:.4f} | "
           f"val loss {summary['val_loss']:.4f} | {summary['elapsed_seconds']:.0f}s of training")
@@ -282,5 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun's summary follows; this names the rank first
+            if _is_lost_peer(e):
+                print(f"gptrain: rank {_rank()} stopped: another rank failed or was killed (see torchrun's summary "
+                      f"for which one): {str(e).splitlines()[0][:200]}", file=sys.stderr)
+                return 1
             print(f"gptrain: rank {_rank()} failed: {type(e).__name__}: {e}", file=sys.stderr)
         raise

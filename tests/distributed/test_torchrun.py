@@ -204,3 +204,12 @@ def test_a_rank_that_raises_ends_the_whole_job(root):
     assert done.returncode != 0
     assert "gptrain: rank 1 failed: RuntimeError: injected failure on rank 1" in done.stderr
     assert time.monotonic() - started < 90  # torchrun stopped rank 0 instead of letting it hang
+
+
+@pytest.mark.dist
+def test_a_mistake_every_rank_makes_is_printed_once(root):
+    done = subprocess.run(torchrun_cmd(2, *train_args(root, "mistake", 5, "--train.batch_tokens", "6000")),
+                          cwd=root, capture_output=True, text=True, env=_env(), timeout=TIMEOUT)
+    assert done.returncode != 0
+    assert done.stderr.count("gptrain: error") == 1 and "is not a multiple of batch_size x block_size" in done.stderr
+    assert not (root / "mistake").exists()

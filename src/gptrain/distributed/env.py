@@ -57,6 +57,8 @@ class DistEnv:
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         if device.startswith("cuda") and world_size > 1:
             device = f"cuda:{local_rank}"
+        if device == "mps" and world_size > 1 and device_preference == "auto":
+            device = "cpu"  # torch.distributed has no MPS backend: several processes on a Mac use gloo on the CPU
         return cls(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
     @classmethod

@@ -72,6 +72,11 @@ def save_checkpoint(run: Run, names: list[str], *, is_periodic: bool = False) ->
     run.writer.submit(snapshot, folders, run.cfg.checkpoint.keep_last if is_periodic else None)
 
 
+def resume_command(run: Run) -> str:
+    launcher = f"torchrun --nproc_per_node {run.env.world_size} -m gptrain" if run.env.is_distributed else "gptrain"
+    return f"{launcher} train --resume {run.run_dir}"
+
+
 def emit(run: Run, row: dict) -> None:
     row = {"step": run.state.step, "time": time.time(), **row}
     for sink in run.sinks:
@@ -197,7 +202,7 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
                        "resumed_from": run.state.step})
             if run.state.step >= run.plan.num_steps:  # a requeued job whose run had already finished
                 emit(run, {"kind": "event", "message": f"the run is already complete ({run.plan.num_steps} steps)"})
-                return summarize(run, run.state.loss_ema or float("nan"), run.state.best_val_loss, "")
+                return summarize(run, float("nan"), run.state.best_val_loss, "") | {"is_already_complete": True}
         with stop_on_signals(run):
             return _loop(run)
     finally:
@@ -259,8 +264,8 @@ def after_step(run: Run, should_stop: bool) -> tuple[bool, bool]:
     is_stopping = should_stop and not is_early_stop
     if is_periodic or is_stopping:
         names = [f"{ckpt.STEP_PREFIX}{state.step:06d}", *names]
-    if names:
-        save_checkpoint(run, names, is_periodic=is_periodic)
+    if names:  # keep_last prunes after a stop's checkpoint too (it is the newest, so it stays)
+        save_checkpoint(run, names, is_periodic=is_periodic or is_stopping)
     return is_early_stop, is_stopping
 
 
@@ -314,7 +319,7 @@ def _loop(run: Run) -> dict:
         is_early_stop, is_stopping = after_step(run, result.should_stop)
         if is_stopping:
             emit(run, {"kind": "event", "message": f"stopped at step {state.step} (checkpoint saved); "
-                                                   f"continue with: gptrain train --resume {run.run_dir}"})
+                                                   f"continue with: {resume_command(run)}"})
             return summarize(run, last_loss, None, None)
     # An early stop has just evaluated this step: its figures stand (no second val row for one step).
     final_val_loss, names = (run.last_val_loss, []) if is_early_stop else validate(run)

@@ -25,6 +25,7 @@ from gptrain.data.prepare import (
 from gptrain.distributed import parallel
 from gptrain.distributed.env import DistEnv
 from gptrain.errors import UserError
+from gptrain.eval.val_loss import num_eval_windows
 from gptrain.metrics.sinks import MetricSink
 from gptrain.model.gpt import GPT
 from gptrain.tokenizer import Tokenizer, TokenizerConfig
@@ -164,6 +165,15 @@ def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Toke
     fixed_tokenizer: the tokenizer a resumed run or a fine-tuned checkpoint already uses.
     """
     dataset = prepare_data(cfg.data, cfg.tokenizer, env, fixed_tokenizer, log)
+    try:
+        return _build_on(dataset, cfg, env, run_dir, fixed_tokenizer, weights)
+    except UserError as e:  # from here on, the same inputs give every rank the same mistake: rank 0 says it
+        e.is_echo = not env.is_main
+        raise
+
+
+def _build_on(dataset: Path, cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Tokenizer | None,
+              weights: dict | None) -> Run:
     tokenizer = fixed_tokenizer or load_dataset_tokenizer(dataset, cfg.tokenizer)
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=tokenizer.vocab_size))
     cfg = replace(cfg, samples=checked_sample_prompt(cfg.samples, tokenizer))
@@ -172,8 +182,11 @@ def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Toke
     train_loader = ShardLoader(shard_paths(dataset, "train"), seed=cfg.seed, **loader_args)
     val_loader = ShardLoader(shard_paths(dataset, "val"), shuffle=False, split="val", **loader_args)
     plan = derive_plan(cfg, train_loader, env.world_size)
-    # The global batch is part of the run: stored, so a resume on another number of ranks keeps it.
-    cfg = replace(cfg, train=replace(cfg.train, batch_tokens=plan.tokens_per_step))
+    # The global batch and the val set are part of the run: stored resolved, so a resume on another
+    # number of ranks or with another micro batch keeps both.
+    eval_tokens = num_eval_windows(cfg.eval, cfg.train.batch_size, cfg.model.block_size) * cfg.model.block_size
+    cfg = replace(cfg, train=replace(cfg.train, batch_tokens=plan.tokens_per_step),
+                  eval=replace(cfg.eval, num_tokens=eval_tokens))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
     model = GPT(cfg.model)
     if plan.strategy != "fsdp":  # FSDP2 moves each block to the device as it shards it: a model bigger
