@@ -49,8 +49,9 @@ def build_cases(world_size: int, compile_backend: str = "") -> list[Case]:
     many += [Case(f"{world_size} ranks {s}, accumulation", world_size, 1, num_micro_steps=2, strategy=s)
              for s in ("ddp", "zero1", "fsdp")]
     if compile_backend:
-        many += [Case(f"{world_size} ranks {s}, compiled", world_size, 2, strategy=s, compile_backend=compile_backend)
-                 for s in ("ddp", "fsdp")]
+        # With accumulation, so the gradient-sync switches are exercised through the compiled wrapper too.
+        many += [Case(f"{world_size} ranks {s}, compiled, accum.", world_size, 1, num_micro_steps=2, strategy=s,
+                      compile_backend=compile_backend) for s in ("ddp", "fsdp")]
     return one + many
 
 
@@ -121,9 +122,9 @@ def compare(out: Path, all_cases: list[Case]) -> tuple[list[dict], bool]:
 def print_table(rows: list[dict], num_steps: int, final_loss: float) -> None:
     print(f"largest |difference| from one process with the whole batch, over {num_steps} steps "
           f"(final loss {final_loss:.4f}; tolerance {LOSS_TOLERANCE:g} loss, {WEIGHT_TOLERANCE:g} weights)")
-    print(f"{'case':<28} {'ranks':>5} {'micro':>5} {'train loss':>11} {'val loss':>10} {'weights':>10}  ok")
+    print(f"{'case':<31} {'ranks':>5} {'micro':>5} {'train loss':>11} {'val loss':>10} {'weights':>10}  ok")
     for r in rows:
-        print(f"{r['case']:<28} {r['ranks']:>5} {r['micro_batch']:>5} {r['loss']:>11.2e} {r['val_loss']:>10.2e} "
+        print(f"{r['case']:<31} {r['ranks']:>5} {r['micro_batch']:>5} {r['loss']:>11.2e} {r['val_loss']:>10.2e} "
               f"{r['weights']:>10.2e}  {'yes' if r['ok'] else 'NO'}")
 
 

@@ -87,7 +87,7 @@ def test_check_equivalence_all_strategies_and_accumulation(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     table = [line for line in done.stdout.splitlines() if line.rstrip().endswith(("yes", "NO"))]
     assert len(table) == 9 and all(line.rstrip().endswith("yes") for line in table)
-    assert "zero1" in done.stdout and "fsdp, accumulation" in done.stdout and "ddp, compiled" in done.stdout
+    assert "zero1" in done.stdout and "fsdp, accumulation" in done.stdout and "ddp, compiled, accum." in done.stdout
 
 
 @pytest.mark.dist
