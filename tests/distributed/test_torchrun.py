@@ -1,6 +1,7 @@
 """Real torchrun launches on the CPU (gloo): equivalence of strategies, two nodes, kill and resume with
 other ranks and strategies, SIGTERM, a failing rank. Each launch costs a few seconds; runs are shared."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -118,8 +119,17 @@ def test_two_nodes_equal_one_node(root, reference):
     assert [r["loss"] for r in rows(root / "two_nodes", "train")] == [r["loss"] for r in rows(reference, "train")]
 
 
+def _kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers at once (torchrun starts each worker in a session of its own, so
+    killing torchrun's process group alone would leave them running)."""
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    for pid in [proc.pid, *map(int, children)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _kill_after_first_checkpoint(root: Path) -> Path:
-    """A 2-rank run SIGKILLed (the whole process group) once its step-4 checkpoint is on disk."""
+    """A 2-rank run SIGKILLed (torchrun and every worker) once its step-4 checkpoint is on disk."""
     proc = subprocess.Popen(torchrun_cmd(2, *train_args(root, "killed")), cwd=root, start_new_session=True,
                             env=_env(TEST_STEP_SLEEP=0.25, TEST_WINDOW_LOG=root / "killed.windows"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -127,8 +137,9 @@ def _kill_after_first_checkpoint(root: Path) -> Path:
     while not (root / "killed" / "checkpoints" / "step_000004" / "state.json").is_file():
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_job(proc)
     proc.wait()
+    time.sleep(0.5)  # the workers' exits are not waited for by anyone here
     assert not (root / "killed" / "checkpoints" / "final").exists()
     return root / "killed"
 

@@ -6,7 +6,10 @@ torchrun (`WORLD_SIZE` > 1) `DistEnv.start()` joins the process group: NCCL on C
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -31,6 +34,16 @@ def resolve_device(preference: str) -> str:
     if preference == "mps" and not has_mps:
         raise UserError("device mps was asked for but Apple MPS is not available: use --device cpu or auto")
     return preference
+
+
+def stop_with_launcher() -> None:
+    """Under torchrun on Linux, get SIGTERM when the launcher dies. torchrun starts each worker in a
+    session of its own, so a torchrun killed with SIGKILL (or by the OOM killer) would otherwise leave
+    its workers training on, orphaned; SIGTERM makes them save together and stop."""
+    if sys.platform != "linux" or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,7 @@ class DistEnv:
             raise
         if not env.is_distributed or dist.is_initialized():
             return env
+        stop_with_launcher()
         if env.device == "mps":
             raise UserError("multi-process training on Apple MPS is not supported: use --device cpu under torchrun")
         if env.device.startswith("cuda"):
