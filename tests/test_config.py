@@ -39,6 +39,10 @@ def test_aliases_match_config_fields():
     ({"model.bias": "maybe"}, "expects true or false"),
     ({"model.n_embd": 100, "model.n_head": 3}, "not divisible"),
     ({"preset": "gpt5"}, "unknown preset 'gpt5'"),
+    ({"lr": "nan"}, "schedule.peak_lr must be a finite number"),
+    ({"optim.grad_clip": "inf"}, "optim.grad_clip must be a finite number"),
+    ({"seed": "-1"}, "seed must be >= 0"),
+    ({"schedule.decay_fraction": "0"}, r"schedule.decay_fraction must be in \(0, 1\]"),
 ])
 def test_bad_values_are_user_errors(values, message):
     with pytest.raises(UserError, match=message):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 import typing
@@ -73,6 +74,10 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise UserError(f"seed must be >= 0 (got {self.seed})")
+
 
 def _sections() -> dict[str, type]:
     hints = typing.get_type_hints(RunConfig)
@@ -84,7 +89,15 @@ def _field_type(cls: type, name: str) -> type:
 
 
 def parse_value(text: object, kind: type, key: str) -> object:
-    """Turn a TOML value or a command-line/env string into the field's type, or fail clearly."""
+    """Turn a TOML value or a command-line/env string into the field's type, or fail clearly
+    (NaN and infinity are refused everywhere: no setting means them)."""
+    value = _parse_value(text, kind, key)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{key} must be a finite number (got {text!r})")
+    return value
+
+
+def _parse_value(text: object, kind: type, key: str) -> object:
     base = typing.get_args(kind)[0] if typing.get_origin(kind) in (typing.Union, type(int | None)) else kind
     if isinstance(text, str) and base is not str:
         lowered = text.strip().lower()

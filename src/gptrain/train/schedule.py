@@ -25,6 +25,8 @@ class ScheduleConfig:
             raise UserError(f"schedule.peak_lr must be positive (got {self.peak_lr})")
         if self.num_warmup_steps < 0:
             raise UserError(f"schedule.num_warmup_steps must be >= 0 (got {self.num_warmup_steps})")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise UserError(f"schedule.decay_fraction must be in (0, 1] (got {self.decay_fraction})")
         if not 0.0 <= self.final_lr_ratio <= 1.0:
             raise UserError(f"schedule.final_lr_ratio must be in [0, 1] (got {self.final_lr_ratio})")
 
