@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 import time
@@ -148,11 +147,11 @@ def train(
     should_tune_malloc: keep freed memory in the heap once setup is done (see runtime.tune_malloc).
     """
     is_auto = str(resume) == "auto"
-    if resume is not None and (should_overwrite or (init_from is not None and not is_auto)):
-        raise UserError("--resume continues a run as it is: it cannot be combined with --overwrite or --init-from",
-                        is_echo=int(os.environ.get("RANK", 0)) != 0)
     is_joined = dist.is_initialized()
     env = DistEnv.start(cfg.device, cfg.parallel.timeout_seconds)
+    if resume is not None and (should_overwrite or (init_from is not None and not is_auto)):
+        raise UserError("--resume continues a run as it is: it cannot be combined with --overwrite or --init-from",
+                        is_echo=not env.is_main)
     if is_auto:
         found, should_overwrite = env.on_main(find_auto_resume, cfg)
         resume = found
