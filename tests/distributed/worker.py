@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gptrain import cli
 from gptrain.data.loader import ShardLoader
-from gptrain.train import loop
+from gptrain.train import setup  # step_run calls train_step from there
 
 RANK = int(os.environ.get("RANK", 0))
 
@@ -27,7 +27,7 @@ def record_windows(path: Path) -> None:
 
 
 def wrap_step(sleep_seconds: float, fail_rank: int, fail_step: int) -> None:
-    step = loop.train_step
+    step = setup.train_step
     calls = {"n": 0}
 
     def hooked(*args, **kwargs):
@@ -37,7 +37,7 @@ def wrap_step(sleep_seconds: float, fail_rank: int, fail_step: int) -> None:
         time.sleep(sleep_seconds)
         return step(*args, **kwargs)
 
-    loop.train_step = hooked
+    setup.train_step = hooked
 
 
 if __name__ == "__main__":

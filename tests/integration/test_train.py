@@ -178,13 +178,13 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(tmp_path, corpus_di
     import os
     import signal
 
-    from gptrain.train import loop
+    from gptrain.train import setup  # step_run calls train_step from there
 
     values = tiny_values(tmp_path, corpus_dir, steps=12, **{"checkpoint.every_steps": 0, "samples.every_steps": 0,
                                                            "eval.every_steps": 0, "model.dropout": 0.1})
     train(resolve_config(None, values, environ={}), log=lambda *_: None)
     calls = {"n": 0}
-    real_step = loop.train_step
+    real_step = setup.train_step
 
     def step_then_interrupt(*args, **kwargs):
         calls["n"] += 1
@@ -192,12 +192,12 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(tmp_path, corpus_di
             os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C inside step 5
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "train_step", step_then_interrupt)
+    monkeypatch.setattr(setup, "train_step", step_then_interrupt)
     cut_values = values | {"run_dir": str(tmp_path / "cut")}
     summary = train(resolve_config(None, cut_values, environ={}), log=lambda *_: None)
     assert summary["is_stopped"] and summary["step"] == 5
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step_000005"]
-    monkeypatch.setattr(loop, "train_step", real_step)
+    monkeypatch.setattr(setup, "train_step", real_step)
     from gptrain.config import from_toml_text
 
     train(from_toml_text((tmp_path / "cut" / "config.toml").read_text()), resume=tmp_path / "cut", log=lambda *_: None)
@@ -210,24 +210,24 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(tmp_path, corpus_di
 
 def test_resume_applies_overridden_optimizer_settings(tmp_path, corpus_dir):
     from gptrain.config import apply_overrides, from_toml_text
-    from gptrain.train import loop
+    from gptrain.train import setup  # step_run calls train_step from there
 
     values = tiny_values(tmp_path, corpus_dir, steps=3, **{"eval.every_steps": 0, "samples.every_steps": 0})
     train(resolve_config(None, values, environ={}), log=lambda *_: None)
     cfg = apply_overrides(from_toml_text((tmp_path / "run" / "config.toml").read_text()),
                           {"steps": 4, "optim.weight_decay": 0.05, "optim.beta2": 0.99})
     seen = {}
-    real = loop.train_step
+    real = setup.train_step
 
     def spy(model, optimizer, *args, **kwargs):
         seen["groups"] = [(g["weight_decay"], g["betas"]) for g in optimizer.param_groups]
         return real(model, optimizer, *args, **kwargs)
 
-    loop.train_step = spy
+    setup.train_step = spy
     try:
         train(cfg, resume=tmp_path / "run", log=lambda *_: None)
     finally:
-        loop.train_step = real
+        setup.train_step = real
     assert seen["groups"] == [(0.05, (0.9, 0.99)), (0.0, (0.9, 0.99))]
 
 

@@ -18,8 +18,8 @@ from gptrain.distributed import parallel
 from gptrain.distributed.env import DistEnv
 from gptrain.errors import UserError
 from gptrain.train.schedule import lr_at
-from gptrain.train.setup import Run, build_run, configure_device
-from gptrain.train.step import autocast_context, train_step
+from gptrain.train.setup import Run, build_run, configure_device, step_run
+from gptrain.train.step import autocast_context
 
 HEADROOM = 0.9  # leave 10% of the device for the allocator's fragmentation and the rest of the process
 
@@ -66,14 +66,8 @@ def measure(run: Run) -> dict:
     a sequence."""
     cfg, env, plan = run.cfg, run.env, run.plan
     reset_peak_memory(env.device)
-    autocast = autocast_context(env.device, cfg.train.precision)
     for step in range(2):
-        result = train_step(run.step_model, run.optimizer, run.train_loader, num_micro_steps=plan.num_micro_steps,
-                            lr=lr_at(step, plan.num_steps, cfg.schedule), grad_clip=cfg.optim.grad_clip,
-                            device=env.device, autocast=autocast,
-                            gradient_sync=lambda is_last: parallel.gradient_sync(
-                                run.step_model, plan.strategy, cfg.parallel, is_last=is_last),
-                            reduce_sum=env.all_reduce_sum, world_size=env.world_size)
+        result = step_run(run, lr_at(step, plan.num_steps, cfg.schedule))
     B = cfg.train.batch_size
     peak_steps = peak_memory_bytes(env.device)
     half = max(1, B // 2)

@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 
 from gptrain.config import RunConfig, resolve_config, to_toml
-from gptrain.distributed import parallel
 from gptrain.distributed import state as dstate
 from gptrain.distributed.env import DistEnv
 from gptrain.errors import UserError
@@ -27,8 +26,8 @@ from gptrain.train import checkpoint as ckpt
 from gptrain.train.run_dir import check_run_dir, find_auto_resume
 from gptrain.train.samples import write_sample
 from gptrain.train.schedule import lr_at
-from gptrain.train.setup import Run, base_config_for_init, build_run, configure_device, create_run_dir
-from gptrain.train.step import autocast_context, train_step, uses_bf16
+from gptrain.train.setup import Run, base_config_for_init, build_run, configure_device, create_run_dir, step_run
+from gptrain.train.step import autocast_context, uses_bf16
 
 
 def resume_from(run: Run, pieces: dict) -> None:
@@ -270,13 +269,9 @@ def after_step(run: Run, should_stop: bool) -> tuple[bool, bool]:
 
 def _loop(run: Run) -> dict:
     cfg, env, state, plan = run.cfg, run.env, run.state, run.plan
-    autocast = autocast_context(env.device, cfg.train.precision)
     dtype = "bf16" if uses_bf16(env.device, cfg.train.precision) else "fp32"
     # Rank 0 measures (when the device is not in the table) while the others wait: probes would compete.
     peak, mfu_basis = env.on_main(peak_flops, env.device, dtype)
-
-    def sync(is_last: bool):
-        return parallel.gradient_sync(run.step_model, plan.strategy, cfg.parallel, is_last=is_last)
 
     is_early_stop, last_loss = False, float("nan")
     recent: list[float] = []
@@ -286,10 +281,7 @@ def _loop(run: Run) -> dict:
         lr = lr_at(state.step, plan.num_steps, cfg.schedule)
         is_guarded = cfg.train.spike_factor > 0 and state.loss_ema is not None and state.step >= 10
         max_loss = cfg.train.spike_factor * state.loss_ema if is_guarded else float("inf")
-        result = train_step(run.step_model, run.optimizer, run.train_loader, num_micro_steps=plan.num_micro_steps,
-                            lr=lr, grad_clip=cfg.optim.grad_clip, device=env.device, autocast=autocast,
-                            max_loss=max_loss, gradient_sync=sync, reduce_sum=env.all_reduce_sum,
-                            world_size=env.world_size, is_stop_requested=lambda: run.should_stop)
+        result = step_run(run, lr, max_loss)
         state.step += 1
         state.tokens_seen += plan.tokens_per_step
         seconds = time.perf_counter() - started

@@ -35,7 +35,7 @@ from gptrain.train.optim import build_optimizer
 from gptrain.train.run_dir import is_run_dir
 from gptrain.train.samples import SamplesConfig
 from gptrain.train.schedule import lr_at
-from gptrain.train.step import TrainConfig, uses_bf16
+from gptrain.train.step import StepResult, TrainConfig, autocast_context, train_step, uses_bf16
 
 
 @dataclass
@@ -205,3 +205,18 @@ def _build_on(dataset: Path, cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_
     step_model = torch.compile(wrapped, backend=cfg.train.compile_backend) if use_compile else wrapped
     return Run(cfg=cfg, env=env, run_dir=run_dir, tokenizer=tokenizer, model=model, step_model=step_model,
                optimizer=optimizer, train_loader=train_loader, val_loader=val_loader, plan=plan)
+
+
+def step_run(run: Run, lr: float, max_loss: float = float("inf")) -> StepResult:
+    """One optimizer step of the run on every rank, through its strategy's gradient sync and reductions."""
+    cfg, env, plan = run.cfg, run.env, run.plan
+
+    def sync(is_last: bool):
+        return parallel.gradient_sync(run.step_model, plan.strategy, cfg.parallel, is_last=is_last)
+
+    return train_step(run.step_model, run.optimizer, run.train_loader, num_micro_steps=plan.num_micro_steps, lr=lr,
+                      grad_clip=cfg.optim.grad_clip, device=env.device,
+                      autocast=autocast_context(env.device, cfg.train.precision), max_loss=max_loss,
+                      gradient_sync=sync, reduce_sum=env.all_reduce_sum, world_size=env.world_size,
+                      is_stop_requested=lambda: run.should_stop)
+
