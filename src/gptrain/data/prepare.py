@@ -256,9 +256,9 @@ def find_shard_folder(source: str) -> Path | None:
     return path if all(has_split) else None
 
 
-def load_dataset_tokenizer(folder: Path, tok_cfg: TokenizerConfig | None = None) -> Tokenizer:
+def load_dataset_tokenizer(folder: Path, tok_cfg: TokenizerConfig) -> Tokenizer:
     """The dataset's tokenizer.json; a folder of llm.c shards has none and takes tokenizer.kind=gpt2."""
-    if (folder / "tokenizer.json").is_file() or tok_cfg is None:
+    if (folder / "tokenizer.json").is_file():
         return load_tokenizer(folder / "tokenizer.json")
     if tok_cfg.kind != "gpt2":
         raise UserError(f"{folder} holds token shards without a tokenizer.json: pass --tokenizer gpt2 if they are "

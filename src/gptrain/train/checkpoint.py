@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gptrain.distributed.state import find_tied_names
 from gptrain.errors import UserError
 
 STEP_PREFIX = "step_"
@@ -87,17 +88,6 @@ def restore_rng(saved: dict | list, rank: int = 0, fallback_seed: int = 0, devic
     torch.set_rng_state(_decode_bytes(rng["torch"]))
     if "cuda" in rng and device.startswith("cuda"):
         torch.cuda.set_rng_state(_decode_bytes(rng["cuda"][0]), device)
-
-
-def shared_keys(state: dict[str, torch.Tensor]) -> set[str]:
-    """Keys whose tensor is the same storage as an earlier key's (a tied lm_head is wte)."""
-    seen: set[int] = set()
-    shared = set()
-    for key, value in state.items():
-        if value.data_ptr() in seen:
-            shared.add(key)
-        seen.add(value.data_ptr())
-    return shared
 
 
 def split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -235,7 +225,7 @@ def latest_checkpoint_dir(run_dir: Path) -> Path:
 def load_model_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Load a checkpoint's weights, or fail with a clear message when they do not fit this model."""
     expected = model.state_dict()
-    shared = shared_keys(expected)
+    shared = find_tied_names(model)  # stored once, under the first name
     missing = [k for k in expected if k not in tensors and k not in shared]
     unexpected = [k for k in tensors if k not in expected]
     mismatched = [f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}"
