@@ -1,4 +1,4 @@
-"""`gptrain prepare|train|generate|demo|presets`: parse the command line, then call one function."""
+"""`gptrain train|data|tokenizer|generate|...`: parse the command line, then call one function."""
 
 from __future__ import annotations
 
@@ -27,8 +27,14 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heads", type=int, help="model.n_head: attention heads (must divide --embd)")
     g.add_argument("--context", type=int, help="model.block_size: context length in tokens")
     g.add_argument("--vocab", type=int, help="tokenizer.vocab_size of a trained BPE")
-    g.add_argument("--tokenizer", choices=["bpe", "gpt2", "char"], help="tokenizer.kind")
-    g.add_argument("--data", help="data.source: 'shakespeare', a text/JSONL file or a folder")
+    g.add_argument("--tokenizer", metavar="bpe|gpt2|char|FILE",
+                   help="tokenizer.kind: a BPE fitted on the corpus, GPT-2's, characters, or a tokenizer.json")
+    g.add_argument("--data", metavar="NAME|PATH", help="data.source: a name from `gptrain data list`, a text, "
+                   "JSONL(.gz) or Parquet file, a folder of them, or a folder of token shards")
+    g.add_argument("--val-data", metavar="NAME|PATH", help="data.val_source: the validation set (default: the "
+                   "corpus's official split, else a seeded split by document)")
+    g.add_argument("--text-field", help="data.text_field: the JSONL key or Parquet column with the text (text)")
+    g.add_argument("--workers", type=int, help="data.num_workers: tokenizer processes (0: one per core)")
     g.add_argument("--lr", type=float, help="schedule.peak_lr")
     g.add_argument("--batch-size", type=int, help="train.batch_size: sequences per micro batch")
     g.add_argument("--steps", type=int, help="train.num_steps: optimizer steps")
@@ -92,8 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="build everything, run two steps, report peak memory per "
                    "rank and the largest micro batch that fits; writes no run")
 
-    p = sub.add_parser("prepare", help="turn a corpus into token shards", epilog=TRAIN_EPILOG, formatter_class=fmt)
-    _add_config_flags(p)
+    p = sub.add_parser("prepare", help="turn a corpus into token shards (= gptrain data prepare)",
+                       epilog=TRAIN_EPILOG, formatter_class=fmt)
+    _add_prepare_flags(p)
+    _add_data_parser(sub, fmt)
+    _add_tokenizer_parser(sub, fmt)
 
     p = sub.add_parser("generate", aliases=["sample"], help="generate text from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run directory")
@@ -121,6 +130,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a one-minute tour: tokenize, forward, generate, evaluate, train a little")
     p.add_argument("--device", default="cpu")
     return parser
+
+
+def _add_prepare_flags(p: argparse.ArgumentParser) -> None:
+    _add_config_flags(p)
+    p.add_argument("source", nargs="?", metavar="NAME|PATH", help="the corpus (same as --data)")
+    p.add_argument("--out", metavar="DIR", help="data.data_dir: where the dataset goes (default data/<corpus>-<tok>)")
+
+
+def _add_data_parser(sub, fmt) -> None:
+    data = sub.add_parser("data", help="the corpus catalogue, preparing token shards, and shard information")
+    verbs = data.add_subparsers(dest="data_command", required=True)
+    verbs.add_parser("list", help="the catalogue: name, size, licence, origin, validation split")
+    p = verbs.add_parser("prepare", help="download (catalogue names), tokenize and write train/val shards",
+                         epilog=TRAIN_EPILOG, formatter_class=fmt)
+    _add_prepare_flags(p)
+    p = verbs.add_parser("info", help="a shard's or a dataset folder's header, dtype, tokens, tokenizer, source")
+    p.add_argument("path", help="a .bin shard or a dataset folder")
+
+
+def _add_tokenizer_parser(sub, fmt) -> None:
+    tok = sub.add_parser("tokenizer", help="train a byte-level BPE on a corpus")
+    verbs = tok.add_subparsers(dest="tokenizer_command", required=True)
+    p = verbs.add_parser("train", help="fit a byte-level BPE on a corpus's train split (streaming) and save it",
+                         epilog=TRAIN_EPILOG, formatter_class=fmt)
+    _add_config_flags(p)
+    p.add_argument("--out", required=True, metavar="FILE", help="the tokenizer.json to write")
 
 
 def _rank() -> int:
@@ -203,9 +238,39 @@ def cmd_train(args: argparse.Namespace, extra: dict[str, str]) -> int:
 def cmd_prepare(args: argparse.Namespace, extra: dict[str, str]) -> int:
     from gptrain.data.prepare import prepare_dataset
 
+    if args.recipe and not args.recipe.endswith(".toml") and not args.source:  # one positional: the corpus
+        args.recipe, args.source = None, args.recipe
+    if args.source and args.data and args.source != args.data:
+        raise UserError(f"two corpora given ({args.source!r} and --data {args.data!r}): give one")
+    args.data = args.data or args.source
+    if args.out:
+        extra = extra | {"data.data_dir": args.out}
     cfg = _resolve(args, extra)
     folder = prepare_dataset(cfg.data, cfg.tokenizer)
     print(f"dataset ready: {folder}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace, extra: dict[str, str]) -> int:
+    if args.data_command == "prepare":
+        return cmd_prepare(args, extra)
+    if extra:
+        raise UserError(f"data {args.data_command} takes no config keys (got --{next(iter(extra))})")
+    from gptrain.data import info
+
+    if args.data_command == "list":
+        print(info.format_catalogue())
+    else:
+        print(info.describe(Path(args.path)))
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace, extra: dict[str, str]) -> int:
+    from gptrain.data.prepare import train_tokenizer
+
+    cfg = _resolve(args, extra)
+    tokenizer = train_tokenizer(cfg.data, cfg.tokenizer, Path(args.out))
+    print(f"tokenizer written: {args.out} ({tokenizer.name}, vocabulary {tokenizer.vocab_size:,})")
     return 0
 
 
@@ -268,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as e:
             e.is_echo = _rank() != 0  # the same command on every rank: rank 0 reports it
             raise
-        if args.command in ("train", "prepare"):
-            return (cmd_train if args.command == "train" else cmd_prepare)(args, extra)
+        if args.command in ("train", "prepare", "data", "tokenizer"):
+            command = {"train": cmd_train, "prepare": cmd_prepare, "data": cmd_data, "tokenizer": cmd_tokenizer_train}
+            return command[args.command](args, extra)
         if extra:
             raise UserError(f"{args.command} takes no config keys (got --{next(iter(extra))})")
         if args.command in ("generate", "sample"):

@@ -50,6 +50,9 @@ ALIASES = {
     "seed": "seed",
     "name": "name",
     "data": "data.source",
+    "val-data": "data.val_source",
+    "text-field": "data.text_field",
+    "workers": "data.num_workers",
     "tokenizer": "tokenizer.kind",
     "parallel": "parallel.strategy",
 }

@@ -1,26 +1,31 @@
-"""Text to token shards: split documents into train/val, fit the tokenizer on train, write shards.
+"""Corpus to token shards: choose the val set, fit the tokenizer on train, encode over all cores, write shards.
 
 A dataset folder holds `<name>_train_NNNNNN.bin`, `<name>_val_NNNNNN.bin`, `tokenizer.json` and
-`meta.json`. It is written into a temp folder and renamed, so it appears whole or not at all.
+`meta.json`. It is built in `<name>.partial-<host>/` (resumable from its manifest) and renamed, so a
+dataset folder is whole or absent. Every step streams: memory does not grow with the corpus.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from gptrain.data.shards import dtype_for, write_shard
-from gptrain.data.sources import Document, load_documents, source_fingerprint
+from gptrain.data import catalogue
+from gptrain.data.encode import read_manifest, write_manifest, write_shards
+from gptrain.data.progress import PrepareProgress
+from gptrain.data.shards import MAX_SHARD_TOKENS
+from gptrain.data.sources import Source
+from gptrain.data.split import SplitRule, labelled_documents
 from gptrain.errors import UserError
 from gptrain.tokenizer import Tokenizer, TokenizerConfig, build_tokenizer, load_tokenizer
 from gptrain.tokenizer.base import save_tokenizer
@@ -28,11 +33,16 @@ from gptrain.tokenizer.base import save_tokenizer
 
 @dataclass(kw_only=True)
 class DataConfig:
-    source: str = "shakespeare"  # 'shakespeare', or a path: text file, folder of text files, JSONL
+    source: str = "shakespeare"  # a name from `gptrain data list`, or a path: a text, JSONL(.gz) or Parquet file,
+    # a folder of them, or a folder of token shards
+    val_source: str = ""  # an explicit validation set (name or path); empty: the source's official split, else a split
+    text_field: str = "text"  # the JSONL key / Parquet column that holds the text
     data_dir: str = ""  # where the shards go; empty: data/<source>-<tokenizer>
     val_fraction: float = 0.1  # share of the corpus (by characters) held out, whole documents at a time
+    val_tokens: int = 0  # > 0: the first val_tokens tokens are val instead (llm.c's FineWeb rule)
     shard_tokens: int = 100_000_000
     split_seed: int = 1337
+    num_workers: int = 0  # tokenizer processes; 0: one per available core
     prepare_per_node: bool = False  # under torchrun: local rank 0 of every node prepares (no shared disk)
     prepare_timeout_seconds: int = 86_400  # how long other ranks wait for the preparing rank
 
@@ -41,19 +51,29 @@ class DataConfig:
             raise UserError(f"data.val_fraction must be in (0, 1) (got {self.val_fraction})")
         if self.prepare_timeout_seconds < 1:
             raise UserError("data.prepare_timeout_seconds must be at least 1")
-        if self.shard_tokens < 1:
-            raise UserError(f"data.shard_tokens must be positive (got {self.shard_tokens})")
+        if not 1 <= self.shard_tokens <= MAX_SHARD_TOKENS:
+            raise UserError(f"data.shard_tokens must be between 1 and {MAX_SHARD_TOKENS:,} (llm.c's header holds "
+                            f"an int32 count; got {self.shard_tokens})")
+        if self.val_tokens < 0 or self.num_workers < 0:
+            raise UserError("data.val_tokens and data.num_workers must be >= 0")
+        if not self.text_field:
+            raise UserError("data.text_field must name a JSONL key or Parquet column")
+
+    @property
+    def resolved_workers(self) -> int:
+        return self.num_workers or len(os.sched_getaffinity(0))
 
 
 def source_key(source: str) -> str:
-    """The source as stored in meta.json: a name, or the resolved absolute path."""
-    return source if source == "shakespeare" else str(Path(source).expanduser().resolve())
+    """The source as stored in meta.json: a catalogue name, or the resolved absolute path."""
+    entry = catalogue.find_entry(source) if source else None
+    return entry.name if entry else str(Path(source).expanduser().resolve()) if source else ""
 
 
 def dataset_dir(data: DataConfig, spec: str) -> Path:
     """data/<source>-<tokenizer spec>: one folder per corpus and tokenizer (paths get a short hash)."""
-    if data.source == "shakespeare":
-        return Path("data") / f"shakespeare-{spec}"
+    if (entry := catalogue.find_entry(data.source)) is not None:
+        return Path("data") / f"{entry.name}-{spec}"
     slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(data.source).stem).strip("-").lower()
     digest = hashlib.sha256(source_key(data.source).encode()).hexdigest()[:6]
     return Path("data") / f"{slug}-{digest}-{spec}"
@@ -61,55 +81,28 @@ def dataset_dir(data: DataConfig, spec: str) -> Path:
 
 def fingerprint(data: DataConfig) -> str:
     """Changes when the corpus files or the split/shard settings change (then the dataset is rebuilt)."""
-    settings = f"{data.val_fraction}:{data.split_seed}:{data.shard_tokens}"
-    return hashlib.sha256(f"{source_fingerprint(data.source)}|{settings}".encode()).hexdigest()[:16]
+    settings = (f"{data.val_fraction}:{data.split_seed}:{data.shard_tokens}:{data.val_tokens}:{data.text_field}"
+                f":{source_key(data.val_source)}")
+    sources = [catalogue.source_fingerprint(s, data.text_field) for s in (data.source, data.val_source) if s]
+    return hashlib.sha256(f"{'|'.join(sources)}|{settings}".encode()).hexdigest()[:16]
 
 
-def split_documents(docs: list[Document], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Train and val texts. Whole documents go to val (seeded choice) until it holds val_fraction of
-    the characters; a single document is split at a line break instead."""
-    if len(docs) == 1:
-        text = docs[0].text
-        cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction)))
-        cut = cut if cut > 0 else int(len(text) * (1 - val_fraction))
-        return [text[:cut]], [text[cut:]]
-    total = sum(len(d.text) for d in docs)
-    order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
-    val_ids, val_chars = set(), 0
-    for i in order:
-        if val_chars >= val_fraction * total or len(val_ids) == len(docs) - 1:
-            break
-        val_ids.add(i)
-        val_chars += len(docs[i].text)
-    train = [d.text for i, d in enumerate(docs) if i not in val_ids]
-    val = [d.text for i, d in enumerate(docs) if i in val_ids]
-    return train, val
+def resolve_split(data: DataConfig, log) -> tuple[Source, SplitRule]:
+    """The source (downloaded if it is a catalogue name) and its val rule: --val-data, the official split,
+    the first-tokens rule (data.val_tokens or the catalogue's), or a seeded split."""
+    source, official_val, entry_val_tokens = catalogue.resolve_source(data.source, data.text_field, log)
+    val_source = catalogue.resolve_source(data.val_source, data.text_field, log)[0] if data.val_source else None
+    val_tokens = data.val_tokens or entry_val_tokens
+    return source, SplitRule(val_source=val_source or (None if val_tokens else official_val), val_tokens=val_tokens,
+                             val_fraction=data.val_fraction, seed=data.split_seed)
 
 
-def _write_split(folder: Path, name: str, texts: list[str], tok: Tokenizer, shard_tokens: int) -> int:
-    """Encode texts (each preceded by EOT, as llm.c does) into shards; returns the token count."""
-    buffer: list[np.ndarray] = []
-    buffered, shard_index, total = 0, 0, 0
-    _, dtype = dtype_for(tok.vocab_size)
-
-    def flush(tokens: np.ndarray) -> None:
-        nonlocal shard_index
-        write_shard(folder / f"{name}_{shard_index:06d}.bin", tokens, tok.vocab_size)
-        shard_index += 1
-
-    for start in range(0, len(texts), 256):
-        for ids in tok.encode_batch(texts[start : start + 256]):
-            buffer.append(np.concatenate([np.array([tok.eot_id], dtype=dtype), np.asarray(ids, dtype=dtype)]))
-            buffered += len(ids) + 1
-            while buffered >= shard_tokens:
-                joined = np.concatenate(buffer)
-                flush(joined[:shard_tokens])
-                buffer, buffered = [joined[shard_tokens:]], len(joined) - shard_tokens
-            total += len(ids) + 1
-    if buffered or shard_index == 0:
-        flush(np.concatenate(buffer) if buffer else np.zeros(0, dtype=dtype))
-    return total
+def _fit_texts(source: Source, rule: SplitRule, tok_cfg: TokenizerConfig) -> Iterator[str]:
+    """What a tokenizer is fitted on: train documents for BPE; train and val for a character alphabet
+    (else val could not be encoded); with the first-tokens rule, everything."""
+    for label, doc in labelled_documents(source, rule):
+        if label != "val" or tok_cfg.kind == "char":
+            yield doc.text
 
 
 def tokenizer_spec(tokenizer: Tokenizer) -> str:
@@ -165,41 +158,114 @@ def prepare_dataset(
     data_fingerprint = fingerprint(data)
     if _is_current(folder, data, spec, data_fingerprint, log):
         return folder
-    started = time.perf_counter()
-    docs = load_documents(data.source)
-    train_texts, val_texts = split_documents(docs, data.val_fraction, data.split_seed)
-    log(f"prepare: {len(docs)} documents, {sum(map(len, train_texts)):,} train / "
-        f"{sum(map(len, val_texts)):,} val characters; tokenizer {spec}")
-    # BPE merges are fitted on train alone; a character alphabet must cover val too, or val can't encode.
-    fit_texts = train_texts + val_texts if tok_cfg.kind == "char" else train_texts
-    tokenizer = tokenizer or build_tokenizer(tok_cfg, fit_texts)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # A name of this process's own: with data.prepare_per_node on a disk that nodes share after all,
-    # two preparers never write into one folder.
-    tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    prefix = folder.name
-    num_train = _write_split(tmp, f"{prefix}_train", train_texts, tokenizer, data.shard_tokens)
-    num_val = _write_split(tmp, f"{prefix}_val", val_texts, tokenizer, data.shard_tokens)
-    save_tokenizer(tokenizer, tmp / "tokenizer.json")
+    with _exclusive(folder, log):
+        if not _is_current(folder, data, spec, data_fingerprint, lambda *_: None):  # or another process made it
+            _build(folder, data, tok_cfg, spec, data_fingerprint, tokenizer, log)
+    return folder
+
+
+@contextmanager
+def _exclusive(folder: Path, log):
+    """One preparation of a folder at a time on this machine (a second process waits for the first)."""
+    with open(folder.with_name(f".{folder.name}.lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"prepare: another process is preparing {folder}; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _counting(items, counter: dict):
+    for label, doc in items:
+        counter[label] = counter.get(label, 0) + (not doc.is_continuation)
+        yield label, doc
+
+
+def _build(folder: Path, data: DataConfig, tok_cfg: TokenizerConfig, spec: str, data_fingerprint: str,
+           tokenizer: Tokenizer | None, log) -> None:
+    """Encode into <folder>.partial-<host>/ (resuming its manifest when it has one), then rename it."""
+    started = time.perf_counter()
+    source, rule = resolve_split(data, log)
+    # The host in the name: with data.prepare_per_node on a disk that nodes share after all, two
+    # preparers never write into one folder.
+    partial = folder.with_name(f"{folder.name}.partial-{socket.gethostname()}")
+    key = f"{data_fingerprint}:{spec}"
+    manifest = read_manifest(partial, key)
+    if manifest is not None:
+        log(f"prepare: resuming the interrupted preparation in {partial} ({manifest['position']:,} documents done)")
+        tokenizer = load_tokenizer(partial / "tokenizer.json")
+    else:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        if tokenizer is None:
+            if tok_cfg.kind == "bpe":
+                log(f"prepare: fitting a {tok_cfg.vocab_size}-token BPE on the train split")
+            tokenizer = build_tokenizer(tok_cfg, None if tok_cfg.kind == "gpt2" or tok_cfg.is_file
+                                        else _fit_texts(source, rule, tok_cfg))
+        save_tokenizer(tokenizer, partial / "tokenizer.json")
+        manifest = {"key": key, "position": 0, "writers": {}}
+        write_manifest(partial, manifest)
+    val_bytes = rule.val_source.num_bytes if rule.val_source else 0
+    progress = PrepareProgress(source.num_bytes + val_bytes, f"prepare {source.key}", log)
+    num_documents: dict[str, int] = {}
+    try:
+        done = write_shards(partial, folder.name, _counting(labelled_documents(source, rule), num_documents),
+                            tokenizer, shard_tokens=data.shard_tokens, val_tokens=rule.val_tokens,
+                            num_workers=data.resolved_workers, manifest=manifest, on_progress=progress.update)
+    finally:
+        progress.close()
+    writers = done["writers"]
+    if not sum(num_documents.values()):
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UserError(f"corpus {data.source!r} is empty: it has no text to train on")
     meta = {
         "source": source_key(data.source),
+        "val_source": source_key(data.val_source) or None,
+        "val_rule": _describe_rule(rule),
         "tokenizer_spec": spec,
         "fingerprint": data_fingerprint,
         "tokenizer": tokenizer.name,
+        "tokenizer_sha256": hashlib.sha256(tokenizer.to_json().encode()).hexdigest(),
         "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.eot_id,
-        "num_documents": len(docs),
-        "num_train_tokens": num_train,
-        "num_val_tokens": num_val,
-        "format": "llm.c token shards (magic 20240520)",
+        "num_documents": sum(num_documents.values()),
+        "num_train_tokens": writers["train"]["num_tokens"],
+        "num_val_tokens": writers["val"]["num_tokens"],
+        "shard_tokens": data.shard_tokens,
+        "format": "llm.c token shards: uint16 under magic 20240520 v1, uint32 under 20240801 v7",
     }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    _swap_in(tmp, folder)
-    log(f"prepare: {num_train:,} train / {num_val:,} val tokens in {folder} "
-        f"({time.perf_counter() - started:.1f}s)")
-    return folder
+    (partial / "meta.json").write_text(json.dumps(meta, indent=2))
+    (partial / "manifest.json").unlink()
+    _swap_in(partial, folder)
+    seconds = time.perf_counter() - started
+    num_tokens = meta["num_train_tokens"] + meta["num_val_tokens"]
+    log(f"prepare: {meta['num_documents']:,} documents, {meta['num_train_tokens']:,} train / "
+        f"{meta['num_val_tokens']:,} val tokens in {folder} ({seconds:.1f}s, {num_tokens / seconds / 1e6:.2f}M "
+        f"tokens/s on {data.resolved_workers} worker(s))")
+
+
+def train_tokenizer(data: DataConfig, tok_cfg: TokenizerConfig, out: Path, log=print) -> Tokenizer:
+    """Fit a BPE (or character) tokenizer on a corpus's train split, streaming, and save it to out."""
+    if tok_cfg.kind not in ("bpe", "char"):
+        raise UserError(f"only a bpe or char tokenizer is trained (got tokenizer.kind={tok_cfg.kind!r})")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: give the path of the tokenizer.json to write")
+    source, rule = resolve_split(data, log)
+    log(f"tokenizer: fitting {tok_cfg.describe()} on {source.key} (at most {tok_cfg.max_train_chars:,} characters)")
+    tokenizer = build_tokenizer(tok_cfg, _fit_texts(source, rule, tok_cfg))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tokenizer, out)
+    return tokenizer
+
+
+def _describe_rule(rule: SplitRule) -> str:
+    if rule.val_tokens:
+        return f"first {rule.val_tokens} tokens"
+    if rule.val_source is not None:
+        return f"val source {rule.val_source.key}"
+    return f"seeded split by document: val_fraction {rule.val_fraction}, seed {rule.seed}"
 
 
 def _swap_in(tmp: Path, folder: Path) -> None:
@@ -269,5 +335,5 @@ def load_dataset_tokenizer(folder: Path, tok_cfg: TokenizerConfig) -> Tokenizer:
 def shard_paths(folder: Path, split: str) -> list[Path]:
     paths = sorted(folder.glob(f"*_{split}_[0-9][0-9][0-9][0-9][0-9][0-9].bin"))
     if not paths:
-        raise UserError(f"{folder} has no {split} shards: run `gptrain prepare` first")
+        raise UserError(f"{folder} has no {split} shards: run `gptrain data prepare` first")
     return paths

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from gptrain.errors import UserError
 from gptrain.tokenizer.base import EOT_TEXT
 
 
@@ -16,7 +17,7 @@ class BPETokenizer:
         self.vocab_size = hf.get_vocab_size()
         eot = hf.token_to_id(EOT_TEXT)
         if eot is None:
-            raise ValueError(f"the BPE tokenizer has no {EOT_TEXT} token")
+            raise UserError(f"the tokenizer has no {EOT_TEXT} token, which gptrain uses to separate documents")
         self.eot_id = eot
         self.name = f"bpe{self.vocab_size}"
 
@@ -36,7 +37,11 @@ class BPETokenizer:
 
     @classmethod
     def from_json(cls, text: str) -> BPETokenizer:
-        return cls(HFTokenizer.from_str(text))
+        try:
+            hf = HFTokenizer.from_str(text)
+        except Exception as e:  # the Rust side raises a plain Exception for a JSON it cannot read
+            raise UserError(f"not a tokenizer.json that Hugging Face tokenizers can read ({e})") from None
+        return cls(hf)
 
     def encode(self, text: str) -> list[int]:
         return self._hf.encode(text, add_special_tokens=False).ids

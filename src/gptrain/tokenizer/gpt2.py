@@ -41,7 +41,9 @@ class GPT2Tokenizer:
         return self._enc.encode_ordinary(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._enc.encode_ordinary_batch(texts)
+        # One thread: data preparation runs one tokenizer process per core (tiktoken's batch threads
+        # would only compete with them).
+        return [self._enc.encode_ordinary(text) for text in texts]
 
     def decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids)
