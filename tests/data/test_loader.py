@@ -59,14 +59,23 @@ def test_corpus_smaller_than_context_is_user_error(shard_dir):
         ShardLoader(_paths(shard_dir, "val"), batch_size=2, block_size=4096, split="val")
 
 
-def test_loader_state_carries_its_seed(shard_dir):
-    a = ShardLoader(_paths(shard_dir, "train"), batch_size=4, block_size=16, seed=3)
+def test_a_saved_position_is_refused_for_another_seed_dataset_or_global_batch(shard_dir):
+    a = ShardLoader(_paths(shard_dir, "train"), batch_size=4, block_size=16, seed=3, fingerprint="abc")
+    a.global_batch_tokens = 128
     a.next_batch()
     state = a.state_dict()
     expected = a.next_batch()[0]
-    b = ShardLoader(_paths(shard_dir, "train"), batch_size=4, block_size=16, seed=99)
-    b.load_state_dict(state)
-    assert torch.equal(b.next_batch()[0], expected)
+    b = ShardLoader(_paths(shard_dir, "train"), batch_size=2, block_size=16, seed=3, fingerprint="abc")
+    b.global_batch_tokens = 128
+    b.load_state_dict(state)  # another micro batch (or number of ranks) is fine
+    assert torch.equal(torch.cat([b.next_batch()[0], b.next_batch()[0]]), expected)
+    for change, message in [(dict(seed=99), "seed 3"), (dict(fingerprint="xyz"), "dataset abc"),
+                            (dict(global_batch_tokens=256), "global batch")]:
+        c = ShardLoader(_paths(shard_dir, "train"), batch_size=4, block_size=16,
+                        seed=change.get("seed", 3), fingerprint=change.get("fingerprint", "abc"))
+        c.global_batch_tokens = change.get("global_batch_tokens", 128)
+        with pytest.raises(UserError, match=message):
+            c.load_state_dict(state)
 
 
 def test_shards_each_shorter_than_a_window_are_refused(tmp_path):

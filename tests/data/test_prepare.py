@@ -282,3 +282,22 @@ def test_bpe_is_fitted_on_at_most_max_train_chars(corpus_dir, tmp_path):
     texts = (t for t in [make_corpus_text(50, seed=i) for i in range(5)] if not seen.append(t))
     small = build_tokenizer(TokenizerConfig(kind="bpe", vocab_size=300, max_train_chars=1000), texts)
     assert len(seen) == 1 and small.vocab_size <= 300  # a stream, read only as far as the cap
+
+
+def test_training_refuses_shards_of_another_tokenizer(corpus_dir, tmp_path):
+    from gptrain.data.prepare import check_dataset_tokenizer
+    from gptrain.data.shards import write_shard
+    from gptrain.tokenizer.gpt2 import GPT2Tokenizer
+
+    folder = prepare_dataset(DataConfig(source=str(corpus_dir), data_dir=str(tmp_path / "ds")),
+                             TokenizerConfig(kind="char"), **QUIET)
+    check_dataset_tokenizer(folder, load_tokenizer(folder / "tokenizer.json"))
+    with pytest.raises(UserError, match="was made with tokenizer char.* but this run uses gpt2"):
+        check_dataset_tokenizer(folder, GPT2Tokenizer())
+    llmc = tmp_path / "llmc"
+    llmc.mkdir()
+    write_shard(llmc / "x_train_000000.bin", [1, 2, 50_000], 50257)
+    write_shard(llmc / "x_val_000000.bin", [1, 2, 3], 50257)
+    check_dataset_tokenizer(llmc, GPT2Tokenizer())
+    with pytest.raises(UserError, match="holds token id 50000, beyond the vocabulary"):
+        check_dataset_tokenizer(llmc, load_tokenizer(folder / "tokenizer.json"))

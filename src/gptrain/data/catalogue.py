@@ -38,6 +38,8 @@ class Entry:
     @property
     def origin(self) -> str:
         files = ", ".join(self.train_files[:2]) + (", ..." if len(self.train_files) > 2 else "")
+        if not self.repo and not self.train_files:
+            return f"package {self.revision}"
         where = f"hf:{self.repo}@{self.revision[:12]}" if self.repo else "url"
         return f"{where} {files}"
 
@@ -52,10 +54,12 @@ class Entry:
 
 def _fineweb(name: str, repo: str, revision: str, num_files: int, sizes: dict[str, int], about: str) -> Entry:
     files = tuple(f"sample/10BT/{i:03d}_00000.parquet" for i in range(num_files))
+    # A file without a listed size counts as the biggest listed one: only the last shard is smaller.
+    num_bytes = sum(sizes.values()) + (num_files - len(sizes)) * max(sizes.values())
     return Entry(
         name=name, description=about, licence="ODC-By 1.0 (and CommonCrawl's terms of use)", repo=repo,
         revision=revision, train_files=files, val_tokens=FINEWEB_VAL_TOKENS, reader="parquet",
-        size=f"{num_files} Parquet files, ~{sum(sizes.values()) / 1e9:.1f} GB, ~10B GPT-2 tokens",
+        size=f"{num_files} Parquet files, ~{num_bytes / 1e9:.1f} GB, ~10B GPT-2 tokens",
         file_sizes=sizes, fixture="FineWeb-style Parquet (text, id, dump, url, ... columns)",
         notes="documents in file and row order, as llm.c's fineweb.py reads them, so the val shard is llm.c's",
     )
@@ -136,7 +140,7 @@ def _reader(entry: Entry, text_field: str) -> Reader:
 
 def find_entry(name: str) -> Entry | None:
     """The catalogue entry of that name (case-insensitive), or None."""
-    return ENTRIES.get(name.lower())
+    return next((entry for key, entry in ENTRIES.items() if key.lower() == name.lower()), None)
 
 
 def fingerprint(entry: Entry) -> str:
@@ -169,13 +173,21 @@ def entry_sources(entry: Entry, text_field: str = "text", log=print) -> tuple[So
     return train, val
 
 
+def check_source(spec: str) -> None:
+    """A UserError unless spec names a catalogue entry or an existing path (cheap: nothing is read)."""
+    if find_entry(spec) is not None or Path(spec).expanduser().exists():
+        return
+    if "/" not in spec and "." not in spec:
+        raise UserError(f"{spec!r} is neither a corpus in the catalogue ({', '.join(ENTRIES)}) nor a path: "
+                        "see `gptrain data list`")
+    sources.local_source(spec)  # raises its "does not exist"
+
+
 def resolve_source(spec: str, text_field: str = "text", log=print) -> tuple[Source, Source | None, int]:
     """(source, official val source or None, val_tokens) of a catalogue name or a local path."""
+    check_source(spec)
     entry = find_entry(spec)
     if entry is None:
-        if not Path(spec).expanduser().exists() and "/" not in spec and "." not in spec:
-            raise UserError(f"{spec!r} is neither a corpus in the catalogue ({', '.join(ENTRIES)}) nor a path: "
-                            "see `gptrain data list`")
         return sources.local_source(spec, text_field), None, 0
     train, val = entry_sources(entry, text_field, log)
     return train, val, entry.val_tokens

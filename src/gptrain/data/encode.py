@@ -15,6 +15,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 
 from gptrain.data.shards import ShardFile, dtype_for
 from gptrain.data.sources import Document
+from gptrain.errors import UserError
 from gptrain.tokenizer import Tokenizer, parse_tokenizer
 
 TASK_CHARS = 1 << 20
@@ -48,17 +50,16 @@ def _init_worker(tokenizer_json: str) -> None:
 def encode_texts(texts: list[str], has_separator: list[bool]) -> tuple[np.ndarray, np.ndarray]:
     """(tokens of all texts, each preceded by EOT where has_separator, as llm.c does; tokens per text)."""
     tok = _TOKENIZER
-    encoded = tok.encode_batch(texts)
-    counts = np.fromiter((len(ids) + sep for ids, sep in zip(encoded, has_separator)), np.int64, len(texts))
-    tokens = np.empty(int(counts.sum()), dtype=dtype_for(tok.vocab_size))
-    start = 0
-    for ids, sep in zip(encoded, has_separator):
+    to_array = getattr(tok, "encode_to_array", None)  # GPT-2: arrays straight from tiktoken
+    encoded = [to_array(t) for t in texts] if to_array else tok.encode_batch(texts)
+    eot = np.array([tok.eot_id], dtype=dtype_for(tok.vocab_size))
+    pieces, counts = [], np.empty(len(texts), dtype=np.int64)
+    for i, (ids, sep) in enumerate(zip(encoded, has_separator)):
         if sep:
-            tokens[start] = tok.eot_id
-            start += 1
-        tokens[start : start + len(ids)] = ids
-        start += len(ids)
-    return tokens, counts
+            pieces.append(eot)
+        pieces.append(np.asarray(ids, dtype=eot.dtype))
+        counts[i] = len(ids) + sep
+    return (np.concatenate(pieces) if pieces else eot[:0]), counts
 
 
 def make_tasks(items: Iterator[tuple[str, Document]]) -> Iterator[Task]:
@@ -200,6 +201,10 @@ def _results(tasks: Iterator[Task], tokenizer: Tokenizer, num_workers: int):
             while pending:
                 task, future = pending.popleft()
                 yield task, *future.result()
+        except BrokenProcessPool:
+            raise UserError("a tokenizer worker process died. From a Python script, put the call under "
+                            "`if __name__ == \"__main__\":` (workers start by importing the script), or set "
+                            "data.num_workers=1") from None
         finally:
             for _, future in pending:
                 future.cancel()

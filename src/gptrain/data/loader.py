@@ -43,6 +43,7 @@ class ShardLoader:
         rank: int = 0,
         world_size: int = 1,
         split: str = "train",
+        fingerprint: str = "",
     ) -> None:
         self.shards = [open_shard(p) for p in paths]
         self.batch_size, self.block_size = batch_size, block_size
@@ -60,6 +61,8 @@ class ShardLoader:
         if len(self._order) == 0:
             raise UserError(f"no {split} shard holds a whole context window ({block_size} + 1 tokens): use "
                             "bigger shards (data.shard_tokens) or a smaller model.block_size")
+        self.fingerprint = fingerprint  # the dataset's: a saved position is for one dataset only
+        self.global_batch_tokens = 0  # set by the run: a saved position is for one global batch only
         self.on_windows = None  # test hook: called with the (shard, start) pairs this rank reads
 
     def _epoch_windows(self, epoch: int) -> np.ndarray:
@@ -115,13 +118,17 @@ class ShardLoader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "block_size": self.block_size,
-                "num_tokens": self.num_tokens}
+                "num_tokens": self.num_tokens, "fingerprint": self.fingerprint,
+                "global_batch_tokens": self.global_batch_tokens}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("block_size", "num_tokens"):
-            if key in state and state[key] != getattr(self, key):
-                raise UserError(f"the saved data position is for {key} {state[key]}, but this run has "
-                                f"{getattr(self, key)}: resume with the run's own data and model.block_size")
+        """Continue from a saved position; one saved for another dataset, block size, seed or global batch
+        is refused (another number of ranks or micro batch is fine: the position is global)."""
+        for key, what in (("fingerprint", "dataset"), ("num_tokens", "dataset size"), ("block_size", "block size"),
+                          ("seed", "seed"), ("global_batch_tokens", "global batch (tokens)")):
+            saved, current = state.get(key), getattr(self, key)
+            if saved not in (None, "", 0) and current not in ("", 0) and saved != current:
+                raise UserError(f"the saved data position is for {what} {saved}, but this run has {current}: resume "
+                                "with the run's own data, seed, model.block_size and train.batch_tokens")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.seed = int(state.get("seed", self.seed))
         self._order = self._epoch_windows(self.epoch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -19,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from gptrain.data import catalogue
 from gptrain.data.encode import read_manifest, write_manifest, write_shards
@@ -152,8 +155,14 @@ def prepare_dataset(
     With `tokenizer` given (a resumed run, a fine-tuned checkpoint), the corpus is encoded with it:
     the usual folder is reused if it was made with that very tokenizer, else a folder named by its hash.
     """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # A tokenizer worker that is importing the user's script, which calls gptrain again: fail (the parent
+        # then reports BrokenProcessPool as a UserError) rather than wait forever on the parent's lock.
+        raise RuntimeError("gptrain was called while a worker process imported the main script")
     if (shards := find_shard_folder(data.source)) is not None:
         return shards
+    for spec in filter(None, (data.source, data.val_source)):
+        catalogue.check_source(spec)  # a mistake is reported before anything is written
     folder, spec = _locate(data, tok_cfg, tokenizer)
     data_fingerprint = fingerprint(data)
     if _is_current(folder, data, spec, data_fingerprint, log):
@@ -330,6 +339,36 @@ def load_dataset_tokenizer(folder: Path, tok_cfg: TokenizerConfig) -> Tokenizer:
         raise UserError(f"{folder} holds token shards without a tokenizer.json: pass --tokenizer gpt2 if they are "
                         "GPT-2 tokens (llm.c's are), or use the tokenizer that made them (--init-from its run)")
     return build_tokenizer(tok_cfg)
+
+
+def dataset_fingerprint(folder: Path) -> str:
+    """What a saved data position is tied to: meta.json's fingerprint, or the shards' names and sizes."""
+    meta_path = folder / "meta.json"
+    if meta_path.is_file():
+        return json.loads(meta_path.read_text()).get("fingerprint", "")
+    stats = [f"{p.name}:{p.stat().st_size}" for split in ("train", "val") for p in shard_paths(folder, split)]
+    return hashlib.sha256("\n".join(stats).encode()).hexdigest()[:16]
+
+
+def check_dataset_tokenizer(folder: Path, tokenizer: Tokenizer) -> None:
+    """The shards must be the run's tokenizer's: meta.json's vocabulary size and tokenizer hash, or for
+    llm.c shards (no meta.json) token ids below the vocabulary size in the first million tokens."""
+    meta_path = folder / "meta.json"
+    fix = "prepare the corpus with this run's tokenizer, or train on the dataset with its own"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        digest = hashlib.sha256(tokenizer.to_json().encode()).hexdigest()
+        if meta.get("vocab_size") != tokenizer.vocab_size or meta.get("tokenizer_sha256", digest) != digest:
+            raise UserError(f"{folder} was made with tokenizer {meta.get('tokenizer')} (vocabulary "
+                            f"{meta.get('vocab_size')}), but this run uses {tokenizer.name} (vocabulary "
+                            f"{tokenizer.vocab_size}): {fix}")
+        return
+    from gptrain.data.shards import open_shard
+
+    head = np.asarray(open_shard(shard_paths(folder, "train")[0])[:1_000_000])
+    if len(head) and int(head.max()) >= tokenizer.vocab_size:
+        raise UserError(f"{folder} holds token id {int(head.max())}, beyond the vocabulary of {tokenizer.name} "
+                        f"({tokenizer.vocab_size}): {fix}")
 
 
 def shard_paths(folder: Path, split: str) -> list[Path]:

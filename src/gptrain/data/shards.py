@@ -73,7 +73,7 @@ class ShardFile:
     def append(self, tokens: np.ndarray) -> None:
         if self.num_tokens + len(tokens) > MAX_SHARD_TOKENS:
             raise ValueError(f"a shard holds at most {MAX_SHARD_TOKENS} tokens")
-        self._file.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        self._file.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
         self.num_tokens += len(tokens)
 
     def sync(self) -> None:

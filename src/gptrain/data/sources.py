@@ -94,23 +94,28 @@ def read_text_file(path: Path) -> Iterator[Document]:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes, int]]:
-    """(line number, line, input bytes used) of a text or .gz file, never reading it whole."""
-    if path.name.endswith(".gz"):
-        with open(path, "rb") as raw, gzip.open(raw, "rb") as f:
-            position = 0
-            for number, line in enumerate(f, start=1):
-                yield number, line, raw.tell() - position
-                position = raw.tell()
-    else:
-        with open(path, "rb") as f:
-            for number, line in enumerate(f, start=1):
-                yield number, line, len(line)
+    """(line number, line, input bytes used) of a text or .gz file, a block at a time."""
+    is_gzip = path.name.endswith(".gz")
+    with open(path, "rb") as raw, (gzip.open(raw, "rb") if is_gzip else raw) as f:
+        number, carry, position = 0, b"", 0
+        while block := f.read(PIECE_BYTES):
+            lines = (carry + block).split(b"\n")
+            carry = lines.pop()
+            # Progress in input bytes: the compressed position for .gz, else each line's own length.
+            used = raw.tell() - position if is_gzip else None
+            position = raw.tell()
+            for i, line in enumerate(lines):
+                number += 1
+                yield number, line, (used if i == 0 else 0) if is_gzip else len(line) + 1
+        if carry:
+            yield number + 1, carry, len(carry) if not is_gzip else raw.tell() - position
 
 
 def jsonl_reader(text_field: str = "text", to_text: Callable[[dict], str] | None = None) -> Reader:
     """A reader of JSON lines: each object's text_field (or to_text(object)) is a document."""
 
     def read(path: Path) -> Iterator[Document]:
+        stem = path.stem
         for number, line, num_bytes in _lines(path):
             if not line.strip():
                 continue
@@ -122,7 +127,7 @@ def jsonl_reader(text_field: str = "text", to_text: Callable[[dict], str] | None
                 raise UserError(f'{path}:{number} is not a JSON object with a "{text_field}" field{hint}') from None
             if not isinstance(text, str):
                 raise UserError(f'{path}:{number}: "{text_field}" must be a string')
-            yield Document(f"{path.stem}:{number}", text, num_bytes=num_bytes)
+            yield Document(f"{stem}:{number}", text, num_bytes=num_bytes)
 
     return read
 
@@ -169,7 +174,7 @@ def read_tinystories(path: Path) -> Iterator[Document]:
     used, count = 0, 0
     for _, line, num_bytes in _lines(path):
         used += num_bytes
-        text = line.decode("utf-8", errors="replace")
+        text = line.decode("utf-8", errors="replace") + "\n"
         if text.strip() == "<|endoftext|>":
             if "".join(story).strip():
                 yield Document(f"{path.stem}:{count}", "".join(story).strip(), num_bytes=used)
@@ -187,16 +192,18 @@ WIKITEXT_TITLE = re.compile(r"^ = [^=].* = \n?$")
 def read_wikitext(path: Path) -> Iterator[Document]:
     """WikiText's Parquet layout (one row per line): an article starts at each ` = Title = ` line."""
     article: list[str] = []
-    used = 0
+    used, title = 0, path.stem
     for line, num_bytes in parquet_rows(path, "text"):
         line = line or ""
-        if WIKITEXT_TITLE.match(line) and "".join(article).strip():
-            yield Document(article[0].strip(" =\n"), "".join(article).strip(), num_bytes=used)
-            article, used = [], 0
+        if WIKITEXT_TITLE.match(line):
+            if "".join(article).strip():
+                yield Document(title, "".join(article).strip(), num_bytes=used)
+                article, used = [], 0
+            title = line.strip(" =\n")
         article.append(line)
         used += num_bytes
     if "".join(article).strip():
-        yield Document(article[0].strip(" =\n"), "".join(article).strip(), num_bytes=used)
+        yield Document(title, "".join(article).strip(), num_bytes=used)
 
 
 def reader_for(path: Path, text_field: str = "text") -> Reader:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
@@ -44,6 +45,10 @@ class GPT2Tokenizer:
         # One thread: data preparation runs one tokenizer process per core (tiktoken's batch threads
         # would only compete with them).
         return [self._enc.encode_ordinary(text) for text in texts]
+
+    def encode_to_array(self, text: str) -> np.ndarray:
+        """encode() as a uint32 array straight from tiktoken (no Python list): the data pipeline's path."""
+        return self._enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 
     def decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids)

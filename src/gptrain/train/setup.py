@@ -14,6 +14,8 @@ from gptrain.config import RunConfig, from_toml_text, to_toml
 from gptrain.data.loader import ShardLoader
 from gptrain.data.prepare import (
     DataConfig,
+    check_dataset_tokenizer,
+    dataset_fingerprint,
     failure_marker,
     find_shard_folder,
     load_dataset_tokenizer,
@@ -175,13 +177,16 @@ def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Toke
 def _build_on(dataset: Path, cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Tokenizer | None,
               weights: dict | None) -> Run:
     tokenizer = fixed_tokenizer or load_dataset_tokenizer(dataset, cfg.tokenizer)
+    check_dataset_tokenizer(dataset, tokenizer)
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=tokenizer.vocab_size))
     cfg = replace(cfg, samples=checked_sample_prompt(cfg.samples, tokenizer))
     loader_args = dict(batch_size=cfg.train.batch_size, block_size=cfg.model.block_size,
                        rank=env.rank, world_size=env.world_size)
-    train_loader = ShardLoader(shard_paths(dataset, "train"), seed=cfg.seed, **loader_args)
+    train_loader = ShardLoader(shard_paths(dataset, "train"), seed=cfg.seed, fingerprint=dataset_fingerprint(dataset),
+                               **loader_args)
     val_loader = ShardLoader(shard_paths(dataset, "val"), shuffle=False, split="val", **loader_args)
     plan = derive_plan(cfg, train_loader, env.world_size)
+    train_loader.global_batch_tokens = plan.tokens_per_step
     # The global batch and the val set are part of the run: stored resolved, so a resume on another
     # number of ranks or with another micro batch keeps both.
     eval_tokens = num_eval_windows(cfg.eval, cfg.train.batch_size, cfg.model.block_size) * cfg.model.block_size
