@@ -301,3 +301,21 @@ def test_training_refuses_shards_of_another_tokenizer(corpus_dir, tmp_path):
     check_dataset_tokenizer(llmc, GPT2Tokenizer())
     with pytest.raises(UserError, match="holds token id 50000, beyond the vocabulary"):
         check_dataset_tokenizer(llmc, load_tokenizer(folder / "tokenizer.json"))
+
+
+def test_forked_and_spawned_workers_write_identical_shards(corpus_dir, tmp_path):
+    """This process has torch loaded, so its workers spawn; `gptrain data prepare` alone forks them."""
+    import subprocess
+    import sys
+
+    assert encode._start_method() == "spawn"
+    spawned = prepare_dataset(DataConfig(source=str(corpus_dir), data_dir=str(tmp_path / "a" / "ds"),
+                                         shard_tokens=1500, num_workers=2), TokenizerConfig(kind="gpt2"), **QUIET)
+    code = ("import sys; from gptrain.data import encode; assert encode._start_method() == 'fork'; "
+            "from gptrain.cli import main; sys.exit(main(sys.argv[1:]))")
+    subprocess.run([sys.executable, "-c", code, "data", "prepare", str(corpus_dir), "--tokenizer", "gpt2",
+                    "--out", str(tmp_path / "b" / "ds"), "--workers", "2", "--data.shard_tokens", "1500"],
+                   check=True, capture_output=True)
+    names = sorted(p.name for p in spawned.glob("*.bin"))
+    assert len(names) > 4 and names == sorted(p.name for p in (tmp_path / "b" / "ds").glob("*.bin"))
+    assert all((spawned / n).read_bytes() == (tmp_path / "b" / "ds" / n).read_bytes() for n in names)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -179,6 +181,14 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     tmp.replace(folder / MANIFEST)
 
 
+def _start_method() -> str:
+    """fork where it is safe (Linux, one thread, no torch: `gptrain data prepare`), since the workers then
+    start at once with the tokenizer already loaded; else spawn, since forking a process that runs other
+    threads (torch's, a progress bar's) can deadlock the child."""
+    is_safe = sys.platform == "linux" and threading.active_count() == 1 and "torch" not in sys.modules
+    return "fork" if is_safe else "spawn"
+
+
 def _results(tasks: Iterator[Task], tokenizer: Tokenizer, num_workers: int):
     """(task, tokens, counts) in task order: in this process for one worker, else over a process pool."""
     global _TOKENIZER
@@ -187,8 +197,7 @@ def _results(tasks: Iterator[Task], tokenizer: Tokenizer, num_workers: int):
         for task in tasks:
             yield task, *encode_texts(task.texts, task.has_separator)
         return
-    # spawn: a fork of a process that already runs torch's or the tokenizers' threads can deadlock.
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context(_start_method())
     with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker,
                              initargs=(tokenizer.to_json(),)) as pool:
         pending: deque = deque()

@@ -25,8 +25,11 @@ class PrepareProgress:
         if is_live:
             from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+            # Refreshed from update(), not by rich's own thread: the preparation then runs one thread,
+            # which lets its tokenizer workers start by fork.
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=True)
+                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=True,
+                                 auto_refresh=False)
             self._task = self._bar.add_task(label, total=self.total_bytes, rate="")
             self._bar.start()
 
@@ -36,11 +39,14 @@ class PrepareProgress:
     def update(self, num_bytes: int, num_tokens: int) -> None:
         self.num_bytes += num_bytes
         self.num_tokens += num_tokens
+        now = time.monotonic()
         if self._bar is not None:
             self._bar.update(self._task, completed=min(self.num_bytes, self.total_bytes),
                              rate=f"{self.num_tokens / 1e6:,.1f}M tokens, {self.rate() / 1e6:.2f}M tokens/s")
+            if now - self._last_line >= 0.2:
+                self._last_line = now
+                self._bar.refresh()
             return
-        now = time.monotonic()
         if now - self._last_line >= PLAIN_EVERY_SECONDS:
             self._last_line = now
             done = min(1.0, self.num_bytes / self.total_bytes)

@@ -117,7 +117,7 @@ def jsonl_reader(text_field: str = "text", to_text: Callable[[dict], str] | None
     def read(path: Path) -> Iterator[Document]:
         stem = path.stem
         for number, line, num_bytes in _lines(path):
-            if not line.strip():
+            if not line or line.isspace():
                 continue
             try:
                 record = json.loads(line)

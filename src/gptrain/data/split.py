@@ -33,7 +33,7 @@ class SplitRule:
 def nonempty_documents(source: Source) -> Iterator[Document]:
     """A source's documents without the empty ones (a continuation always belongs to a non-empty one)."""
     for doc in source.documents():
-        if doc.is_continuation or doc.text.strip():
+        if doc.is_continuation or (doc.text and not doc.text.isspace()):  # isspace: no stripped copy
             yield doc
 
 
