@@ -34,6 +34,7 @@ class FakeHub:
         self.non_lfs = set(non_lfs)
         self.page_size = page_size
         self.is_ignoring_ranges = False  # True: answer 200 with the whole file, as some servers do
+        self.corrupted: set[str] = set()  # file paths whose bytes no longer match the sha256 their headers publish
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path with query, Range header)
         self._drops: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -170,6 +171,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.hub.is_lfs(repo_type, repo_id, unquote(file_path)):
             sha256 = hashlib.sha256(data).hexdigest()
             headers |= {"ETag": f'"{sha256}"', "X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": str(len(data))}
+        if unquote(file_path) in self.hub.corrupted:
+            data = data[:-1] + bytes([data[-1] ^ 1])
         self._send_file(data, headers)
 
     def _repo_at(self, repo_type: str, repo_id: str, revision: str) -> tuple[dict[str, bytes], dict[str, str]]:

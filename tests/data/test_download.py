@@ -87,6 +87,15 @@ def test_hub_file_mismatches_are_user_errors(hub, tmp_path):
     assert not list((tmp_path / "hf").rglob("README.md"))
 
 
+def test_hub_file_checks_the_sha256_the_hub_publishes(hub, tmp_path):
+    hub.corrupted.add("data/train-00001.parquet")
+    try:
+        result = hub_file(hub, tmp_path, "data/train-00001.parquet")  # no sha256 in the catalogue: the Hub's own
+    finally:
+        hub.corrupted.clear()
+    assert "arrived with sha256" in result["error"] and SHA_BIG in result["error"] and "removed" in result["error"]
+
+
 def test_hub_file_missing_file_is_a_user_error(hub, tmp_path):
     assert "no such file" in hub_file(hub, tmp_path, "data/missing.parquet")["error"]
 

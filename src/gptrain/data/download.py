@@ -50,21 +50,22 @@ def _verify_hub_file(path: Path, where: str, *, size: int | None, sha256: str | 
     if size is not None and blob.stat().st_size != size:
         raise UserError(f"{where} has {blob.stat().st_size} bytes, not the {size} the catalogue expects; "
                         f"the Hub file changed or the catalogue entry is wrong")
-    if sha256 is None:
-        return
     # The cache names an LFS blob by the sha256 the Hub reported (its ETag), so a different file shows without a read.
     is_named_by_sha256 = _SHA256.fullmatch(blob.name) is not None
-    if is_named_by_sha256 and blob.name != sha256:
+    if sha256 is not None and is_named_by_sha256 and blob.name != sha256:
         raise UserError(f"{where} has sha256 {blob.name}, not the {sha256} the catalogue expects; "
                         f"pin the catalogue to the revision it was written for")
+    expected = sha256 or (blob.name if is_named_by_sha256 else None)  # else the hash the Hub publishes
+    if expected is None:
+        return
     # huggingface_hub 2.4 checks only the byte count of a plain HTTP download, never the hash, so the bytes
     # are hashed once when they arrive; a blob that fails is deleted, so one still in the cache passed.
     if is_fresh or not is_named_by_sha256:
         actual = sha256_of(blob)
-        if actual != sha256:
+        if actual != expected:
             blob.unlink(missing_ok=True)
             path.unlink(missing_ok=True)
-            raise UserError(f"{where} arrived with sha256 {actual}, not {sha256}; it was removed, run again to retry")
+            raise UserError(f"{where} arrived with sha256 {actual}, not {expected}; it was removed, run again to retry")
 
 
 def hub_list(repo_id: str, pattern: str, *, revision: str, repo_type: str = "dataset") -> list[str]:

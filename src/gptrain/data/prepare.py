@@ -34,6 +34,9 @@ from gptrain.tokenizer import Tokenizer, TokenizerConfig, build_tokenizer, load_
 from gptrain.tokenizer.base import save_tokenizer
 
 
+SMALL_CORPUS_BYTES = 16 << 20
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     source: str = "shakespeare"  # a name from `gptrain data list`, or a path: a text, JSONL(.gz) or Parquet file,
@@ -62,9 +65,12 @@ class DataConfig:
         if not self.text_field:
             raise UserError("data.text_field must name a JSONL key or Parquet column")
 
-    @property
-    def resolved_workers(self) -> int:
-        return self.num_workers or len(os.sched_getaffinity(0))
+    def workers_for(self, num_bytes: int) -> int:
+        """data.num_workers, or for 0 one per core; a corpus under 16 MB is encoded in this process, where
+        starting workers would cost more than it saves."""
+        if self.num_workers:
+            return self.num_workers
+        return 1 if num_bytes < SMALL_CORPUS_BYTES else len(os.sched_getaffinity(0))
 
 
 def source_key(source: str) -> str:
@@ -216,13 +222,14 @@ def _build(folder: Path, data: DataConfig, tok_cfg: TokenizerConfig, spec: str, 
         save_tokenizer(tokenizer, partial / "tokenizer.json")
         manifest = {"key": key, "position": 0, "writers": {}}
         write_manifest(partial, manifest)
-    val_bytes = rule.val_source.num_bytes if rule.val_source else 0
-    progress = PrepareProgress(source.num_bytes + val_bytes, f"prepare {source.key}", log)
+    num_bytes = source.num_bytes + (rule.val_source.num_bytes if rule.val_source else 0)
+    num_workers = data.workers_for(num_bytes)
+    progress = PrepareProgress(num_bytes, f"prepare {source.key}", log)
     num_documents: dict[str, int] = {}
     try:
         done = write_shards(partial, folder.name, _counting(labelled_documents(source, rule), num_documents),
                             tokenizer, shard_tokens=data.shard_tokens, val_tokens=rule.val_tokens,
-                            num_workers=data.resolved_workers, manifest=manifest, on_progress=progress.update)
+                            num_workers=num_workers, manifest=manifest, on_progress=progress.update)
     finally:
         progress.close()
     writers = done["writers"]
@@ -252,7 +259,7 @@ def _build(folder: Path, data: DataConfig, tok_cfg: TokenizerConfig, spec: str, 
     num_tokens = meta["num_train_tokens"] + meta["num_val_tokens"]
     log(f"prepare: {meta['num_documents']:,} documents, {meta['num_train_tokens']:,} train / "
         f"{meta['num_val_tokens']:,} val tokens in {folder} ({seconds:.1f}s, {num_tokens / seconds / 1e6:.2f}M "
-        f"tokens/s on {data.resolved_workers} worker(s))")
+        f"tokens/s on {num_workers} worker(s))")
 
 
 def train_tokenizer(data: DataConfig, tok_cfg: TokenizerConfig, out: Path, log=print) -> Tokenizer:
