@@ -19,24 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from gptrain.data.prepare import DataConfig, prepare_dataset
+from gptrain.data.synthetic import write_jsonl_corpus
 from gptrain.tokenizer import TokenizerConfig
 from gptrain.tokenizer.gpt2 import gpt2_encoding
-
-
-def write_corpus(path: Path, num_bytes: int) -> None:
-    rng = np.random.default_rng(0)
-    words = np.array(["".join(rng.choice(list("etaoinshrdlucmfwypvbgk"), rng.integers(1, 10))) for _ in range(20_000)])
-    written = 0
-    with open(path, "w") as f:
-        while written < num_bytes:
-            text = " ".join(words[rng.integers(0, len(words), 100_000)])
-            for start in range(0, len(text), 2000):
-                line = json.dumps({"text": text[start : start + 2000] + ".\n"}) + "\n"
-                f.write(line)
-                written += len(line)
 
 
 def reference(path: Path) -> tuple[int, float]:
@@ -69,7 +55,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="gptrain-prepare-bench-") as tmp:
         corpus = Path(tmp) / "corpus.jsonl"
-        write_corpus(corpus, args.mb << 20)
+        write_jsonl_corpus(corpus, args.mb << 20)
         print(f"corpus: {corpus.stat().st_size / 1e6:.0f} MB of JSONL; {cores} core(s); gptrain workers "
               f"{args.workers or cores}")
         ref, ours = [], []

@@ -5,8 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from gptrain.data.synthetic import write_jsonl_corpus
 
 # Runs in a fresh interpreter: the memory of the preparing process and its tokenizer workers together
 # (PSS, so pages they share count once), sampled every 20 ms, above the level right after the imports.
@@ -45,23 +46,9 @@ print(json.dumps({"base_kb": base, "peak_kb": peak}))
 """
 
 
-def _write_corpus(path: Path, num_bytes: int) -> None:
-    """JSONL documents of about 2 KB of pseudo-words each."""
-    rng = np.random.default_rng(0)
-    words = np.array(["".join(rng.choice(list("etaoinshrdlucmfwyp"), rng.integers(2, 9))) for _ in range(5000)])
-    written = 0
-    with open(path, "w") as f:
-        while written < num_bytes:
-            text = " ".join(words[rng.integers(0, len(words), 40_000)])
-            for start in range(0, len(text), 2000):
-                line = json.dumps({"text": text[start : start + 2000]}) + "\n"
-                f.write(line)
-                written += len(line)
-
-
 def _peak_above_base_mb(tmp_path: Path, num_bytes: int) -> float:
     corpus = tmp_path / f"corpus{num_bytes}.jsonl"
-    _write_corpus(corpus, num_bytes)
+    write_jsonl_corpus(corpus, num_bytes)
     out = subprocess.run([sys.executable, "-c", MEASURE, str(corpus), str(tmp_path / f"ds{num_bytes}")],
                          capture_output=True, text=True, check=True).stdout
     result = json.loads(out.splitlines()[-1])
