@@ -98,9 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="build everything, run two steps, report peak memory per "
                    "rank and the largest micro batch that fits; writes no run")
 
-    p = sub.add_parser("prepare", help="turn a corpus into token shards (= gptrain data prepare)",
-                       epilog=TRAIN_EPILOG, formatter_class=fmt)
-    _add_prepare_flags(p)
     _add_data_parser(sub, fmt)
     _add_tokenizer_parser(sub, fmt)
 
@@ -139,6 +136,9 @@ def _add_prepare_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_parser(sub, fmt) -> None:
+    p = sub.add_parser("prepare", help="turn a corpus into token shards (= gptrain data prepare)",
+                       epilog=TRAIN_EPILOG, formatter_class=fmt)
+    _add_prepare_flags(p)
     data = sub.add_parser("data", help="the corpus catalogue, preparing token shards, and shard information")
     verbs = data.add_subparsers(dest="data_command", required=True)
     verbs.add_parser("list", help="the catalogue: name, size, licence, origin, validation split")

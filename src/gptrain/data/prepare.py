@@ -206,22 +206,8 @@ def _build(folder: Path, data: DataConfig, tok_cfg: TokenizerConfig, spec: str, 
     # The host in the name: with data.prepare_per_node on a disk that nodes share after all, two
     # preparers never write into one folder.
     partial = folder.with_name(f"{folder.name}.partial-{socket.gethostname()}")
-    key = f"{data_fingerprint}:{spec}"
-    manifest = read_manifest(partial, key)
-    if manifest is not None:
-        log(f"prepare: resuming the interrupted preparation in {partial} ({manifest['position']:,} documents done)")
-        tokenizer = load_tokenizer(partial / "tokenizer.json")
-    else:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-        if tokenizer is None:
-            if tok_cfg.kind == "bpe":
-                log(f"prepare: fitting a {tok_cfg.vocab_size}-token BPE on the train split")
-            tokenizer = build_tokenizer(tok_cfg, None if tok_cfg.kind == "gpt2" or tok_cfg.is_file
-                                        else _fit_texts(source, rule, tok_cfg))
-        save_tokenizer(tokenizer, partial / "tokenizer.json")
-        manifest = {"key": key, "position": 0, "writers": {}}
-        write_manifest(partial, manifest)
+    manifest, tokenizer = _open_partial(partial, f"{data_fingerprint}:{spec}", source, rule, tok_cfg, tokenizer,
+                                        log)
     num_bytes = source.num_bytes + (rule.val_source.num_bytes if rule.val_source else 0)
     num_workers = data.workers_for(num_bytes)
     progress = PrepareProgress(num_bytes, f"prepare {source.key}", log)
@@ -242,10 +228,7 @@ def _build(folder: Path, data: DataConfig, tok_cfg: TokenizerConfig, spec: str, 
         "val_rule": _describe_rule(rule),
         "tokenizer_spec": spec,
         "fingerprint": data_fingerprint,
-        "tokenizer": tokenizer.name,
-        "tokenizer_sha256": hashlib.sha256(tokenizer.to_json().encode()).hexdigest(),
-        "vocab_size": tokenizer.vocab_size,
-        "eot_id": tokenizer.eot_id,
+        **_tokenizer_meta(tokenizer),
         "num_documents": sum(num_documents.values()),
         "num_train_tokens": writers["train"]["num_tokens"],
         "num_val_tokens": writers["val"]["num_tokens"],
@@ -260,6 +243,32 @@ def _build(folder: Path, data: DataConfig, tok_cfg: TokenizerConfig, spec: str, 
     log(f"prepare: {meta['num_documents']:,} documents, {meta['num_train_tokens']:,} train / "
         f"{meta['num_val_tokens']:,} val tokens in {folder} ({seconds:.1f}s, {num_tokens / seconds / 1e6:.2f}M "
         f"tokens/s on {num_workers} worker(s))")
+
+
+def _open_partial(partial: Path, key: str, source: Source, rule: SplitRule, tok_cfg: TokenizerConfig,
+                  tokenizer: Tokenizer | None, log) -> tuple[dict, Tokenizer]:
+    """The manifest and tokenizer of an interrupted preparation of this dataset (key), or of a fresh
+    one: an empty partial folder holding the tokenizer (fitted now unless given) and a first manifest."""
+    manifest = read_manifest(partial, key)
+    if manifest is not None:
+        log(f"prepare: resuming the interrupted preparation in {partial} ({manifest['position']:,} documents done)")
+        return manifest, load_tokenizer(partial / "tokenizer.json")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    if tokenizer is None:
+        if tok_cfg.kind == "bpe":
+            log(f"prepare: fitting a {tok_cfg.vocab_size}-token BPE on the train split")
+        is_fitted = tok_cfg.kind in ("bpe", "char") and not tok_cfg.is_file
+        tokenizer = build_tokenizer(tok_cfg, _fit_texts(source, rule, tok_cfg) if is_fitted else None)
+    save_tokenizer(tokenizer, partial / "tokenizer.json")
+    manifest = {"key": key, "position": 0, "writers": {}}
+    write_manifest(partial, manifest)
+    return manifest, tokenizer
+
+
+def _tokenizer_meta(tokenizer: Tokenizer) -> dict:
+    return {"tokenizer": tokenizer.name, "tokenizer_sha256": hashlib.sha256(tokenizer.to_json().encode()).hexdigest(),
+            "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id}
 
 
 def train_tokenizer(data: DataConfig, tok_cfg: TokenizerConfig, out: Path, log=print) -> Tokenizer:
