@@ -2,7 +2,8 @@
 
 The corpus is synthetic JSONL (about 2 KB documents of pseudo-words, --mb of it). The reference, measured
 in the same run, reads the same file and calls tiktoken's encode_ordinary once per document on one thread;
-gptrain runs `prepare_dataset` (read, split, encode over --workers processes, write shards). Runs
+gptrain runs `prepare_dataset` as `gptrain data prepare` does (read, split, encode over --workers forked
+processes, write shards). Runs
 alternate, --repeats of each, and the medians are compared. Shakespeare (5 MB) is reported, not compared.
 
     .venv/bin/python benchmarks/prepare_throughput.py [--mb 200] [--workers 0] [--repeats 2]
@@ -40,7 +41,7 @@ def gptrain_prepare(source: str, out: Path, workers: int) -> tuple[int, float]:
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     folder = prepare_dataset(DataConfig(source=source, data_dir=str(out), num_workers=workers),
-                             TokenizerConfig(kind="gpt2"), log=lambda *_: None)
+                             TokenizerConfig(kind="gpt2"), log=lambda *_: None, may_fork=True)  # as the CLI
     seconds = time.perf_counter() - started
     meta = json.loads((folder / "meta.json").read_text())
     return meta["num_train_tokens"] + meta["num_val_tokens"], seconds

@@ -246,7 +246,7 @@ def cmd_prepare(args: argparse.Namespace, extra: dict[str, str]) -> int:
     if args.out:
         extra = extra | {"data.data_dir": args.out}
     cfg = _resolve(args, extra)
-    folder = prepare_dataset(cfg.data, cfg.tokenizer)
+    folder = prepare_dataset(cfg.data, cfg.tokenizer, may_fork=True)  # this process does nothing else
     print(f"dataset ready: {folder}")
     return 0
 
@@ -271,6 +271,9 @@ def cmd_tokenizer_train(args: argparse.Namespace, extra: dict[str, str]) -> int:
     cfg = _resolve(args, extra)
     tokenizer = train_tokenizer(cfg.data, cfg.tokenizer, Path(args.out))
     print(f"tokenizer written: {args.out} ({tokenizer.name}, vocabulary {tokenizer.vocab_size:,})")
+    if cfg.tokenizer.kind == "bpe" and tokenizer.vocab_size < cfg.tokenizer.vocab_size:
+        print(f"note: the corpus ran out of merges before {cfg.tokenizer.vocab_size:,} tokens; a bigger corpus "
+              "gives the full vocabulary")
     return 0
 
 
@@ -357,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gptrain: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `gptrain data list | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun's summary follows; this names the rank first
             if _is_lost_peer(e):

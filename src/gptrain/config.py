@@ -30,8 +30,10 @@ from gptrain.train.schedule import ScheduleConfig
 from gptrain.train.step import TrainConfig
 
 ENV_PREFIX = "GPTRAIN_"
-# Variables read by other parts (not config fields): the asset cache, its URL, setup, the CPU linear switch.
-NON_CONFIG_ENV = {"GPTRAIN_CACHE", "GPTRAIN_GPT2_URL", "GPTRAIN_TORCH_SPEC", "GPTRAIN_ONEDNN_LINEAR"}
+# Variables read by other parts (not config fields): the asset cache, its URL, setup, the CPU linear switch,
+# and the switch that keeps downloads from the network.
+NON_CONFIG_ENV = {"GPTRAIN_CACHE", "GPTRAIN_GPT2_URL", "GPTRAIN_TORCH_SPEC", "GPTRAIN_ONEDNN_LINEAR",
+                  "GPTRAIN_OFFLINE"}
 
 # Flags people know from nanoGPT, llm.c and friends, as aliases of config fields.
 ALIASES = {

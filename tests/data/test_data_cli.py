@@ -59,3 +59,15 @@ def test_data_mistakes_are_one_line_and_leave_nothing(capsys, tmp_path, monkeypa
         code, _, err = run(capsys, *argv)
         assert code == 2 and err.count("\n") == 1 and message in err, (argv, err)
     assert not list(tmp_path.iterdir())
+
+
+def test_gptrain_offline_is_not_a_config_key_and_data_list_survives_a_closed_pipe(capsys, monkeypatch):
+    monkeypatch.setenv("GPTRAIN_OFFLINE", "1")
+    code, out, _ = run(capsys, "data", "list")
+    assert code == 0 and "tinystories" in out
+    import subprocess
+    import sys
+
+    done = subprocess.run(f"{sys.executable} -m gptrain data list | head -1", shell=True, capture_output=True,
+                          text=True)
+    assert done.stdout.count("\n") == 1 and "Traceback" not in done.stderr

@@ -158,8 +158,8 @@ def test_an_interrupted_preparation_resumes_and_matches_an_uninterrupted_one(cor
 def test_first_tokens_rule_and_an_explicit_val_source(corpus_dir, tmp_path):
     tok = TokenizerConfig(kind="gpt2")
     everything = prepare_dataset(DataConfig(source=str(corpus_dir), data_dir=str(tmp_path / "all"),
-                                            val_tokens=10**9), tok, **QUIET)
-    stream = _tokens(everything, "val")
+                                            val_tokens=1), tok, **QUIET)
+    stream = np.concatenate([_tokens(everything, "val"), _tokens(everything, "train")])
     folder = prepare_dataset(DataConfig(source=str(corpus_dir), data_dir=str(tmp_path / "first"), val_tokens=777),
                              tok, **QUIET)
     assert np.array_equal(_tokens(folder, "val"), stream[:777])
@@ -261,7 +261,7 @@ def test_a_folder_of_llmc_shards_is_used_as_is(tmp_path):
 
 
 def test_waiting_ranks_see_the_dataset_a_failure_or_time_out(corpus_dir, tmp_path):
-    from gptrain.data.prepare import failure_marker, wait_for_dataset, write_failure_marker
+    from gptrain.data.ranks import failure_marker, wait_for_dataset, write_failure_marker
 
     data = DataConfig(source=str(corpus_dir), data_dir=str(tmp_path / "ds"), prepare_timeout_seconds=1)
     tok = TokenizerConfig(kind="char")
@@ -304,14 +304,15 @@ def test_training_refuses_shards_of_another_tokenizer(corpus_dir, tmp_path):
 
 
 def test_forked_and_spawned_workers_write_identical_shards(corpus_dir, tmp_path):
-    """This process has torch loaded, so its workers spawn; `gptrain data prepare` alone forks them."""
+    """The API spawns its workers; `gptrain data prepare` forks them."""
     import subprocess
     import sys
 
-    assert encode._start_method() == "spawn"
+    assert encode.start_method(may_fork=False) == "spawn" and encode.start_method(may_fork=True) == "fork"
     spawned = prepare_dataset(DataConfig(source=str(corpus_dir), data_dir=str(tmp_path / "a" / "ds"),
                                          shard_tokens=1500, num_workers=2), TokenizerConfig(kind="gpt2"), **QUIET)
-    code = ("import sys; from gptrain.data import encode; assert encode._start_method() == 'fork'; "
+    code = ("import sys; from gptrain.data import encode; real = encode.start_method; "
+            "encode.start_method = lambda may_fork: 'fork' if real(may_fork) == 'fork' else sys.exit(3); "
             "from gptrain.cli import main; sys.exit(main(sys.argv[1:]))")
     subprocess.run([sys.executable, "-c", code, "data", "prepare", str(corpus_dir), "--tokenizer", "gpt2",
                     "--out", str(tmp_path / "b" / "ds"), "--workers", "2", "--data.shard_tokens", "1500"],
@@ -319,3 +320,78 @@ def test_forked_and_spawned_workers_write_identical_shards(corpus_dir, tmp_path)
     names = sorted(p.name for p in spawned.glob("*.bin"))
     assert len(names) > 4 and names == sorted(p.name for p in (tmp_path / "b" / "ds").glob("*.bin"))
     assert all((spawned / n).read_bytes() == (tmp_path / "b" / "ds" / n).read_bytes() for n in names)
+
+
+def test_out_never_replaces_what_is_not_a_dataset(corpus_dir, tmp_path):
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "precious.txt").write_text("keep me")
+    (tmp_path / "afile").write_text("keep me too")
+    for out in (precious, tmp_path / "afile", corpus_dir):
+        with pytest.raises(UserError, match="is never overwritten"):
+            prepare_dataset(DataConfig(source=str(corpus_dir), data_dir=str(out)), TokenizerConfig(kind="char"),
+                            **QUIET)
+    assert (precious / "precious.txt").read_text() == "keep me" and (tmp_path / "afile").read_text() == "keep me too"
+    assert len(list(corpus_dir.glob("*.txt"))) == 5
+
+
+def test_bad_input_leaves_no_partial_folder_lock_or_data_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text key"}\n')
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
+    for name, message in [("bad.jsonl", 'bad.jsonl:2 is not a JSON object with a "text" field'),
+                          ("bad.jsonl.gz", "is not a readable gzip file")]:
+        with pytest.raises(UserError, match=message):
+            prepare_dataset(DataConfig(source=name), TokenizerConfig(kind="gpt2"), **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "bad.jsonl.gz"]
+
+
+def test_a_split_that_comes_out_empty_is_an_error(corpus_dir, tmp_path):
+    with pytest.raises(UserError, match="train split .* came out empty"):
+        prepare_dataset(DataConfig(source=str(corpus_dir), data_dir=str(tmp_path / "ds"), val_tokens=10**9),
+                        TokenizerConfig(kind="gpt2"), **QUIET)
+    assert not list(tmp_path.glob("ds*"))
+
+
+def test_one_huge_document_never_becomes_all_of_val(tmp_path):
+    folder = tmp_path / "two"
+    folder.mkdir()
+    (folder / "big.txt").write_text("a line of the big book\n" * 20_000)
+    (folder / "small.txt").write_text("a short note\n" * 20)
+    for seed in range(8):
+        train, val = _split(local_source(str(folder)), SplitRule(val_fraction=0.1, seed=seed))
+        assert sum(map(len, val)) <= 0.2 * sum(map(len, train + val)) and train
+
+
+def test_a_big_single_text_file_is_still_cut_at_a_line_break(tmp_path, monkeypatch):
+    monkeypatch.setattr(split, "SMALL_CORPUS_BYTES", 0)
+    path = tmp_path / "book.txt"
+    path.write_text("line\n" * 1000)
+    train, val = _split(local_source(str(path)), SplitRule(val_fraction=0.1))
+    assert train[0] + val[0] == "line\n" * 1000 and val[0].startswith("\n") and len(val[0]) == 501
+
+
+@pytest.mark.parametrize("layout", ["crlf", "blank lines", "trailing spaces"])
+def test_text_pieces_are_cut_in_every_line_layout(tmp_path, monkeypatch, layout):
+    from gptrain.data import sources
+    from gptrain.tokenizer.gpt2 import GPT2Tokenizer
+
+    line = {"crlf": "{}\r\n", "blank lines": "{}\n\n", "trailing spaces": "{}  \n"}[layout]
+    text = "".join(line.format(make_corpus_text(1, seed=i).strip()) for i in range(300))
+    path = tmp_path / "t.txt"
+    path.write_bytes(text.encode())
+    monkeypatch.setattr(sources, "PIECE_BYTES", 1000)
+    pieces = [p.text for p in sources.read_text_file(path)]
+    assert len(pieces) > 10 and "".join(pieces) == text
+    tok = GPT2Tokenizer()
+    assert sum((tok.encode(p) for p in pieces), []) == tok.encode(text)
+
+
+def test_a_folder_corpus_skips_gptrain_runs_and_datasets(corpus_dir, tmp_path):
+    run = corpus_dir / "runs" / "x"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text("")
+    (run / "metrics.jsonl").write_text('{"kind": "train"}\n')
+    (corpus_dir / "data" / "ds").mkdir(parents=True)
+    (corpus_dir / "data" / "ds" / "meta.json").write_text("{}")
+    assert len(load_documents(local_source(str(corpus_dir)))) == 5

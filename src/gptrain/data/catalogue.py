@@ -40,8 +40,7 @@ class Entry:
         files = ", ".join(self.train_files[:2]) + (", ..." if len(self.train_files) > 2 else "")
         if not self.repo and not self.train_files:
             return f"package {self.revision}"
-        where = f"hf:{self.repo}@{self.revision[:12]}" if self.repo else "url"
-        return f"{where} {files}"
+        return f"hf:{self.repo} {files}" if self.repo else files
 
     @property
     def validation(self) -> str:
@@ -49,7 +48,9 @@ class Entry:
             return "official: " + ", ".join(Path(f).name for f in self.val_files)
         if self.val_tokens:
             return f"first {self.val_tokens:,} tokens (llm.c's val shard)"
-        return "none: a seeded split by document"
+        if len(self.train_files) == 1 and self.reader == "text":
+            return "none: the one document is cut at a line break (data.val_fraction)"
+        return "none: a seeded split by document (data.val_fraction)"
 
 
 def _fineweb(name: str, repo: str, revision: str, num_files: int, sizes: dict[str, int], about: str) -> Entry:
@@ -168,7 +169,9 @@ def entry_sources(entry: Entry, text_field: str = "text", log=print) -> tuple[So
         return sources.shakespeare_source(), None
     reader = _reader(entry, text_field)
     log(f"data: fetching {entry.name} ({entry.size}) from {entry.origin}")
-    train = Source(entry.name, _fetch(entry, entry.train_files, log), reader)
+    train_files = _fetch(entry, entry.train_files, log)
+    is_one_document = reader is sources.read_text_file and len(train_files) == 1
+    train = Source(entry.name, train_files, reader, is_one_document=is_one_document)
     val = Source(f"{entry.name}:val", _fetch(entry, entry.val_files, log), reader) if entry.val_files else None
     return train, val
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import http.client
+import logging
 import os
 import re
 import time
@@ -15,6 +16,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,6 +29,18 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
+@contextmanager
+def _quiet_hub():
+    """huggingface_hub logs a warning per retry when the Hub is unreachable; the UserError says it once."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def hub_file(repo_id: str, filename: str, *, revision: str, repo_type: str = "dataset",
              size: int | None = None, sha256: str | None = None) -> Path:
     """Local path of one Hub file (HF cache, HF_ENDPOINT, HF_HUB_OFFLINE honoured), verified when size/sha256 given."""
@@ -37,7 +51,8 @@ def hub_file(repo_id: str, filename: str, *, revision: str, repo_type: str = "da
     # huggingface_hub 2.4 resumes a dropped connection within this call (a Range request from the 10 MiB chunks
     # it has), but deletes its partial file when the call fails (huggingface_hub PR 4228): no resume across calls.
     try:
-        path = Path(hf_hub_download(repo_id, filename, revision=revision, repo_type=repo_type))
+        with _quiet_hub():
+            path = Path(hf_hub_download(repo_id, filename, revision=revision, repo_type=repo_type))
     except _hub_errors() as e:
         raise UserError(_describe(e, where)) from None
     is_fresh = not (isinstance(cached, str) and Path(cached).resolve() == path.resolve())
@@ -77,7 +92,8 @@ def hub_list(repo_id: str, pattern: str, *, revision: str, repo_type: str = "dat
 
     where = f"{repo_id}@{revision}"
     try:
-        files = HfApi().list_repo_files(repo_id, revision=revision, repo_type=repo_type)
+        with _quiet_hub():
+            files = HfApi().list_repo_files(repo_id, revision=revision, repo_type=repo_type)
     except _hub_errors() as e:
         files = _cached_files(repo_id, revision, repo_type) if _is_unreachable(e) else None
         if files is None:

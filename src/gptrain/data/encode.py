@@ -10,8 +10,10 @@ shard is durable, and a preparation started again with the same manifest carries
 from __future__ import annotations
 
 import json
+import ctypes
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 from collections import deque
@@ -45,6 +47,9 @@ class Task:
 
 def _init_worker(tokenizer_json: str) -> None:
     global _TOKENIZER
+    if sys.platform == "linux":  # die with the preparing process, even when it is SIGKILLed
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
     _TOKENIZER = parse_tokenizer(tokenizer_json)
 
@@ -181,15 +186,14 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     tmp.replace(folder / MANIFEST)
 
 
-def _start_method() -> str:
-    """fork where it is safe (Linux, one thread, no torch: `gptrain data prepare`), since the workers then
-    start at once with the tokenizer already loaded; else spawn, since forking a process that runs other
-    threads (torch's, a progress bar's) can deadlock the child."""
-    is_safe = sys.platform == "linux" and threading.active_count() == 1 and "torch" not in sys.modules
-    return "fork" if is_safe else "spawn"
+def start_method(may_fork: bool) -> str:
+    """fork when the caller allows it (`gptrain data prepare`, which has run nothing but the preparation)
+    on Linux with no other Python thread: the workers then start at once with the tokenizer loaded.
+    Else spawn: a fork of a process that has run torch (OpenMP, CUDA, process groups) can deadlock."""
+    return "fork" if may_fork and sys.platform == "linux" and threading.active_count() == 1 else "spawn"
 
 
-def _results(tasks: Iterator[Task], tokenizer: Tokenizer, num_workers: int):
+def _results(tasks: Iterator[Task], tokenizer: Tokenizer, num_workers: int, may_fork: bool):
     """(task, tokens, counts) in task order: in this process for one worker, else over a process pool."""
     global _TOKENIZER
     if num_workers <= 1:
@@ -197,7 +201,7 @@ def _results(tasks: Iterator[Task], tokenizer: Tokenizer, num_workers: int):
         for task in tasks:
             yield task, *encode_texts(task.texts, task.has_separator)
         return
-    context = multiprocessing.get_context(_start_method())
+    context = multiprocessing.get_context(start_method(may_fork))
     with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker,
                              initargs=(tokenizer.to_json(),)) as pool:
         pending: deque = deque()
@@ -221,7 +225,8 @@ def _results(tasks: Iterator[Task], tokenizer: Tokenizer, num_workers: int):
 
 def write_shards(folder: Path, prefix: str, items: Iterator[tuple[str, Document]], tokenizer: Tokenizer, *,
                  shard_tokens: int, val_tokens: int, num_workers: int, manifest: dict,
-                 on_progress: Callable[[int, int], None] = lambda num_bytes, num_tokens: None) -> dict:
+                 on_progress: Callable[[int, int], None] = lambda num_bytes, num_tokens: None,
+                 may_fork: bool = False) -> dict:
     """Encode every item into train and val shards in folder; returns the manifest of the finished splits.
 
     manifest: {"key": ..., "position": items already written, "writers": {split: state}}; written back
@@ -233,8 +238,9 @@ def write_shards(folder: Path, prefix: str, items: Iterator[tuple[str, Document]
                for split in ("train", "val")}
     router = Router(writers, val_tokens)
     position = manifest.get("position", 0)
+    on_progress(sum(doc.num_bytes for _, doc in islice(items, position)), 0)  # what a resumed run skips
     try:
-        for task, tokens, counts in _results(make_tasks(islice(items, position, None)), tokenizer, num_workers):
+        for task, tokens, counts in _results(make_tasks(items), tokenizer, num_workers, may_fork):
             is_finished = router.write_task(task.labels, tokens, counts)
             position += len(task.labels)
             on_progress(task.num_bytes, len(tokens))

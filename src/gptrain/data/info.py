@@ -17,7 +17,8 @@ def format_catalogue() -> str:
         lines += [f"{e.name}  {e.description}",
                   f"    size        {e.size}",
                   f"    licence     {e.licence}",
-                  f"    origin      {e.origin}" + (f" (revision {e.revision})" if e.repo else ""),
+                  f"    origin      {e.origin}",
+                  f"    revision    {e.revision}",
                   f"    validation  {e.validation}"]
         if e.notes:
             lines.append(f"    notes       {e.notes}")
@@ -43,6 +44,8 @@ def describe(path: Path) -> str:
         return _shard_line(path)
     lines = [f"dataset {path}"]
     meta_path = path / "meta.json"
+    if not meta_path.is_file() and not any(path.glob("*_[0-9][0-9][0-9][0-9][0-9][0-9].bin")):
+        raise UserError(f"{path} is neither a shard nor a dataset folder (no meta.json, no *_NNNNNN.bin shards)")
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         for key in ("source", "val_source", "val_rule", "tokenizer", "tokenizer_spec", "vocab_size", "eot_id",

@@ -83,7 +83,7 @@ def dataset_dir(data: DataConfig, spec: str) -> Path:
     """data/<source>-<tokenizer spec>: one folder per corpus and tokenizer (paths get a short hash)."""
     if (entry := catalogue.find_entry(data.source)) is not None:
         return Path("data") / f"{entry.name}-{spec}"
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(data.source).stem).strip("-").lower()
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(data.source).expanduser().resolve().stem).strip("-").lower() or "corpus"
     digest = hashlib.sha256(source_key(data.source).encode()).hexdigest()[:6]
     return Path("data") / f"{slug}-{digest}-{spec}"
 
@@ -124,19 +124,19 @@ def _holds_tokenizer(folder: Path, tokenizer: Tokenizer) -> bool:
     return path.is_file() and load_tokenizer(path).to_json() == tokenizer.to_json()
 
 
-def _locate(data: DataConfig, tok_cfg: TokenizerConfig, tokenizer: Tokenizer | None) -> tuple[Path, str]:
+def locate_dataset(data: DataConfig, tok_cfg: TokenizerConfig, tokenizer: Tokenizer | None) -> tuple[Path, str]:
     """The dataset folder and its tokenizer spec (a given tokenizer reuses a folder made with it)."""
     spec = tok_cfg.describe()
-    folder = Path(data.data_dir) if data.data_dir else dataset_dir(data, spec)
+    folder = Path(data.data_dir).expanduser().resolve() if data.data_dir else dataset_dir(data, spec)
     if tokenizer is None:
         return folder, spec
     if _holds_tokenizer(folder, tokenizer) and (folder / "meta.json").is_file():
         return folder, json.loads((folder / "meta.json").read_text()).get("tokenizer_spec", spec)
     spec = tokenizer_spec(tokenizer)
-    return (Path(data.data_dir) if data.data_dir else dataset_dir(data, spec)), spec
+    return (Path(data.data_dir).expanduser().resolve() if data.data_dir else dataset_dir(data, spec)), spec
 
 
-def _is_current(folder: Path, data: DataConfig, spec: str, data_fingerprint: str, log) -> bool:
+def is_current(folder: Path, data: DataConfig, spec: str, data_fingerprint: str, log) -> bool:
     """True when folder holds this very dataset; an error when it holds another one."""
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
@@ -154,12 +154,14 @@ def _is_current(folder: Path, data: DataConfig, spec: str, data_fingerprint: str
 
 
 def prepare_dataset(
-    data: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer: Tokenizer | None = None, log=print
+    data: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer: Tokenizer | None = None, log=print,
+    may_fork: bool = False,
 ) -> Path:
     """Build (or reuse, when source, settings and tokenizer match) the dataset folder; returns its path.
 
     With `tokenizer` given (a resumed run, a fine-tuned checkpoint), the corpus is encoded with it:
     the usual folder is reused if it was made with that very tokenizer, else a folder named by its hash.
+    may_fork: the tokenizer workers may start by fork (see encode.start_method).
     """
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         # A tokenizer worker that is importing the user's script, which calls gptrain again: fail (the parent
@@ -169,21 +171,47 @@ def prepare_dataset(
         return shards
     for spec in filter(None, (data.source, data.val_source)):
         catalogue.check_source(spec)  # a mistake is reported before anything is written
-    folder, spec = _locate(data, tok_cfg, tokenizer)
+    folder, spec = locate_dataset(data, tok_cfg, tokenizer)
     data_fingerprint = fingerprint(data)
-    if _is_current(folder, data, spec, data_fingerprint, log):
+    if is_current(folder, data, spec, data_fingerprint, log):
         return folder
+    _check_replaceable(folder)
+    is_new_parent = not folder.parent.exists()
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(folder, log):
-        if not _is_current(folder, data, spec, data_fingerprint, lambda *_: None):  # or another process made it
-            _build(folder, data, tok_cfg, spec, data_fingerprint, tokenizer, log)
+    try:
+        with _exclusive(folder, log):
+            if not is_current(folder, data, spec, data_fingerprint, lambda *_: None):  # or another process made it
+                _build(folder, data, tok_cfg, spec, data_fingerprint, tokenizer, log, may_fork)
+    except UserError:  # bad input: nothing to resume, so nothing is left (an interruption keeps its partial folder)
+        shutil.rmtree(_partial_dir(folder), ignore_errors=True)
+        _lock_path(folder).unlink(missing_ok=True)
+        if is_new_parent and not any(folder.parent.iterdir()):
+            folder.parent.rmdir()
+        raise
     return folder
+
+
+def _check_replaceable(folder: Path) -> None:
+    """The dataset folder may be written only where nothing is, or where an older gptrain dataset is."""
+    if folder.exists() and not (folder / "meta.json").is_file():
+        what = "a file" if folder.is_file() else "a folder that is not a gptrain dataset (no meta.json)"
+        raise UserError(f"{folder} is {what}; it is never overwritten: give a new folder for --out / data.data_dir")
+
+
+def _partial_dir(folder: Path) -> Path:
+    # The host in the name: with data.prepare_per_node on a disk that nodes share after all, two
+    # preparers never write into one folder.
+    return folder.with_name(f"{folder.name}.partial-{socket.gethostname()}")
+
+
+def _lock_path(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.lock")
 
 
 @contextmanager
 def _exclusive(folder: Path, log):
     """One preparation of a folder at a time on this machine (a second process waits for the first)."""
-    with open(folder.with_name(f".{folder.name}.lock"), "w") as lock:
+    with open(_lock_path(folder), "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -199,33 +227,35 @@ def _counting(items, counter: dict):
 
 
 def _build(folder: Path, data: DataConfig, tok_cfg: TokenizerConfig, spec: str, data_fingerprint: str,
-           tokenizer: Tokenizer | None, log) -> None:
+           tokenizer: Tokenizer | None, log, may_fork: bool) -> None:
     """Encode into <folder>.partial-<host>/ (resuming its manifest when it has one), then rename it."""
     started = time.perf_counter()
     source, rule = resolve_split(data, log)
-    # The host in the name: with data.prepare_per_node on a disk that nodes share after all, two
-    # preparers never write into one folder.
-    partial = folder.with_name(f"{folder.name}.partial-{socket.gethostname()}")
+    partial = _partial_dir(folder)
     manifest, tokenizer = _open_partial(partial, f"{data_fingerprint}:{spec}", source, rule, tok_cfg, tokenizer,
                                         log)
     num_bytes = source.num_bytes + (rule.val_source.num_bytes if rule.val_source else 0)
     num_workers = data.workers_for(num_bytes)
-    progress = PrepareProgress(num_bytes, f"prepare {source.key}", log)
+    progress = PrepareProgress(num_bytes, f"prepare {Path(source.key).name}", log)
     num_documents: dict[str, int] = {}
     try:
         done = write_shards(partial, folder.name, _counting(labelled_documents(source, rule), num_documents),
                             tokenizer, shard_tokens=data.shard_tokens, val_tokens=rule.val_tokens,
-                            num_workers=num_workers, manifest=manifest, on_progress=progress.update)
+                            num_workers=num_workers, manifest=manifest, on_progress=progress.update,
+                            may_fork=may_fork)
     finally:
         progress.close()
     writers = done["writers"]
     if not sum(num_documents.values()):
-        shutil.rmtree(partial, ignore_errors=True)
         raise UserError(f"corpus {data.source!r} is empty: it has no text to train on")
+    for split, other in (("train", "val"), ("val", "train")):
+        if not writers[split]["num_tokens"]:
+            raise UserError(f"the {split} split of {data.source!r} came out empty (all {writers[other]['num_tokens']:,} "
+                            f"tokens are {other}): change data.val_tokens / data.val_fraction, or give --val-data")
     meta = {
         "source": source_key(data.source),
         "val_source": source_key(data.val_source) or None,
-        "val_rule": _describe_rule(rule),
+        "val_rule": _describe_rule(rule, source),
         "tokenizer_spec": spec,
         "fingerprint": data_fingerprint,
         **_tokenizer_meta(tokenizer),
@@ -239,9 +269,8 @@ def _build(folder: Path, data: DataConfig, tok_cfg: TokenizerConfig, spec: str, 
     (partial / "manifest.json").unlink()
     _swap_in(partial, folder)
     seconds = time.perf_counter() - started
-    num_tokens = meta["num_train_tokens"] + meta["num_val_tokens"]
     log(f"prepare: {meta['num_documents']:,} documents, {meta['num_train_tokens']:,} train / "
-        f"{meta['num_val_tokens']:,} val tokens in {folder} ({seconds:.1f}s, {num_tokens / seconds / 1e6:.2f}M "
+        f"{meta['num_val_tokens']:,} val tokens in {folder} ({seconds:.1f}s, {progress.num_tokens / seconds / 1e6:.2f}M "
         f"tokens/s on {num_workers} worker(s))")
 
 
@@ -285,11 +314,13 @@ def train_tokenizer(data: DataConfig, tok_cfg: TokenizerConfig, out: Path, log=p
     return tokenizer
 
 
-def _describe_rule(rule: SplitRule) -> str:
-    if rule.val_tokens:
-        return f"first {rule.val_tokens} tokens"
+def _describe_rule(rule: SplitRule, source: Source) -> str:
     if rule.val_source is not None:
         return f"val source {rule.val_source.key}"
+    if rule.val_tokens:
+        return f"first {rule.val_tokens} tokens"
+    if source.is_one_document:
+        return f"one document, cut at a line break: val_fraction {rule.val_fraction}"
     return f"seeded split by document: val_fraction {rule.val_fraction}, seed {rule.seed}"
 
 
@@ -301,41 +332,6 @@ def _swap_in(tmp: Path, folder: Path) -> None:
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def failure_marker(data: DataConfig, tok_cfg: TokenizerConfig, tokenizer: Tokenizer | None) -> Path:
-    """<dataset>.failed: written by the preparing rank when preparation fails, read by the waiting ranks."""
-    folder, _ = _locate(data, tok_cfg, tokenizer)
-    return folder.with_name(folder.name + ".failed")
-
-
-def write_failure_marker(data: DataConfig, tok_cfg: TokenizerConfig, tokenizer: Tokenizer | None,
-                         message: str) -> None:
-    marker = failure_marker(data, tok_cfg, tokenizer)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(message, encoding="utf-8")
-    tmp.replace(marker)
-
-
-def wait_for_dataset(data: DataConfig, tok_cfg: TokenizerConfig, tokenizer: Tokenizer | None,
-                     poll_seconds: float = 1.0) -> Path:
-    """Poll until the preparing rank's dataset is complete (its meta.json is current) or it failed."""
-    folder, spec = _locate(data, tok_cfg, tokenizer)
-    marker = failure_marker(data, tok_cfg, tokenizer)
-    data_fingerprint = fingerprint(data)
-    deadline = time.monotonic() + data.prepare_timeout_seconds
-    while True:
-        if marker.is_file():
-            raise UserError(f"data preparation failed on the preparing rank: {marker.read_text(encoding='utf-8')}",
-                            is_echo=True)
-        if _is_current(folder, data, spec, data_fingerprint, log=lambda *_: None):
-            return folder
-        if time.monotonic() > deadline:
-            raise UserError(f"waited {data.prepare_timeout_seconds}s for {folder} to be prepared: raise "
-                            "data.prepare_timeout_seconds, or set data.prepare_per_node=true if nodes do not share "
-                            "a disk")
-        time.sleep(poll_seconds)
 
 
 def find_shard_folder(source: str) -> Path | None:

@@ -11,7 +11,9 @@ import codecs
 import gzip
 import hashlib
 import json
+import os
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,7 @@ class Source:
     key: str  # stored in meta.json: a catalogue name, 'shakespeare', or an absolute path
     files: tuple[Path, ...]
     read: Reader
+    is_one_document: bool = False  # a single text file: the val split cuts it at a line break
 
     def documents(self) -> Iterator[Document]:
         for path in self.files:
@@ -63,13 +66,22 @@ def _decode(decoder, data: bytes, path: Path, offset: int, final: bool = False) 
             from None
 
 
+# What GPT-2's pre-tokenizer pattern (\s in tiktoken's and HF's regex engines) counts as whitespace.
+_WHITESPACE = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000") | frozenset(
+    map(chr, range(0x2000, 0x200B)))
+
+
 def _safe_cut(text: str) -> int:
-    """Where text can be cut without changing how GPT-2-style pre-tokenizers split it: before a line
-    break that follows a non-space (no pre-token spans that point). 0 when there is none."""
-    i = text.rfind("\n")
-    while i > 0 and text[i - 1].isspace():
-        i = text.rfind("\n", 0, i - 1)
-    return max(i, 0)
+    """Where text can be cut without changing how GPT-2-style pre-tokenizers split it: at the start of
+    the last whole run of whitespace that holds a line break and has text after it. No pre-token ends in
+    whitespace, and how a run splits depends only on the run and what follows it. 0 when there is none."""
+    end = len(text)
+    while end > 0 and text[end - 1] in _WHITESPACE:  # a run that reaches the end may go on in the next piece
+        end -= 1
+    cut = text.rfind("\n", 0, end)
+    while cut > 0 and text[cut - 1] in _WHITESPACE:
+        cut -= 1
+    return max(cut, 0)
 
 
 def read_text_file(path: Path) -> Iterator[Document]:
@@ -98,7 +110,7 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes, int]]:
     is_gzip = path.name.endswith(".gz")
     with open(path, "rb") as raw, (gzip.open(raw, "rb") if is_gzip else raw) as f:
         number, carry, position = 0, b"", 0
-        while block := f.read(PIECE_BYTES):
+        while block := _read_block(f, path):
             lines = (carry + block).split(b"\n")
             carry = lines.pop()
             # Progress in input bytes: the compressed position for .gz, else each line's own length.
@@ -109,6 +121,13 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes, int]]:
                 yield number, line, (used if i == 0 else 0) if is_gzip else len(line) + 1
         if carry:
             yield number + 1, carry, len(carry) if not is_gzip else raw.tell() - position
+
+
+def _read_block(f, path: Path) -> bytes:
+    try:
+        return f.read(PIECE_BYTES)
+    except (OSError, EOFError, zlib.error) as e:  # gzip's errors for a corrupt or cut-off file
+        raise UserError(f"{path} is not a readable gzip file ({e}): download or compress it again") from None
 
 
 def jsonl_reader(text_field: str = "text", to_text: Callable[[dict], str] | None = None) -> Reader:
@@ -222,10 +241,20 @@ def _is_corpus_file(path: Path) -> bool:
                                                                   ".parquet"))
 
 
+def _is_gptrain_output(folder: Path) -> bool:
+    """A run directory or a dataset (or one being prepared): never a corpus, even inside a corpus folder."""
+    return ((folder / "config.toml").is_file() and (folder / "metrics.jsonl").is_file()) or \
+        (folder / "meta.json").is_file() or ".partial-" in folder.name
+
+
 def _corpus_files(folder: Path) -> list[Path]:
-    """Corpus files under folder, skipping hidden files and folders (.git, .DS_Store, ...)."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and _is_corpus_file(p)
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """Corpus files under folder, skipping hidden files and folders (.git, .DS_Store, ...) and gptrain's
+    own runs and datasets (`--data .` in a project folder)."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _is_gptrain_output(Path(root) / d))
+        files += [Path(root) / n for n in names if not n.startswith(".") and _is_corpus_file(Path(root) / n)]
+    return sorted(files)
 
 
 def shakespeare_source() -> Source:
@@ -257,10 +286,17 @@ def local_source(spec: str, text_field: str = "text") -> Source:
                         "from `gptrain data list`")
     if path.is_dir():
         files = _corpus_files(path)
+        if not files and any(path.glob("*_train_[0-9]*.bin")):
+            raise UserError(f"folder {path} holds train shards but no *_val_NNNNNN.bin shards: add the val shard "
+                            "(llm.c's first shard is val) to train on it")
         if not files:
             raise UserError(f"folder {path} holds no corpus files (.txt, .md, .jsonl, .jsonl.gz, .parquet)")
         return Source(str(path.resolve()), tuple(files), lambda p: reader_for(p, text_field)(p))
-    return Source(str(path.resolve()), (path,), reader_for(path, text_field))
+    if path.suffix.lower() == ".json":
+        raise UserError(f"{path} is a JSON file: give JSON Lines (.jsonl, one object per line with a "
+                        f'"{text_field}" field) or plain text')
+    reader = reader_for(path, text_field)
+    return Source(str(path.resolve()), (path,), reader, is_one_document=reader is read_text_file)
 
 
 def local_fingerprint(spec: str, text_field: str = "text") -> str:

@@ -49,8 +49,9 @@ def document_lengths(source: Source) -> list[int]:
 
 
 def exact_val_ids(lengths: list[int], val_fraction: float, seed: int) -> set[int]:
-    """Whole documents in a seeded order until val holds val_fraction of the characters (at least one
-    document stays in train)."""
+    """Whole documents in a seeded order until val holds val_fraction of the characters. A document that
+    would take val past twice that share is passed over (one huge document must not become all of val),
+    and at least one document stays in train."""
     total = sum(lengths)
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
@@ -59,6 +60,8 @@ def exact_val_ids(lengths: list[int], val_fraction: float, seed: int) -> set[int
     for i in order:
         if val_chars >= val_fraction * total or len(val_ids) == len(lengths) - 1:
             break
+        if val_chars + lengths[i] > 2 * val_fraction * total:
+            continue
         val_ids.add(i)
         val_chars += lengths[i]
     return val_ids
@@ -111,7 +114,7 @@ def labelled_documents(source: Source, rule: SplitRule) -> Iterator[tuple[str, D
         yield from (("stream", d) for d in nonempty_documents(source))
         return
     val_ids: set[int] | None = None
-    if source.num_bytes <= SMALL_CORPUS_BYTES:
+    if source.num_bytes <= SMALL_CORPUS_BYTES or source.is_one_document:
         lengths = document_lengths(source)
         if not lengths:
             raise UserError(f"corpus {source.key!r} is empty: it has no text to train on")

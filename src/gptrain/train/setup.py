@@ -16,14 +16,12 @@ from gptrain.data.prepare import (
     DataConfig,
     check_dataset_tokenizer,
     dataset_fingerprint,
-    failure_marker,
     find_shard_folder,
     load_dataset_tokenizer,
     prepare_dataset,
     shard_paths,
-    wait_for_dataset,
-    write_failure_marker,
 )
+from gptrain.data.ranks import failure_marker, wait_for_dataset, write_failure_marker
 from gptrain.distributed import parallel
 from gptrain.distributed.env import DistEnv
 from gptrain.errors import UserError
