@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptrain.data.prepare import DataConfig
+from gptrain.data.prepare import DataConfig, source_slug
 from gptrain.distributed.parallel import ParallelConfig
 from gptrain.errors import UserError
 from gptrain.eval.val_loss import EvalConfig
@@ -62,7 +62,7 @@ ALIASES = {
 
 @dataclass(kw_only=True)
 class RunConfig:
-    name: str = "shakespeare"
+    name: str = "shakespeare"  # with data.source given and no name, the source's short name
     run_dir: str = ""  # empty: runs/<name>-<YYYYmmdd-HHMMSS>
     seed: int = 1337
     device: str = "auto"  # auto: CUDA, then Apple MPS, then CPU
@@ -205,6 +205,8 @@ def resolve_config(
     merged: dict[str, object] = {}
     for layer in layers:
         merged |= {ALIASES.get(k, k): v for k, v in layer.items()}
+    if "name" not in merged and merged.get("data.source"):  # runs/<corpus>-<time>, not runs/shakespeare-<time>
+        merged["name"] = source_slug(str(merged["data.source"]))
     cfg = RunConfig()
     preset = merged.pop("preset", "")
     if preset:

@@ -79,11 +79,18 @@ def source_key(source: str) -> str:
     return entry.name if entry else str(Path(source).expanduser().resolve()) if source else ""
 
 
+def source_slug(source: str) -> str:
+    """A short name for a source: the catalogue's, or the file or folder name in lower-case-and-dashes."""
+    if (entry := catalogue.find_entry(source)) is not None:
+        return entry.name
+    return re.sub(r"[^A-Za-z0-9]+", "-", Path(source).expanduser().resolve().stem).strip("-").lower() or "corpus"
+
+
 def dataset_dir(data: DataConfig, spec: str) -> Path:
     """data/<source>-<tokenizer spec>: one folder per corpus and tokenizer (paths get a short hash)."""
-    if (entry := catalogue.find_entry(data.source)) is not None:
-        return Path("data") / f"{entry.name}-{spec}"
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(data.source).expanduser().resolve().stem).strip("-").lower() or "corpus"
+    if catalogue.find_entry(data.source) is not None:
+        return Path("data") / f"{source_slug(data.source)}-{spec}"
+    slug = source_slug(data.source)
     digest = hashlib.sha256(source_key(data.source).encode()).hexdigest()[:6]
     return Path("data") / f"{slug}-{digest}-{spec}"
 
