@@ -311,6 +311,7 @@ def test_a_file_of_the_wrong_size_is_a_one_line_error(prepared, tmp_path):
 def test_data_list_names_every_entry_with_its_licence_and_revision(capsys):
     assert cli.main(["data", "list"]) == 0
     blocks: dict[str, str] = {}
+    name = ""
     for line in capsys.readouterr().out.splitlines():  # an entry's block: its name line, then indented lines
         name = line.split("  ")[0] if line[:1].strip() else name
         blocks[name] = blocks.get(name, "") + line + "\n"

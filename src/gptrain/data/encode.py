@@ -9,8 +9,8 @@ shard is durable, and a preparation started again with the same manifest carries
 
 from __future__ import annotations
 
-import json
 import ctypes
+import json
 import multiprocessing
 import os
 import signal

@@ -257,8 +257,9 @@ def _build(folder: Path, data: DataConfig, tok_cfg: TokenizerConfig, spec: str, 
         raise UserError(f"corpus {data.source!r} is empty: it has no text to train on")
     for split, other in (("train", "val"), ("val", "train")):
         if not writers[split]["num_tokens"]:
-            raise UserError(f"the {split} split of {data.source!r} came out empty (all {writers[other]['num_tokens']:,} "
-                            f"tokens are {other}): change data.val_tokens / data.val_fraction, or give --val-data")
+            num_other = writers[other]["num_tokens"]
+            raise UserError(f"the {split} split of {data.source!r} came out empty (all {num_other:,} tokens are "
+                            f"{other}): change data.val_tokens / data.val_fraction, or give --val-data")
     meta = {
         "source": source_key(data.source),
         "val_source": source_key(data.val_source) or None,
@@ -276,9 +277,10 @@ def _build(folder: Path, data: DataConfig, tok_cfg: TokenizerConfig, spec: str, 
     (partial / "manifest.json").unlink()
     _swap_in(partial, folder)
     seconds = time.perf_counter() - started
+    rate = progress.num_tokens / seconds / 1e6
     log(f"prepare: {meta['num_documents']:,} documents, {meta['num_train_tokens']:,} train / "
-        f"{meta['num_val_tokens']:,} val tokens in {folder} ({seconds:.1f}s, {progress.num_tokens / seconds / 1e6:.2f}M "
-        f"tokens/s on {num_workers} worker(s))")
+        f"{meta['num_val_tokens']:,} val tokens in {folder} ({seconds:.1f}s, {rate:.2f}M tokens/s on "
+        f"{num_workers} worker(s))")
 
 
 def _open_partial(partial: Path, key: str, source: Source, rule: SplitRule, tok_cfg: TokenizerConfig,

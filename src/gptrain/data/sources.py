@@ -142,7 +142,7 @@ def jsonl_reader(text_field: str = "text", to_text: Callable[[dict], str] | None
                 record = json.loads(line)
                 text = to_text(record) if to_text else record[text_field]
             except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-                hint = f' (set --text-field for another key)' if to_text is None else ''
+                hint = " (set --text-field for another key)" if to_text is None else ""
                 raise UserError(f'{path}:{number} is not a JSON object with a "{text_field}" field{hint}') from None
             if not isinstance(text, str):
                 raise UserError(f'{path}:{number}: "{text_field}" must be a string')
