@@ -1,4 +1,5 @@
-"""Process-level settings for fast CPU training (the app calls these; the library never does)."""
+"""Process-level settings: fast CPU training (the app calls this; the library never does), and child
+processes that die with their parent."""
 
 from __future__ import annotations
 
@@ -26,3 +27,11 @@ def tune_malloc(top_pad_bytes: int = 256 << 20) -> bool:
     is_ok &= libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
     is_ok &= libc.mallopt(M_TOP_PAD, top_pad_bytes) == 1
     return bool(is_ok)
+
+
+def die_with_parent(signal_number: int) -> None:
+    """Linux: have the kernel send this process signal_number when its parent dies, even by SIGKILL
+    (a child orphaned otherwise keeps running). Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal_number)

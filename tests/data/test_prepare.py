@@ -395,3 +395,11 @@ def test_a_folder_corpus_skips_gptrain_runs_and_datasets(corpus_dir, tmp_path):
     (corpus_dir / "data" / "ds").mkdir(parents=True)
     (corpus_dir / "data" / "ds" / "meta.json").write_text("{}")
     assert len(load_documents(local_source(str(corpus_dir)))) == 5
+
+
+def test_the_exact_split_measures_the_corpus_once(corpus_dir, tmp_path, monkeypatch):
+    real, calls = split.document_lengths, []
+    monkeypatch.setattr(split, "document_lengths", lambda source: calls.append(1) or real(source))
+    prepare_dataset(DataConfig(source=str(corpus_dir), data_dir=str(tmp_path / "ds")),
+                    TokenizerConfig(kind="bpe", vocab_size=300), **QUIET)  # a fit pass and an encoding pass
+    assert calls == [1]

@@ -9,7 +9,6 @@ shard is durable, and a preparation started again with the same manifest carries
 
 from __future__ import annotations
 
-import ctypes
 import json
 import multiprocessing
 import os
@@ -29,6 +28,7 @@ import numpy as np
 from gptrain.data.shards import ShardFile, dtype_for
 from gptrain.data.sources import Document
 from gptrain.errors import UserError
+from gptrain.runtime import die_with_parent
 from gptrain.tokenizer import Tokenizer, parse_tokenizer
 
 TASK_CHARS = 1 << 20
@@ -47,9 +47,7 @@ class Task:
 
 def _init_worker(tokenizer_json: str) -> None:
     global _TOKENIZER
-    if sys.platform == "linux":  # die with the preparing process, even when it is SIGKILLed
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    die_with_parent(signal.SIGKILL)  # a worker holds nothing worth saving
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
     _TOKENIZER = parse_tokenizer(tokenizer_json)
 

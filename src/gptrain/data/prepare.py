@@ -28,13 +28,13 @@ from gptrain.data.encode import read_manifest, write_manifest, write_shards
 from gptrain.data.progress import PrepareProgress
 from gptrain.data.shards import MAX_SHARD_TOKENS
 from gptrain.data.sources import Source
-from gptrain.data.split import SplitRule, labelled_documents
+from gptrain.data.split import SplitRule, labelled_documents, plan_split
 from gptrain.errors import UserError
 from gptrain.tokenizer import Tokenizer, TokenizerConfig, build_tokenizer, load_tokenizer
 from gptrain.tokenizer.base import save_tokenizer
 
 
-SMALL_CORPUS_BYTES = 16 << 20
+IN_PROCESS_BYTES = 16 << 20  # smaller corpora are encoded without worker processes
 
 
 @dataclass(kw_only=True)
@@ -70,7 +70,7 @@ class DataConfig:
         starting workers would cost more than it saves."""
         if self.num_workers:
             return self.num_workers
-        return 1 if num_bytes < SMALL_CORPUS_BYTES else len(os.sched_getaffinity(0))
+        return 1 if num_bytes < IN_PROCESS_BYTES else len(os.sched_getaffinity(0))
 
 
 def source_key(source: str) -> str:
@@ -109,8 +109,9 @@ def resolve_split(data: DataConfig, log) -> tuple[Source, SplitRule]:
     source, official_val, entry_val_tokens = catalogue.resolve_source(data.source, data.text_field, log)
     val_source = catalogue.resolve_source(data.val_source, data.text_field, log)[0] if data.val_source else None
     val_tokens = data.val_tokens or entry_val_tokens
-    return source, SplitRule(val_source=val_source or (None if val_tokens else official_val), val_tokens=val_tokens,
-                             val_fraction=data.val_fraction, seed=data.split_seed)
+    rule = SplitRule(val_source=val_source or (None if val_tokens else official_val), val_tokens=val_tokens,
+                     val_fraction=data.val_fraction, seed=data.split_seed)
+    return source, plan_split(source, rule)  # measured once, for the tokenizer fit and the encoding alike
 
 
 def _fit_texts(source: Source, rule: SplitRule, tok_cfg: TokenizerConfig) -> Iterator[str]:
@@ -134,13 +135,17 @@ def _holds_tokenizer(folder: Path, tokenizer: Tokenizer) -> bool:
 def locate_dataset(data: DataConfig, tok_cfg: TokenizerConfig, tokenizer: Tokenizer | None) -> tuple[Path, str]:
     """The dataset folder and its tokenizer spec (a given tokenizer reuses a folder made with it)."""
     spec = tok_cfg.describe()
-    folder = Path(data.data_dir).expanduser().resolve() if data.data_dir else dataset_dir(data, spec)
+    folder = _folder(data, spec)
     if tokenizer is None:
         return folder, spec
     if _holds_tokenizer(folder, tokenizer) and (folder / "meta.json").is_file():
         return folder, json.loads((folder / "meta.json").read_text()).get("tokenizer_spec", spec)
     spec = tokenizer_spec(tokenizer)
-    return (Path(data.data_dir).expanduser().resolve() if data.data_dir else dataset_dir(data, spec)), spec
+    return _folder(data, spec), spec
+
+
+def _folder(data: DataConfig, spec: str) -> Path:
+    return Path(data.data_dir).expanduser().resolve() if data.data_dir else dataset_dir(data, spec)
 
 
 def is_current(folder: Path, data: DataConfig, spec: str, data_fingerprint: str, log) -> bool:

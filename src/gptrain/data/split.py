@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -28,6 +28,24 @@ class SplitRule:
     val_tokens: int = 0  # > 0: the first val_tokens tokens are the val set
     val_fraction: float = 0.1
     seed: int = 1337
+    # Filled by plan_split for the exact seeded split, so the corpus is measured once, not per pass:
+    val_ids: frozenset[int] | None = None  # the val documents' indices
+    single_chars: int = 0  # > 0: one document of this many characters, cut at a line break
+
+
+def plan_split(source: Source, rule: SplitRule) -> SplitRule:
+    """The rule with the exact seeded split measured (one streaming pass) where it applies: corpora up
+    to SMALL_CORPUS_BYTES, and a single text file of any size."""
+    is_exact = source.num_bytes <= SMALL_CORPUS_BYTES or source.is_one_document
+    if rule.val_source is not None or rule.val_tokens > 0 or not is_exact or rule.val_ids is not None \
+            or rule.single_chars:
+        return rule
+    lengths = document_lengths(source)
+    if not lengths:
+        raise UserError(f"corpus {source.key!r} is empty: it has no text to train on")
+    if len(lengths) == 1:
+        return replace(rule, single_chars=lengths[0])
+    return replace(rule, val_ids=frozenset(exact_val_ids(lengths, rule.val_fraction, rule.seed)))
 
 
 def nonempty_documents(source: Source) -> Iterator[Document]:
@@ -106,6 +124,7 @@ def _cut_single(source: Source, total_chars: int, val_fraction: float) -> Iterat
 
 def labelled_documents(source: Source, rule: SplitRule) -> Iterator[tuple[str, Document]]:
     """(label, document) pairs: 'train', 'val', or 'stream' (cut at rule.val_tokens by the writer)."""
+    rule = plan_split(source, rule)
     if rule.val_source is not None:
         yield from (("val", d) for d in nonempty_documents(rule.val_source))
         yield from (("train", d) for d in nonempty_documents(source))
@@ -113,16 +132,10 @@ def labelled_documents(source: Source, rule: SplitRule) -> Iterator[tuple[str, D
     if rule.val_tokens > 0:
         yield from (("stream", d) for d in nonempty_documents(source))
         return
-    val_ids: set[int] | None = None
-    if source.num_bytes <= SMALL_CORPUS_BYTES or source.is_one_document:
-        lengths = document_lengths(source)
-        if not lengths:
-            raise UserError(f"corpus {source.key!r} is empty: it has no text to train on")
-        if len(lengths) == 1:
-            yield from _cut_single(source, lengths[0], rule.val_fraction)
-            return
-        val_ids = exact_val_ids(lengths, rule.val_fraction, rule.seed)
-    is_val = val_ids.__contains__ if val_ids is not None else HashedChoice(rule.val_fraction, rule.seed)
+    if rule.single_chars:
+        yield from _cut_single(source, rule.single_chars, rule.val_fraction)
+        return
+    is_val = rule.val_ids.__contains__ if rule.val_ids is not None else HashedChoice(rule.val_fraction, rule.seed)
     index, label = -1, "train"
     for doc in nonempty_documents(source):
         if not doc.is_continuation:

@@ -6,10 +6,8 @@ torchrun (`WORLD_SIZE` > 1) `DistEnv.start()` joins the process group: NCCL on C
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -18,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from gptrain.errors import UserError
+from gptrain.runtime import die_with_parent
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -40,10 +39,8 @@ def stop_with_launcher() -> None:
     """Under torchrun on Linux, get SIGTERM when the launcher dies. torchrun starts each worker in a
     session of its own, so a torchrun killed with SIGKILL (or by the OOM killer) would otherwise leave
     its workers training on, orphaned; SIGTERM makes them save together and stop."""
-    if sys.platform != "linux" or "TORCHELASTIC_RUN_ID" not in os.environ:
-        return
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent(signal.SIGTERM)
 
 
 @dataclass(frozen=True)
