@@ -308,7 +308,7 @@ def test_forked_and_spawned_workers_write_identical_shards(corpus_dir, tmp_path)
     import subprocess
     import sys
 
-    assert encode.start_method(may_fork=False) == "spawn" and encode.start_method(may_fork=True) == "fork"
+    assert encode.start_method(may_fork=False) == "spawn"  # (fork needs one thread: the subprocess below checks it)
     spawned = prepare_dataset(DataConfig(source=str(corpus_dir), data_dir=str(tmp_path / "a" / "ds"),
                                          shard_tokens=1500, num_workers=2), TokenizerConfig(kind="gpt2"), **QUIET)
     code = ("import sys; from gptrain.data import encode; real = encode.start_method; "

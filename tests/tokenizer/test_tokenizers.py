@@ -1,12 +1,12 @@
-import http.server
-import threading
-from pathlib import Path
+import json
 
 import pytest
 
+from local_http import serve_directory  # tests/ is on sys.path: conftest.py lives there
+
 from gptrain.errors import UserError
-from gptrain.tokenizer import TokenizerConfig, build_tokenizer, gpt2_assets, load_tokenizer
-from gptrain.tokenizer.base import EOT_TEXT, save_tokenizer
+from gptrain.tokenizer import TokenizerConfig, build_tokenizer, gpt2_assets, load_tokenizer, parse_tokenizer
+from gptrain.tokenizer.base import EOT_TEXT, encode_lenient, save_tokenizer
 
 TEXT = "KING.\nWhat news from Rome? Thou art the king of all that doth lie before thee.\n"
 
@@ -38,11 +38,27 @@ def test_bpe_learns_merges_and_respects_vocab_size():
     assert len(tok.encode(TEXT)) < len(TEXT.encode()) / 2  # merges, not bytes
 
 
-def test_char_tokenizer_rejects_unknown_characters():
+def test_char_tokenizer_rejects_unknown_characters_but_scores_them_as_unknown():
     tok = build_tokenizer(TokenizerConfig(kind="char"), ["abc"])
-    assert tok.vocab_size == 4
+    assert tok.vocab_size == 5 and tok.eot_id == 3 and tok.unk_id == 4  # the unknown id is the last
     with pytest.raises(UserError, match="not in this character"):
-        tok.encode("abz")
+        tok.encode("abz")  # a prompt with an unseen character is still a clear error
+    assert encode_lenient(tok, "abz") == [0, 1, 4]
+
+
+def test_old_char_tokenizer_without_unknown_id_loads_as_it_was():
+    old = parse_tokenizer(json.dumps({"gptrain_tokenizer": "char", "chars": ["a", "b"]}))
+    assert old.vocab_size == 3 and old.unk_id is None
+    assert encode_lenient(old, "ab") == [0, 1] and encode_lenient(old, "az") is None
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bpe", "char"])
+def test_byte_lengths_count_the_utf8_bytes_of_the_text(kind):
+    text = "Ünïcödé — ✓ the king\n"
+    tok = build_tokenizer(TokenizerConfig(kind=kind, vocab_size=300), [text * 30])
+    lengths = tok.byte_lengths()
+    assert len(lengths) == tok.vocab_size and lengths[tok.eot_id] == 0
+    assert sum(lengths[i] for i in tok.encode(text)) == len(text.encode("utf-8"))
 
 
 def test_bad_tokenizer_configs():
@@ -52,13 +68,6 @@ def test_bad_tokenizer_configs():
         TokenizerConfig(kind="bpe", vocab_size=100)
 
 
-def _serve(directory: Path):
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(directory), **k)  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 def test_gpt2_encoding_download_from_local_server(tmp_path, monkeypatch):
     """The real download path, served from 127.0.0.1: verified by SHA-256, cached atomically."""
     served = tmp_path / "served"
@@ -66,10 +75,8 @@ def test_gpt2_encoding_download_from_local_server(tmp_path, monkeypatch):
     good = gpt2_assets.encoding_path(should_download=False).read_bytes()
     (served / "r50k_base.tiktoken").write_bytes(good)
     (served / "corrupt.tiktoken").write_bytes(good[:-10])
-    server = _serve(served)
     monkeypatch.setenv("GPTRAIN_CACHE", str(tmp_path / "cache"))
-    base = f"http://127.0.0.1:{server.server_port}"
-    try:
+    with serve_directory(served) as base:
         with pytest.raises(UserError, match="wrong SHA-256"):
             gpt2_assets.download(f"{base}/corrupt.tiktoken")
         assert not (tmp_path / "cache" / "gpt2.tiktoken").exists()
@@ -78,5 +85,3 @@ def test_gpt2_encoding_download_from_local_server(tmp_path, monkeypatch):
         monkeypatch.setenv("GPTRAIN_GPT2_URL", f"{base}/r50k_base.tiktoken")
         path = gpt2_assets.encoding_path()
         assert path == tmp_path / "cache" / "gpt2.tiktoken" and path.read_bytes() == good
-    finally:
-        server.shutdown()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gptrain.errors import UserError
-from gptrain.model.chunked_loss import chunked_linear_cross_entropy, should_chunk
+from gptrain.model.chunked_loss import chunked_linear_cross_entropy, default_chunk_rows, should_chunk
 from gptrain.model.cpu_linear import Linear
 
 
@@ -184,9 +184,11 @@ class GPT(nn.Module):
         return count_parameters(self.config, non_embedding=non_embedding)
 
     def forward(
-        self, idx_BT: Tensor, targets_BT: Tensor | None = None, cache: KVCache | None = None
+        self, idx_BT: Tensor, targets_BT: Tensor | None = None, cache: KVCache | None = None, *,
+        reduction: str = "mean",
     ) -> Tensor:
-        """Logits (B, T, V) without targets; the mean cross-entropy (a scalar) with them."""
+        """Logits (B, T, V) without targets; with them the mean cross-entropy (a scalar), or with
+        reduction="none" each target's negative log-likelihood (B, T) for evaluation (no gradient)."""
         B, T = idx_BT.shape
         start = 0 if cache is None else cache.length
         if start + T > self.config.block_size:
@@ -198,7 +200,19 @@ class GPT(nn.Module):
         x_BTD = self.transformer.ln_f(x_BTD)
         if targets_BT is None:
             return self.lm_head(x_BTD)[..., : self.config.vocab_size]
+        if reduction == "none":
+            return self.token_losses(x_BTD, targets_BT)
         return self.loss(x_BTD, targets_BT)
+
+    @torch.no_grad()
+    def token_losses(self, x_BTD: Tensor, targets_BT: Tensor) -> Tensor:
+        """Each target's loss in nats (0 where the target is -1), in row chunks: no (B*T, V) logits."""
+        x_ND, targets_N = x_BTD.reshape(-1, x_BTD.size(-1)), targets_BT.reshape(-1)
+        rows = default_chunk_rows(self.lm_head.weight.size(0))
+        parts = [F.cross_entropy(self.lm_head(x_ND[i : i + rows])[:, : self.config.vocab_size].float(),
+                                 targets_N[i : i + rows], ignore_index=-1, reduction="none")
+                 for i in range(0, x_ND.size(0), rows)]
+        return torch.cat(parts).view_as(targets_BT)
 
     def loss(self, x_BTD: Tensor, targets_BT: Tensor) -> Tensor:
         """Cross-entropy of the head on final hidden states; padded vocab rows never get probability."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from gptrain.errors import UserError
+
 EOT_TEXT = "<|endoftext|>"  # document separator, GPT-2's own; every tokenizer here has it
 
 
@@ -12,6 +14,7 @@ class Tokenizer(Protocol):
     name: str  # e.g. "gpt2", "bpe2048", "char65"
     vocab_size: int
     eot_id: int
+    unk_id: int | None  # the id unseen characters map to when scoring others' text (char only); None: none
 
     def encode(self, text: str) -> list[int]:
         """Ids of text. A literal "<|endoftext|>" in the text is plain text for gpt2 and char, and the
@@ -24,8 +27,22 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int]) -> str:
         """Text of ids (the separator decodes to EOT_TEXT)."""
 
+    def byte_lengths(self) -> list[int]:
+        """UTF-8 bytes each id stands for, for bits per byte (0 for the separator and the unknown id)."""
+
     def to_json(self) -> str:
         """The tokenizer.json text from which load_tokenizer rebuilds this tokenizer."""
+
+
+def encode_lenient(tokenizer: Tokenizer, text: str) -> list[int] | None:
+    """Ids of text for scoring: unseen characters become the unknown id where the tokenizer has one;
+    None when it cannot encode text at all (an old character tokenizer without that id)."""
+    if (lenient := getattr(tokenizer, "encode_lenient", None)) is not None and tokenizer.unk_id is not None:
+        return lenient(text)
+    try:
+        return tokenizer.encode(text)
+    except UserError:
+        return None
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:

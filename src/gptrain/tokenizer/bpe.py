@@ -20,6 +20,7 @@ class BPETokenizer:
             raise UserError(f"the tokenizer has no {EOT_TEXT} token, which gptrain uses to separate documents")
         self.eot_id = eot
         self.name = f"bpe{self.vocab_size}"
+        self.unk_id = None  # byte-level: every text has ids
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
@@ -51,6 +52,16 @@ class BPETokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._hf.decode(ids, skip_special_tokens=False)
+
+    def byte_lengths(self) -> list[int]:
+        """UTF-8 bytes each id stands for: byte-level tokens spell one byte per character of the
+        byte-to-unicode alphabet; added tokens (the separator among them) count 0."""
+        lengths = [0] * self.vocab_size
+        added = set(self._hf.get_added_tokens_decoder())
+        for token, i in self._hf.get_vocab(with_added_tokens=False).items():
+            if i not in added and i < self.vocab_size:
+                lengths[i] = len(token)
+        return lengths
 
     def to_json(self) -> str:
         return self._hf.to_str()

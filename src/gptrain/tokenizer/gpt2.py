@@ -34,6 +34,7 @@ class GPT2Tokenizer:
     name = "gpt2"
     vocab_size = 50257
     eot_id = 50256
+    unk_id = None  # byte-level: every text has ids
 
     def __init__(self) -> None:
         self._enc = gpt2_encoding()
@@ -52,6 +53,10 @@ class GPT2Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids)
+
+    def byte_lengths(self) -> list[int]:
+        """UTF-8 bytes each id stands for (0 for the separator)."""
+        return [len(self._enc.decode_single_token_bytes(i)) for i in range(self.eot_id)] + [0]
 
     def to_json(self) -> str:
         return json.dumps({"gptrain_tokenizer": "gpt2", "encoding": "r50k_base", "ranks_sha256": SHA256})
