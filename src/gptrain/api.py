@@ -1,4 +1,4 @@
-"""Checkpoint: load a trained model with its tokenizer and config, and generate text from Python."""
+"""Checkpoint: load a trained model with its tokenizer and config; generate text and evaluate it from Python."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ import torch
 
 from gptrain.config import RunConfig, from_toml_text
 from gptrain.distributed.env import resolve_device
+from gptrain.eval.checkpoint import evaluate_split, find_eval_dataset
+from gptrain.eval.hellaswag import run_hellaswag
 from gptrain.model.generate import SampleConfig, stream_tokens
 from gptrain.model.gpt import GPT
 from gptrain.tokenizer import Tokenizer, load_tokenizer
 from gptrain.tokenizer.base import prompt_ids
 from gptrain.train.checkpoint import load_model_weights, read_checkpoint, resolve_checkpoint_dir
+from gptrain.train.step import autocast_context
 
 
 @dataclass
@@ -62,3 +65,29 @@ class Checkpoint:
     def generate(self, prompt: str = "", max_new_tokens: int = 200, **options) -> str:
         """The prompt's continuation as one string."""
         return "".join(self.stream(prompt, max_new_tokens, **options))
+
+    @property
+    def step(self) -> int:
+        return int(self.state.get("train", {}).get("step", 0))
+
+    def _autocast(self):
+        return autocast_context(str(self.device), self.config.train.precision)
+
+    def evaluate(self, data: str | None = None, split: str = "val", batch_size: int | None = None,
+                 show_progress: bool | None = False, log=print) -> dict[str, float]:
+        """Loss, perplexity, bits per byte and token count over a whole split: the run's own val split
+        (found from any working directory, or re-prepared), or that of `data` (a catalogue name or path)."""
+        folder = find_eval_dataset(self.config, self.tokenizer, self.state, data, log=log)
+        return {"data": str(folder), "split": split} | evaluate_split(
+            self.model, self.tokenizer, folder, split, str(self.device),
+            batch_size=batch_size or self.config.train.batch_size, autocast=self._autocast(),
+            show_progress=show_progress)
+
+    def hellaswag(self, file: str | Path | None = None, limit: int | None = None, batch_size: int = 8,
+                  show_progress: bool | None = False, log=print) -> dict[str, float]:
+        """HellaSwag accuracies (acc, acc_norm, acc_norm_bytes, over all and over scored items) and counts,
+        on a local JSONL in the official format or the official val set (downloaded once)."""
+        metrics = run_hellaswag(self.model, self.tokenizer, str(self.device), file=file, limit=limit,
+                                batch_size=batch_size, autocast=self._autocast(), log=log,
+                                show_progress=show_progress)
+        return {k.removeprefix("hellaswag_"): v for k, v in metrics.items()}

@@ -1,4 +1,4 @@
-"""`gptrain train|data|tokenizer|generate|...`: parse the command line, then call one function."""
+"""`gptrain train|data|tokenizer|generate|eval|report|compare|...`: parse the command line, then call one function."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from gptrain.cli_eval import EVAL_COMMANDS, add_eval_parsers
 from gptrain.errors import UserError
 
 TRAIN_EPILOG = """\
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="makes sampling repeatable")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--device", default="auto")
+
+    add_eval_parsers(sub)
 
     p = sub.add_parser("check-equivalence", help="check that N ranks (DDP, ZeRO-1, FSDP) and accumulation train "
                        "like one process: a table of the largest differences; exit 0 when all match")
@@ -343,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{args.command} takes no config keys (got --{next(iter(extra))})")
         if args.command in ("generate", "sample"):
             return cmd_generate(args)
+        if args.command in EVAL_COMMANDS:
+            return EVAL_COMMANDS[args.command](args)
         if args.command == "check-equivalence":
             return cmd_check_equivalence(args)
         if args.command == "presets":

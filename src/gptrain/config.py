@@ -31,9 +31,9 @@ from gptrain.train.step import TrainConfig
 
 ENV_PREFIX = "GPTRAIN_"
 # Variables read by other parts (not config fields): the asset cache, its URL, setup, the CPU linear switch,
-# and the switch that keeps downloads from the network.
+# the switch that keeps downloads from the network, and where HellaSwag is downloaded from.
 NON_CONFIG_ENV = {"GPTRAIN_CACHE", "GPTRAIN_GPT2_URL", "GPTRAIN_TORCH_SPEC", "GPTRAIN_ONEDNN_LINEAR",
-                  "GPTRAIN_OFFLINE"}
+                  "GPTRAIN_OFFLINE", "GPTRAIN_HELLASWAG_URL"}
 
 # Flags people know from nanoGPT, llm.c and friends, as aliases of config fields.
 ALIASES = {

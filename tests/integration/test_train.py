@@ -42,7 +42,11 @@ def test_training_loss_falls_and_run_dir_is_complete(tmp_path, corpus_dir):
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["step", "lr", "train_loss", "val_loss", "train_perplexity", "val_perplexity",
-                             "sample", "timestamp"]
+                             "sample", "timestamp", "val_bpb", "hellaswag_acc", "hellaswag_acc_norm"]
+    val_csv = [r for r in rows if r["val_loss"]]
+    assert [float(r["val_bpb"]) for r in val_csv] == [r["val_bpb"] for r in val_rows]
+    assert all(r["scope"] == "sample" and r["val_num_tokens"] == 4 * 8 * 32 and 0 < r["val_bpb"] < 8
+               for r in val_rows)
     assert "=== step 30 ===" in (run / "samples.txt").read_text()
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["best", "final", "step_000030"]  # step 60 is the final one; keep_last=2

@@ -25,9 +25,20 @@ def test_jsonl_is_strict_json_and_csv_has_the_contract_columns(tmp_path):
     with open(tmp_path / "m.csv") as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == ["step", "lr", "train_loss", "val_loss", "train_perplexity", "val_perplexity",
-                              "sample", "timestamp"]
+                              "sample", "timestamp", "val_bpb", "hellaswag_acc", "hellaswag_acc_norm"]
     assert [r["val_loss"] for r in table] == ["", "2.0", ""] and table[2]["sample"] == "KING.\\nHo"
     assert (tmp_path / "s.txt").read_text().startswith("=== step 1 ===\nKING.")
+
+
+def test_csv_of_a_resumed_older_run_keeps_its_columns(tmp_path):
+    old = ["step", "lr", "train_loss", "val_loss", "train_perplexity", "val_perplexity", "sample", "timestamp"]
+    (tmp_path / "m.csv").write_text(",".join(old) + "\n")
+    sink = CsvSink(tmp_path / "m.csv")
+    sink.emit({"kind": "val", "step": 2, "time": 5.0, "val_loss": 1.5, "val_perplexity": 4.5, "val_bpb": 2.0})
+    sink.close()
+    with open(tmp_path / "m.csv") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == old and table[0]["val_loss"] == "1.5" and None not in table[0]
 
 
 def test_plain_console_prints_at_the_log_interval(capsys):

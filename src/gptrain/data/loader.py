@@ -76,6 +76,10 @@ class ShardLoader:
             windows = windows[rng.permutation(len(windows))]
         return windows
 
+    def split_windows(self) -> np.ndarray:
+        """(shard, start) of every whole window from offset 0, in order: what evaluation picks from."""
+        return _windows(self.shards, self.block_size, 0)
+
     @property
     def windows_per_epoch(self) -> int:
         """Windows in one epoch, over all ranks together."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from gptrain.errors import UserError
@@ -19,6 +21,19 @@ class LogConfig:
     def __post_init__(self) -> None:
         if self.live not in LIVE_MODES:
             raise UserError(f"log.live must be one of {', '.join(LIVE_MODES)} (got {self.live!r})")
+
+
+@contextlib.contextmanager
+def progress_callback(is_shown: bool, label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A callback(done, total) drawing a transient progress bar on the terminal; None when not shown."""
+    if not is_shown:
+        yield None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task(label, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
 def format_seconds(seconds: float) -> str:

@@ -11,7 +11,9 @@ import math
 from pathlib import Path
 from typing import Protocol
 
-CSV_COLUMNS = ["step", "lr", "train_loss", "val_loss", "train_perplexity", "val_perplexity", "sample", "timestamp"]
+CSV_COLUMNS = ["step", "lr", "train_loss", "val_loss", "train_perplexity", "val_perplexity", "sample", "timestamp",
+               "val_bpb", "hellaswag_acc", "hellaswag_acc_norm"]
+VAL_COLUMNS = ("val_loss", "val_perplexity", "val_bpb", "hellaswag_acc", "hellaswag_acc_norm")
 
 
 class MetricSink(Protocol):
@@ -41,8 +43,13 @@ class CsvSink:
 
     def __init__(self, path: Path) -> None:
         is_new = not path.exists() or path.stat().st_size == 0
+        # A resumed run keeps its file's columns (one written before a column was added has fewer).
+        columns = CSV_COLUMNS
+        if not is_new:
+            with open(path, encoding="utf-8", newline="") as f:
+                columns = next(csv.reader(f), CSV_COLUMNS)
         self._file = open(path, "a", newline="", encoding="utf-8")
-        self._writer = csv.DictWriter(self._file, fieldnames=CSV_COLUMNS)
+        self._writer = csv.DictWriter(self._file, fieldnames=columns, extrasaction="ignore")
         if is_new:
             self._writer.writeheader()
 
@@ -52,7 +59,7 @@ class CsvSink:
         if kind == "train":
             out |= {"lr": row["lr"], "train_loss": row["loss"], "train_perplexity": math.exp(min(row["loss"], 50))}
         elif kind == "val":
-            out |= {"val_loss": row["val_loss"], "val_perplexity": row["val_perplexity"]}
+            out |= {k: row[k] for k in VAL_COLUMNS if k in row}
         elif kind == "sample":
             out["sample"] = row["text"]
         else:

@@ -257,6 +257,9 @@ def read_checkpoint(folder: Path, *, with_optimizer: bool = True) -> dict:
     return out
 
 
-def make_state(train: TrainState, loader: dict, optimizer_meta: dict, rng_per_rank: list[dict]) -> dict:
-    """state.json: format 2 keys the optimizer by parameter name and keeps every rank's RNG states."""
-    return {"format": 2, "train": asdict(train), "loader": loader, "rng": rng_per_rank, "optimizer": optimizer_meta}
+def make_state(train: TrainState, loader: dict, optimizer_meta: dict, rng_per_rank: list[dict],
+               dataset_dir: Path | None = None) -> dict:
+    """state.json: format 2 keys the optimizer by parameter name and keeps every rank's RNG states;
+    dataset_dir (absolute) lets `gptrain eval` find the run's val split from any working directory."""
+    return {"format": 2, "train": asdict(train), "loader": loader, "rng": rng_per_rank, "optimizer": optimizer_meta,
+            "dataset_dir": str(dataset_dir.resolve()) if dataset_dir else None}

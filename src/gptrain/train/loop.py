@@ -16,8 +16,11 @@ from gptrain.config import RunConfig, resolve_config, to_toml
 from gptrain.distributed import state as dstate
 from gptrain.distributed.env import DistEnv
 from gptrain.errors import UserError
-from gptrain.eval.val_loss import evaluate_loss, num_eval_windows
+from gptrain.eval.hellaswag import evaluate_hellaswag
+from gptrain.eval.val_loss import evaluate_loss
 from gptrain.metrics.console import build_console_sink
+from gptrain.metrics.machine import describe_machine
+from gptrain.metrics.report import write_report
 from gptrain.metrics.sinks import CsvSink, JsonlSink, MetricSink, SamplesSink
 from gptrain.metrics.throughput import estimate_mfu, peak_flops
 from gptrain.runtime import tune_malloc
@@ -62,7 +65,7 @@ def save_checkpoint(run: Run, names: list[str], *, is_periodic: bool = False) ->
     snapshot = ckpt.Snapshot(
         model=model_sd,
         optimizer=opt_tensors,
-        state=ckpt.make_state(run.state, run.train_loader.state_dict(), opt_meta, rngs),
+        state=ckpt.make_state(run.state, run.train_loader.state_dict(), opt_meta, rngs, run.dataset_dir),
         config_toml=to_toml(run.cfg),
         tokenizer_json=run.tokenizer.to_json(),
     )
@@ -81,14 +84,19 @@ def emit(run: Run, row: dict) -> None:
         sink.emit(row)
 
 
-def validate(run: Run) -> tuple[float, list[str]]:
-    """Evaluate on all ranks and track the best val loss; returns the loss and ["best"] when best/
-    should be saved (the same answer on every rank: the loss is reduced over them)."""
-    autocast = autocast_context(run.env.device, run.cfg.train.precision)
-    num_windows = num_eval_windows(run.cfg.eval, run.cfg.train.batch_size, run.cfg.model.block_size)
-    metrics = evaluate_loss(run.model, run.val_loader, num_windows, run.env.device, autocast,
-                            reduce_sum=run.env.all_reduce_sum)
-    emit(run, {"kind": "val", **metrics})
+def validate(run: Run, *, is_final: bool = False) -> tuple[float, list[str]]:
+    """Evaluate on all ranks (and score HellaSwag when due) and track the best val loss; returns the loss
+    and ["best"] when best/ should be saved (the same answer on every rank: the loss is reduced over them)."""
+    env, cfg = run.env, run.cfg
+    autocast = autocast_context(env.device, cfg.train.precision)
+    metrics = evaluate_loss(run.model, run.val_loader, run.val_windows, env.device,
+                            byte_lengths=run.byte_lengths, eot_id=run.tokenizer.eot_id, autocast=autocast,
+                            reduce_sum=env.all_reduce_sum)
+    if run.hellaswag_items and (is_final or is_due(run.state.step, cfg.eval.hellaswag_every_steps)):
+        metrics |= evaluate_hellaswag(run.model, run.tokenizer, run.hellaswag_items, env.device,
+                                      batch_size=max(1, cfg.train.batch_size // 4), autocast=autocast,
+                                      rank=env.rank, world_size=env.world_size, reduce_sum=env.all_reduce_sum)
+    emit(run, {"kind": "val", "tokens_seen": run.state.tokens_seen, "scope": "sample", **metrics})
     run.last_val_loss = metrics["val_loss"]
     state = run.state
     if state.best_val_loss is None or metrics["val_loss"] < state.best_val_loss:
@@ -233,15 +241,21 @@ def stop_on_signals(run: Run):
 
 
 def log_layout(run: Run) -> None:
-    """The first event row: what trains where, and how the global batch is made up."""
+    """The first event rows of every launch: what trains where, how the global batch is made up, and on
+    what machine (so the run directory alone holds what its report card needs)."""
     cfg, plan = run.cfg, run.plan
     layout = dict(strategy=plan.strategy, world_size=plan.world_size, micro_batch=cfg.train.batch_size,
-                  num_micro_steps=plan.num_micro_steps, batch_tokens=plan.tokens_per_step)
+                  num_micro_steps=plan.num_micro_steps, batch_tokens=plan.tokens_per_step,
+                  num_parameters=run.model.num_parameters(), dataset=run.train_loader.fingerprint, val_set=run.val_set)
     emit(run, {"kind": "event", **layout, "message": (
         f"run {run.run_dir} | {run.model.num_parameters():,} parameters | device {run.env.device} | "
         f"{plan.strategy} on {plan.world_size} rank(s) | micro batch {cfg.train.batch_size} x "
         f"{plan.num_micro_steps} accumulation steps | {plan.num_steps} steps of {plan.tokens_per_step:,} tokens | "
         f"{run.train_loader.num_tokens:,} train tokens")})
+    machine = describe_machine(run.env.device)
+    emit(run, {"kind": "event", "machine": machine, "message": (
+        f"machine {machine['hostname']} | {machine['cpu']} x {machine['num_cpus']} | {machine['gpu'] or 'no GPU'} | "
+        f"torch {machine['torch']} | gptrain {machine['gptrain']}")})
 
 
 def after_step(run: Run, should_stop: bool) -> tuple[bool, bool]:
@@ -313,10 +327,12 @@ def _loop(run: Run) -> dict:
                                                    f"continue with: {resume_command(run)}"})
             return summarize(run, last_loss, None, None)
     # An early stop has just evaluated this step: its figures stand (no second val row for one step).
-    final_val_loss, names = (run.last_val_loss, []) if is_early_stop else validate(run)
+    final_val_loss, names = (run.last_val_loss, []) if is_early_stop else validate(run, is_final=True)
     text = sample(run)
     save_checkpoint(run, ["final", *names])  # one snapshot for both when the last evaluation is also the best
     run.writer.wait()
     emit(run, {"kind": "event", "message": f"done: {state.step} steps in {state.elapsed_seconds:.0f}s | "
                                            f"best val loss {state.best_val_loss:.4f} | {run.run_dir}"})
+    if env.is_main:  # from the run directory alone (metrics.jsonl is flushed at every row)
+        write_report(run.run_dir)
     return summarize(run, last_loss, final_val_loss, text)

@@ -8,6 +8,7 @@ import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gptrain.config import RunConfig, from_toml_text, to_toml
@@ -25,7 +26,8 @@ from gptrain.data.ranks import failure_marker, wait_for_dataset, write_failure_m
 from gptrain.distributed import parallel
 from gptrain.distributed.env import DistEnv
 from gptrain.errors import UserError
-from gptrain.eval.val_loss import num_eval_windows
+from gptrain.eval.hellaswag import Item, hellaswag_file, read_items
+from gptrain.eval.val_loss import EvalConfig, num_eval_windows, sample_windows, val_set_id
 from gptrain.metrics.sinks import MetricSink
 from gptrain.model.gpt import GPT
 from gptrain.tokenizer import Tokenizer, TokenizerConfig
@@ -67,6 +69,11 @@ class Run:
     should_stop: bool = False  # set by Ctrl-C/SIGTERM on this rank; all ranks agree at the step's end
     stop_signal: int = 0  # the signal that asked this rank to stop (0: none, or another rank's)
     last_val_loss: float | None = None
+    dataset_dir: Path | None = None
+    val_windows: np.ndarray | None = None  # the val sample: the same windows at every evaluation
+    val_set: str = ""  # its id (eval.val_set_id): runs with equal ids were validated on the same tokens
+    byte_lengths: list[int] = field(default_factory=list)  # UTF-8 bytes of each token id, for bits per byte
+    hellaswag_items: list[Item] = field(default_factory=list)  # scored with validations when eval.hellaswag_*
 
 
 def derive_plan(cfg: RunConfig, loader: ShardLoader, world_size: int) -> Plan:
@@ -165,11 +172,23 @@ def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Toke
     fixed_tokenizer: the tokenizer a resumed run or a fine-tuned checkpoint already uses.
     """
     dataset = prepare_data(cfg.data, cfg.tokenizer, env, fixed_tokenizer, log)
+    items = read_hellaswag(cfg.eval, env, log)
     try:
-        return _build_on(dataset, cfg, env, run_dir, fixed_tokenizer, weights)
+        run = _build_on(dataset, cfg, env, run_dir, fixed_tokenizer, weights)
     except UserError as e:  # from here on, the same inputs give every rank the same mistake: rank 0 says it
         e.is_echo = not env.is_main
         raise
+    run.hellaswag_items = items
+    return run
+
+
+def read_hellaswag(cfg: EvalConfig, env: DistEnv, log) -> list[Item]:
+    """The HellaSwag items to score during training (none when off): rank 0 downloads the file once,
+    then every rank reads the same items from it."""
+    if not cfg.hellaswag_every_steps:
+        return []
+    path = env.on_main(hellaswag_file, cfg.hellaswag_file or None, log)
+    return read_items(path, cfg.hellaswag_limit or None)
 
 
 def _build_on(dataset: Path, cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Tokenizer | None,
@@ -190,6 +209,7 @@ def _build_on(dataset: Path, cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_
     eval_tokens = num_eval_windows(cfg.eval, cfg.train.batch_size, cfg.model.block_size) * cfg.model.block_size
     cfg = replace(cfg, train=replace(cfg.train, batch_tokens=plan.tokens_per_step),
                   eval=replace(cfg.eval, num_tokens=eval_tokens))
+    val_windows = sample_windows(val_loader, eval_tokens // cfg.model.block_size)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
     model = GPT(cfg.model)
     if plan.strategy != "fsdp":  # FSDP2 moves each block to the device as it shards it: a model bigger
@@ -207,7 +227,9 @@ def _build_on(dataset: Path, cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and env.device.startswith("cuda"))
     step_model = torch.compile(wrapped, backend=cfg.train.compile_backend) if use_compile else wrapped
     return Run(cfg=cfg, env=env, run_dir=run_dir, tokenizer=tokenizer, model=model, step_model=step_model,
-               optimizer=optimizer, train_loader=train_loader, val_loader=val_loader, plan=plan)
+               optimizer=optimizer, train_loader=train_loader, val_loader=val_loader, plan=plan, dataset_dir=dataset,
+               val_windows=val_windows, val_set=val_set_id(train_loader.fingerprint, val_windows, cfg.model.block_size),
+               byte_lengths=tokenizer.byte_lengths())
 
 
 def step_run(run: Run, lr: float, max_loss: float = float("inf")) -> StepResult:

@@ -1,0 +1,95 @@
+"""`gptrain eval|report|compare`: judging trained runs (the rest of the command line is in cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gptrain.errors import UserError
+
+
+def add_eval_parsers(sub) -> None:
+    """The eval, report and compare commands."""
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte over a whole split; HellaSwag",
+                       description="Scores a checkpoint. By default: every token of the run's own val split "
+                       "(rows with scope: full, kept in the run's eval.jsonl). With --hellaswag: HellaSwag "
+                       "(add --loss for both). The official HellaSwag val set is downloaded once from "
+                       "$GPTRAIN_HELLASWAG_URL (default: the HellaSwag repository's).")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_OR_CKPT", help="a checkpoint folder or a run directory")
+    p.add_argument("--data", metavar="NAME|PATH", help="evaluate on this corpus's split instead (prepared with the "
+                   "checkpoint's tokenizer when needed)")
+    p.add_argument("--split", default="val", choices=["val", "train"], help="which split (default val)")
+    p.add_argument("--hellaswag", nargs="?", const="", metavar="FILE",
+                   help="score HellaSwag: a local JSONL in the official format, or without FILE the official val set")
+    p.add_argument("--limit", type=int, help="score only the first N HellaSwag items")
+    p.add_argument("--loss", action="store_true", help="with --hellaswag: also the split's loss")
+    p.add_argument("--batch-size", type=int, help="sequences per forward (default: the run's micro batch; HellaSwag: "
+                   "8 items)")
+    p.add_argument("--json", metavar="FILE", help="also write the results to this JSON file")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("report", help="write a run's report card (report.md, loss.png) from its run directory")
+    p.add_argument("run_dir", metavar="RUN")
+    p = sub.add_parser("compare", help="compare runs: a table of steps, tokens, val loss, bits per byte, HellaSwag, "
+                       "time, and a PNG of their val curves")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--out", metavar="FILE.png", help="where to draw the val curves (default: no plot)")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from gptrain.api import Checkpoint
+    from gptrain.eval.checkpoint import eval_row, record_evals
+
+    if args.limit is not None and args.limit < 1 or args.batch_size is not None and args.batch_size < 1:
+        raise UserError("--limit and --batch-size must be at least 1")
+    checkpoint = Checkpoint.load(args.checkpoint, device=args.device)
+    rows = []
+    if args.hellaswag is None or args.loss:
+        found = checkpoint.evaluate(args.data, args.split, args.batch_size, show_progress=None)
+        rows.append(eval_row("eval", checkpoint.path, checkpoint.step, found, scope="full"))
+        print(f"{found['split']} split (scope: full, {found['num_tokens']:,} tokens of {found['data']}): "
+              f"loss {found['loss']:.4f} | perplexity {found['perplexity']:,.2f} | bits per byte {found['bpb']:.4f}")
+    if args.hellaswag is not None:
+        found = checkpoint.hellaswag(args.hellaswag or None, args.limit, args.batch_size or 8, show_progress=None)
+        rows.append(eval_row("hellaswag", checkpoint.path, checkpoint.step, found,
+                             file=str(Path(args.hellaswag).resolve()) if args.hellaswag else "official val",
+                             limit=args.limit))
+        print(_describe_hellaswag(found))
+    where = record_evals(checkpoint.path, rows, Path(args.json) if args.json else None)
+    if where is not None:
+        print(f"recorded in {where}")
+    return 0
+
+
+def _describe_hellaswag(found: dict) -> str:
+    text = (f"HellaSwag ({found['num_items']:,} items): acc {100 * found['acc']:.2f}% | acc_norm "
+            f"{100 * found['acc_norm']:.2f}% | acc_norm_bytes {100 * found['acc_norm_bytes']:.2f}%")
+    if found["num_unencodable"]:
+        text += (f"\n  {found['num_unencodable']:,} items the tokenizer cannot encode count as wrong; over the "
+                 f"{found['num_items'] - found['num_unencodable']:,} scored: acc {100 * found['acc_scored']:.2f}% "
+                 f"| acc_norm {100 * found['acc_norm_scored']:.2f}% | acc_norm_bytes "
+                 f"{100 * found['acc_norm_bytes_scored']:.2f}%")
+    cuts = found["num_truncated_contexts"], found["num_truncated_endings"]
+    if any(cuts):
+        text += f"\n  longer than the window: {cuts[0]:,} contexts cut from the left, {cuts[1]:,} endings scored on " \
+                "their last window"
+    return text
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from gptrain.metrics.report import write_report
+
+    print(f"report card written: {write_report(Path(args.run_dir))}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from gptrain.metrics.compare import compare_runs
+
+    print(compare_runs([Path(r) for r in args.runs], Path(args.out) if args.out else None))
+    if args.out:
+        print(f"val curves: {args.out}")
+    return 0
+
+
+EVAL_COMMANDS = {"eval": cmd_eval, "report": cmd_report, "compare": cmd_compare}
