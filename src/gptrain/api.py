@@ -10,6 +10,7 @@ import torch
 
 from gptrain.config import RunConfig, from_toml_text
 from gptrain.distributed.env import resolve_device
+from gptrain.errors import UserError
 from gptrain.eval.checkpoint import evaluate_split, find_eval_dataset
 from gptrain.eval.hellaswag import run_hellaswag
 from gptrain.model.generate import SampleConfig, stream_tokens
@@ -77,6 +78,8 @@ class Checkpoint:
                  show_progress: bool | None = False, log=print) -> dict[str, float]:
         """Loss, perplexity, bits per byte and token count over a whole split: the run's own val split
         (found from any working directory, or re-prepared), or that of `data` (a catalogue name or path)."""
+        if split not in ("train", "val"):
+            raise UserError(f"split must be train or val (got {split!r})")
         folder = find_eval_dataset(self.config, self.tokenizer, self.state, data, log=log)
         return {"data": str(folder), "split": split} | evaluate_split(
             self.model, self.tokenizer, folder, split, str(self.device),

@@ -24,7 +24,7 @@ def add_eval_parsers(sub) -> None:
     p.add_argument("--limit", type=int, help="score only the first N HellaSwag items")
     p.add_argument("--loss", action="store_true", help="with --hellaswag: also the split's loss")
     p.add_argument("--batch-size", type=int, help="sequences per forward (default: the run's micro batch; HellaSwag: "
-                   "8 items)")
+                   "32, i.e. 8 items of 4 endings)")
     p.add_argument("--json", metavar="FILE", help="also write the results to this JSON file")
     p.add_argument("--device", default="auto")
 
@@ -42,6 +42,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1 or args.batch_size is not None and args.batch_size < 1:
         raise UserError("--limit and --batch-size must be at least 1")
+    if args.hellaswag is None and (args.limit is not None or args.loss):
+        raise UserError("--limit and --loss go with --hellaswag")
+    json_path = _writable(args.json)
     checkpoint = Checkpoint.load(args.checkpoint, device=args.device)
     rows = []
     if args.hellaswag is None or args.loss:
@@ -50,15 +53,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{found['split']} split (scope: full, {found['num_tokens']:,} tokens of {found['data']}): "
               f"loss {found['loss']:.4f} | perplexity {found['perplexity']:,.2f} | bits per byte {found['bpb']:.4f}")
     if args.hellaswag is not None:
-        found = checkpoint.hellaswag(args.hellaswag or None, args.limit, args.batch_size or 8, show_progress=None)
+        items_per_batch = max(1, args.batch_size // 4) if args.batch_size else 8  # 4 sequences per item
+        found = checkpoint.hellaswag(args.hellaswag or None, args.limit, items_per_batch, show_progress=None)
         rows.append(eval_row("hellaswag", checkpoint.path, checkpoint.step, found,
                              file=str(Path(args.hellaswag).resolve()) if args.hellaswag else "official val",
                              limit=args.limit))
         print(_describe_hellaswag(found))
-    where = record_evals(checkpoint.path, rows, Path(args.json) if args.json else None)
+    where = record_evals(checkpoint.path, rows, json_path)
     if where is not None:
         print(f"recorded in {where}")
     return 0
+
+
+def _writable(path: str | None) -> Path | None:
+    """An output file's path, checked before any work: its folder must exist."""
+    if path is None:
+        return None
+    if not Path(path).expanduser().parent.is_dir():
+        raise UserError(f"cannot write {path}: its folder does not exist; create it or choose another path")
+    return Path(path).expanduser()
 
 
 def _describe_hellaswag(found: dict) -> str:
@@ -86,9 +99,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from gptrain.metrics.compare import compare_runs
 
-    print(compare_runs([Path(r) for r in args.runs], Path(args.out) if args.out else None))
-    if args.out:
-        print(f"val curves: {args.out}")
+    print(compare_runs([Path(r) for r in args.runs], _writable(args.out)))
     return 0
 
 

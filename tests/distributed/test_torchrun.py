@@ -43,6 +43,9 @@ def run(cmd: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
     return done
 
 
+HELLASWAG = Path(__file__).parent.parent / "fixtures" / "hellaswag_fixture.jsonl"
+
+
 def train_args(root: Path, run_dir: str, steps: int = 12, *extra: str) -> list[str]:
     return ["train", "--data", str(root / "corpus.txt"), "--data.data_dir", str(root / "dataset"),
             "--tokenizer", "char", "--embd", "32", "--layers", "2", "--heads", "2", "--context", "32",
@@ -50,6 +53,7 @@ def train_args(root: Path, run_dir: str, steps: int = 12, *extra: str) -> list[s
             "--schedule.num_warmup_steps", "2", "--eval.every_steps", "4", "--eval.num_tokens", "320",
             "--samples.every_steps", "0", "--samples.num_tokens", "8", "--checkpoint.every_steps", "4",
             "--checkpoint.keep_last", "5", "--device", "cpu", "--compile", "off", "--quiet", "--seed", "7",
+            "--eval.hellaswag_every_steps", "4", "--eval.hellaswag_file", str(HELLASWAG), "--eval.hellaswag_limit", "6",
             "--run-dir", str(root / run_dir), *extra]
 
 
@@ -172,12 +176,18 @@ def test_sigkill_then_resume_with_other_ranks_and_strategy(root, reference):
     ref_weights = weights(reference)
     same = weights(root / "same")  # same ranks and strategy: bitwise
     assert all(torch.equal(same[k], ref_weights[k]) for k in ref_weights)
+    assert rows(root / "same", "val")[-1] | {"time": 0} == rows(reference, "val")[-1] | {"time": 0}
     expected_layouts = {"one_rank": (1, "none", 2, 2), "fsdp": (2, "fsdp", 2, 1), "zero1": (2, "zero1", 1, 2)}
     for name, expected_layout in expected_layouts.items():
         layout = [r for r in rows(root / name, "event") if "world_size" in r][-1]  # the resumed launch's
         assert (layout["world_size"], layout["strategy"], layout["micro_batch"], layout["num_micro_steps"]) == \
             expected_layout
         assert rows(root / name, "train")[-1]["loss"] == pytest.approx(expected_loss, rel=1e-5)
+        # The val sample and HellaSwag are scored alike on any number of ranks and with any strategy.
+        val, ref_val = rows(root / name, "val")[-1], rows(reference, "val")[-1]
+        assert val["val_num_tokens"] == ref_val["val_num_tokens"] and val["hellaswag_num_items"] == 6
+        assert val["val_loss"] == pytest.approx(ref_val["val_loss"], rel=1e-5)
+        assert val["val_bpb"] == pytest.approx(ref_val["val_bpb"], rel=1e-5)
         resumed = weights(root / name)
         assert max(float((resumed[k] - ref_weights[k]).abs().max()) for k in ref_weights) <= WEIGHT_TOLERANCE
         # Windows read before the checkpoint (2 ranks, one micro batch per step) and after the resume

@@ -190,7 +190,8 @@ def test_long_contexts_and_endings_are_cut_to_the_window_and_counted():
              Item(ctx="x", endings=(exact, "a.", "b.", "c."), label=0)]
     model = TableModel({}, tok.vocab_size, block_size=block_size)
     result = evaluate_hellaswag(model, tok, items, "cpu", batch_size=3)
-    assert result["hellaswag_num_truncated_contexts"] == 1 and result["hellaswag_num_truncated_endings"] == 1
+    # The long ending leaves no room for its item's context: that context counts as cut too.
+    assert result["hellaswag_num_truncated_contexts"] == 2 and result["hellaswag_num_truncated_endings"] == 1
     (idx_BT, targets_BT, _), = model.calls
     assert idx_BT.size(1) == block_size
     scored = [[t for t in row if t != -1] for row in targets_BT.tolist()]
@@ -198,7 +199,7 @@ def test_long_contexts_and_endings_are_cut_to_the_window_and_counted():
     assert scored[5] == tok.encode(" " + long_ending)[-block_size:]  # the long ending's last window-full
     assert scored[8] == tok.encode(" " + exact)
     result = evaluate_hellaswag(tiny_gpt(tok.vocab_size, block_size), tok, items, "cpu", batch_size=2)
-    assert result["hellaswag_num_truncated_contexts"] == 1 and result["hellaswag_num_truncated_endings"] == 1
+    assert result["hellaswag_num_truncated_contexts"] == 2 and result["hellaswag_num_truncated_endings"] == 1
     assert 0.0 <= result["hellaswag_acc"] <= 1.0
 
 

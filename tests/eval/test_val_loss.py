@@ -39,32 +39,35 @@ def test_val_sample_spans_the_whole_split_and_is_the_same_for_one_and_two_ranks(
     assert (sample_windows(one, 12) == windows).all()
     assert len(sample_windows(one, 10_000)) == n  # a small split is used whole
     single = evaluate_loss(tiny_model, one, windows, device="cpu")
-    per_rank = []
+    per_rank, bytes_args = [], {"byte_lengths": [1 + i % 3 for i in range(64)], "eot_id": 5}
     for rank in (0, 1):  # two ranks in turn: each scores its share, then the sums are added
         loader = _val_loader(shard_dir, batch_size=2, rank=rank, world_size=2)
-        captured = []
-        evaluate_loss(tiny_model, loader, windows, device="cpu", reduce_sum=lambda t: captured.append(t.clone()))
-        per_rank.append(captured[0])
+        evaluate_loss(tiny_model, loader, windows, device="cpu", reduce_sum=lambda t: per_rank.append(t.clone()),
+                      **bytes_args)
     summed = per_rank[0] + per_rank[1]
-    assert math.isclose(single["val_loss"], (summed[0] / summed[1]).item(), rel_tol=1e-9)
+    alone = []
+    evaluate_loss(tiny_model, one, windows, device="cpu", reduce_sum=lambda t: alone.append(t.clone()), **bytes_args)
+    assert torch.allclose(summed, alone[0], rtol=1e-6)  # nats, targets, nats and bytes without separators
+    assert math.isclose(single["val_loss"], (summed[0] / summed[1]).item(), rel_tol=1e-6)
 
 
-def test_full_split_scores_every_token_but_the_first(tiny_model, tmp_path):
+def test_full_split_scores_every_token_but_each_shards_first(tiny_model, tmp_path):
     rng = np.random.default_rng(1)
-    shard = rng.integers(0, 64, 16 * 5 + 7)  # five whole windows and a tail of 6 targets
-    write_shard(tmp_path / "t_val_000000.bin", shard, 64)
+    shards = [rng.integers(0, 64, 16 * 5 + 7), rng.integers(0, 64, 10)]  # a tail of 6 targets; a short shard
+    for i, tokens in enumerate(shards):
+        write_shard(tmp_path / f"t_val_{i:06d}.bin", tokens, 64)
     loader = _val_loader(tmp_path)
     got = evaluate_loss(tiny_model, loader, full_split_windows(loader), device="cpu")
-    assert got["val_num_tokens"] == len(shard) - 1
-    # The regular windows see up to 16 tokens of context from their own start; the tail window its full 16.
-    windows = full_split_windows(loader)
+    assert got["val_num_tokens"] == sum(len(t) - 1 for t in shards)
+    # Directly: each target scored once, with the context of its window (the tail window: 16 tokens).
     total = 0.0
     with torch.no_grad():
-        for _, start, skip in windows:
-            x = torch.tensor(shard[start : start + 16], dtype=torch.long)[None]
-            y = torch.tensor(shard[start + 1 : start + 17], dtype=torch.long)[None]
+        for shard, start, skip in full_split_windows(loader):
+            tokens = shards[shard][start : start + 17]
+            x = torch.tensor(tokens[:-1], dtype=torch.long)[None]
+            y = torch.tensor(tokens[1:], dtype=torch.long)[None]
             total += tiny_model(x, y, reduction="none")[0, skip:].sum().item()
-    assert math.isclose(got["val_loss"], total / (len(shard) - 1), rel_tol=1e-6)
+    assert math.isclose(got["val_loss"], total / got["val_num_tokens"], rel_tol=1e-6)
 
 
 def test_bits_per_byte_follows_its_definition_on_a_hand_checked_text(tmp_path):

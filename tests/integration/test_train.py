@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from gptrain import Checkpoint, resolve_config, train
 
+HELLASWAG = Path(__file__).parent.parent / "fixtures" / "hellaswag_fixture.jsonl"
+
 
 def tiny_values(tmp_path, corpus, **extra):
     values = {
@@ -59,7 +61,9 @@ def test_training_loss_falls_and_run_dir_is_complete(tmp_path, corpus_dir):
 
 def test_resume_n_then_n_equals_2n_bitwise(tmp_path, corpus_dir):
     values = tiny_values(tmp_path, corpus_dir, steps=40, **{"model.dropout": 0.1, "checkpoint.every_steps": 20,
-                                                           "samples.every_steps": 0})
+                                                           "samples.every_steps": 0, "eval.hellaswag_every_steps": 20,
+                                                           "eval.hellaswag_file": str(HELLASWAG),
+                                                           "eval.hellaswag_limit": 4})
     train(resolve_config(None, values, environ={}), log=lambda *_: None)
     full = tmp_path / "run"
     # A second run directory holding only what existed at step 20: as if the process died there.
@@ -77,6 +81,9 @@ def test_resume_n_then_n_equals_2n_bitwise(tmp_path, corpus_dir):
     losses_full = [r["loss"] for r in _rows(full, "train")][20:]
     losses_cut = [r["loss"] for r in _rows(cut, "train")]
     assert losses_cut == losses_full
+    # Validation and HellaSwag after the resume score exactly what the uninterrupted run scored.
+    untimed = [{**r, "time": 0} for r in _rows(full, "val") if r["step"] > 20]
+    assert [{**r, "time": 0} for r in _rows(cut, "val")] == untimed and untimed[-1]["hellaswag_num_items"] == 4
 
 
 def test_run_dir_exists_is_refused_unless_overwrite(tmp_path, corpus_dir):

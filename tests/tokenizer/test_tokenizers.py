@@ -1,7 +1,6 @@
 import json
 
 import pytest
-
 from local_http import serve_directory  # tests/ is on sys.path: conftest.py lives there
 
 from gptrain.errors import UserError

@@ -29,11 +29,20 @@ def find_eval_dataset(config: RunConfig, tokenizer: Tokenizer, state: dict, data
     own (the folder its checkpoint names, from any working directory; else re-prepared from its corpus)."""
     if data is not None:
         other = replace(config.data, source=data, val_source="", data_dir="")
-        folder = prepare_dataset(other, config.tokenizer, tokenizer=tokenizer, log=log)
+        try:
+            folder = prepare_dataset(other, config.tokenizer, tokenizer=tokenizer, log=log)
+        except UserError as e:
+            if "character tokenizer's alphabet" not in str(e):
+                raise
+            raise UserError(f"{data} holds characters this character model never saw ({e}): a character model "
+                            "is evaluated on text in its own alphabet (HellaSwag maps unseen ones to an unknown id)"
+                            ) from None
     else:
         folder = Path(state.get("dataset_dir") or "")
         saved = state.get("loader", {}).get("fingerprint")
         if not (state.get("dataset_dir") and folder.is_dir() and dataset_fingerprint(folder) == saved):
+            log(f"eval: the run's dataset {state.get('dataset_dir') or '(not recorded)'} is not there; preparing "
+                f"{config.data.source!r} with the checkpoint's tokenizer")
             try:
                 folder = prepare_dataset(config.data, config.tokenizer, tokenizer=tokenizer, log=log)
             except UserError as e:
@@ -47,8 +56,6 @@ def find_eval_dataset(config: RunConfig, tokenizer: Tokenizer, state: dict, data
 def evaluate_split(model: nn.Module, tokenizer: Tokenizer, folder: Path, split: str, device: str, *,
                    batch_size: int, autocast=None, show_progress: bool | None = None) -> dict[str, float]:
     """Loss, perplexity and bits per byte over every token of a split (but each shard's first)."""
-    if split not in ("train", "val"):
-        raise UserError(f"--split must be train or val (got {split!r})")
     loader = ShardLoader(shard_paths(folder, split), batch_size=batch_size, block_size=model.config.block_size,
                          shuffle=False, split=split)
     windows = full_split_windows(loader)
@@ -69,19 +76,18 @@ def run_dir_of(checkpoint_dir: Path) -> Path | None:
 
 
 def record_evals(checkpoint_dir: Path, rows: list[dict], json_path: Path | None = None) -> Path | None:
-    """Append rows to the run's eval.jsonl (returned; None outside a run) and write them to json_path
+    """Append rows to the run's eval.jsonl (returned; None outside a run), then write them to json_path
     as one object keyed by kind (written whole: a temp file, then a rename)."""
     clean = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
+    run_dir = run_dir_of(checkpoint_dir)
+    if run_dir is not None:
+        with open(run_dir / EVAL_FILE, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in clean))
     if json_path is not None:
         tmp = json_path.with_name(json_path.name + ".tmp")
         tmp.write_text(json.dumps({r["kind"]: r for r in clean}, indent=1) + "\n", encoding="utf-8")
         tmp.replace(json_path)
-    run_dir = run_dir_of(checkpoint_dir)
-    if run_dir is None:
-        return None
-    with open(run_dir / EVAL_FILE, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in clean))
-    return run_dir / EVAL_FILE
+    return None if run_dir is None else run_dir / EVAL_FILE
 
 
 def eval_row(kind: str, checkpoint_dir: Path, step: int, metrics: dict, **context) -> dict:

@@ -120,9 +120,18 @@ def render_item(item: Item, tokenizer: Tokenizer, block_size: int, pad_id: int) 
         return None
     fitted = [_fit(ctx_ids, ids, block_size) for ids in ending_ids]
     return _Rendered(rows=[row for row, _, _, _ in fitted], score_from=[start for _, start, _, _ in fitted],
-                     num_bytes=[len(text.encode("utf-8")) for text in texts], label=item.label,
-                     is_context_truncated=any(cut for _, _, cut, _ in fitted),
+                     num_bytes=[_scored_bytes(text, ids, block_size) for text, ids in zip(texts, ending_ids, strict=True)],
+                     label=item.label, is_context_truncated=any(cut for _, _, cut, _ in fitted),
                      num_endings_truncated=sum(cut for _, _, _, cut in fitted))
+
+
+def _scored_bytes(text: str, ending_ids: list[int], block_size: int) -> int:
+    """UTF-8 bytes of the scored part of an ending: all of " " + ending, or for an ending scored on its
+    last block_size tokens only, that share of its bytes (rounded; tokens are not all of one size)."""
+    num_bytes = len(text.encode("utf-8"))
+    if len(ending_ids) <= block_size:
+        return num_bytes
+    return max(1, round(num_bytes * block_size / len(ending_ids)))
 
 
 def _fit(ctx_ids: list[int], ending_ids: list[int], block_size: int) -> tuple[list[int], int, bool, bool]:
@@ -130,10 +139,11 @@ def _fit(ctx_ids: list[int], ending_ids: list[int], block_size: int) -> tuple[li
 
     The forward reads row[:-1] and is scored on row[1:], so a row may hold block_size + 1 ids, as a
     training window does. Too long a context loses its left end; an ending longer than the window
-    keeps only its last block_size + 1 ids (no context), of which the last block_size are scored.
+    keeps only its last block_size + 1 ids (no context: the context counts as cut), of which the
+    last block_size are scored.
     """
     if len(ending_ids) > block_size:
-        return ending_ids[-(block_size + 1):], 0, False, True
+        return ending_ids[-(block_size + 1):], 0, True, True
     room = block_size + 1 - len(ending_ids)
     ctx = ctx_ids[-room:]
     return ctx + ending_ids, len(ctx) - 1, len(ctx) < len(ctx_ids), False

@@ -53,6 +53,11 @@ def num_eval_windows(cfg: EvalConfig, batch_size: int, block_size: int) -> int:
     return -(-cfg.num_tokens // block_size) if cfg.num_tokens else cfg.num_batches * batch_size
 
 
+def _with_skip(windows: np.ndarray, skip: int = 0) -> np.ndarray:
+    """(shard, start) windows as (shard, start, skip)."""
+    return np.concatenate([windows, np.full((len(windows), 1), skip, dtype=np.int64)], axis=1)
+
+
 def sample_windows(loader: ShardLoader, count: int, seed: int = SAMPLE_SEED) -> np.ndarray:
     """(shard, start, 0) of count windows spread over the whole split: one seeded pick in each of count
     equal stretches of its windows, in order (every window when count covers the split). The same
@@ -62,22 +67,21 @@ def sample_windows(loader: ShardLoader, count: int, seed: int = SAMPLE_SEED) -> 
     if count < n:
         lo, hi = np.arange(count) * n // count, np.arange(1, count + 1) * n // count
         windows = windows[lo + np.random.default_rng([seed, count]).integers(0, hi - lo)]
-    return np.concatenate([windows, np.zeros((len(windows), 1), dtype=np.int64)], axis=1)
+    return _with_skip(windows)
 
 
 def full_split_windows(loader: ShardLoader) -> np.ndarray:
     """(shard, start, skip) windows whose targets are every token of the split once (but each shard's
-    first): the regular windows, then per shard one window ending at its last token whose first
-    `skip` targets, already scored, are left out."""
+    first): the regular windows, then per shard one window ending at its last token (shorter for a
+    shard shorter than a window) whose first `skip` targets, already scored, are left out."""
     windows, T = loader.split_windows(), loader.block_size
     tails = []
     for i, tokens in enumerate(loader.shards):
         covered = (len(tokens) - 1) // T * T  # targets the regular windows score in this shard
-        if len(tokens) - 1 > covered and len(tokens) > T:
-            start = len(tokens) - T - 1
+        if len(tokens) - 1 > covered:
+            start = max(0, len(tokens) - T - 1)
             tails.append([i, start, covered - start])
-    rows = np.concatenate([windows, np.zeros((len(windows), 1), dtype=np.int64)], axis=1)
-    return np.concatenate([rows, np.array(tails, dtype=np.int64).reshape(-1, 3)])
+    return np.concatenate([_with_skip(windows), np.array(tails, dtype=np.int64).reshape(-1, 3)])
 
 
 def val_set_id(fingerprint: str, windows: np.ndarray, block_size: int) -> str:
@@ -87,11 +91,19 @@ def val_set_id(fingerprint: str, windows: np.ndarray, block_size: int) -> str:
 
 
 def _read(loader: ShardLoader, windows: np.ndarray) -> tuple[Tensor, Tensor]:
-    """(x, y) for (shard, start, skip) windows; the first `skip` targets of a window are -1 (not scored)."""
-    x_NT, y_NT = loader.read(windows[:, :2])
-    skip = torch.from_numpy(windows[:, 2].copy())
-    y_NT = y_NT.masked_fill(torch.arange(y_NT.size(1))[None, :] < skip[:, None], -1)
-    return x_NT, y_NT
+    """(x, y) for (shard, start, skip) windows: targets are -1 for the first `skip` (scored elsewhere) and
+    past the end of a shard shorter than a window (its inputs padded; causal attention never sees them)."""
+    T = loader.block_size
+    rows = np.zeros((len(windows), T + 1), dtype=np.int64)
+    lengths = np.zeros(len(windows), dtype=np.int64)
+    for r, (shard, start, _) in enumerate(windows):
+        piece = loader.shards[int(shard)][int(start) : int(start) + T + 1]
+        rows[r, : len(piece)], lengths[r] = piece, len(piece)
+    batch = torch.from_numpy(rows)
+    x_NT, y_NT = batch[:, :-1], batch[:, 1:]
+    pos_T = torch.arange(T)[None, :]
+    is_unscored = (pos_T < torch.from_numpy(windows[:, 2:3])) | (pos_T >= torch.from_numpy(lengths[:, None]) - 1)
+    return x_NT, y_NT.masked_fill(is_unscored, -1)
 
 
 @torch.no_grad()

@@ -200,32 +200,40 @@ def launch_seconds(rows: list[dict]) -> float:
 
 
 def read_jsonl(path: Path) -> tuple[list[dict], int]:
-    """The JSON objects of a file, one a line, and how many lines were not one (a line being written)."""
+    """The JSON objects of a file, one a line (read a line at a time), and how many lines were not one
+    (a line being written)."""
     if not path.is_file():
         return [], 0
     rows, num_bad = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            num_bad += 1
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            num_bad += 1
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                num_bad += 1
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                num_bad += 1
     return rows, num_bad
 
 
 def last_sample_in(path: Path) -> str | None:
-    """The newest entry of samples.txt (each headed "=== step N ==="), without its trailing blank line."""
+    """The newest entry of samples.txt (each headed "=== step N ==="), without its trailing blank line;
+    read a line at a time (the file grows with the run)."""
     if not path.is_file():
         return None
-    text = path.read_text(encoding="utf-8", errors="replace")
-    headers = list(SAMPLE_HEADER.finditer(text))
-    return text[headers[-1].end():].strip("\n") if headers else None
+    latest: list[str] | None = None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if SAMPLE_HEADER.fullmatch(line.rstrip("\n")):
+                latest = []
+            elif latest is not None:
+                latest.append(line)
+    return None if latest is None else "".join(latest).strip("\n")
 
 
 def checkpoint_step_seconds(run_dir: Path, last_step: int) -> float | None:

@@ -21,6 +21,10 @@ class Tokenizer(Protocol):
         separator id for a trained BPE (HF tokenizers matches added tokens); corpora are split into
         documents before encoding, so this only matters for text that spells the marker out."""
 
+    def encode_lenient(self, text: str) -> list[int]:
+        """Ids of others' text to score (HellaSwag): unseen characters become unk_id; a UserError when
+        the tokenizer has no such id and cannot encode the text."""
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """encode() over many texts, in parallel where the backend can."""
 
@@ -37,10 +41,8 @@ class Tokenizer(Protocol):
 def encode_lenient(tokenizer: Tokenizer, text: str) -> list[int] | None:
     """Ids of text for scoring: unseen characters become the unknown id where the tokenizer has one;
     None when it cannot encode text at all (an old character tokenizer without that id)."""
-    if (lenient := getattr(tokenizer, "encode_lenient", None)) is not None and tokenizer.unk_id is not None:
-        return lenient(text)
     try:
-        return tokenizer.encode(text)
+        return tokenizer.encode_lenient(text)
     except UserError:
         return None
 

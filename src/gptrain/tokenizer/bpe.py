@@ -47,6 +47,9 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return self._hf.encode(text, add_special_tokens=False).ids
 
+    def encode_lenient(self, text: str) -> list[int]:
+        return self.encode(text)  # byte-level: no text is unknown
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
 
@@ -54,13 +57,16 @@ class BPETokenizer:
         return self._hf.decode(ids, skip_special_tokens=False)
 
     def byte_lengths(self) -> list[int]:
-        """UTF-8 bytes each id stands for: byte-level tokens spell one byte per character of the
-        byte-to-unicode alphabet; added tokens (the separator among them) count 0."""
+        """UTF-8 bytes each id stands for; added tokens (the separator among them) count 0. A byte-level
+        token spells one byte per character of the byte-to-unicode alphabet; for another kind of
+        tokenizer.json the text each token decodes to alone is counted (an approximation: such decoders
+        may add or drop a word's leading space)."""
         lengths = [0] * self.vocab_size
         added = set(self._hf.get_added_tokens_decoder())
+        is_byte_level = isinstance(self._hf.decoder, decoders.ByteLevel)
         for token, i in self._hf.get_vocab(with_added_tokens=False).items():
             if i not in added and i < self.vocab_size:
-                lengths[i] = len(token)
+                lengths[i] = len(token) if is_byte_level else len(self._hf.decode([i]).encode("utf-8"))
         return lengths
 
     def to_json(self) -> str:

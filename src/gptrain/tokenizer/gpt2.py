@@ -42,6 +42,9 @@ class GPT2Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
 
+    def encode_lenient(self, text: str) -> list[int]:
+        return self.encode(text)  # byte-level: no text is unknown
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # One thread: data preparation runs one tokenizer process per core (tiktoken's batch threads
         # would only compete with them).

@@ -325,6 +325,7 @@ def _loop(run: Run) -> dict:
         if is_stopping:
             emit(run, {"kind": "event", "message": f"stopped at step {state.step} (checkpoint saved); "
                                                    f"continue with: {resume_command(run)}"})
+            write_report_card(run)
             return summarize(run, last_loss, None, None)
     # An early stop has just evaluated this step: its figures stand (no second val row for one step).
     final_val_loss, names = (run.last_val_loss, []) if is_early_stop else validate(run, is_final=True)
@@ -333,6 +334,17 @@ def _loop(run: Run) -> dict:
     run.writer.wait()
     emit(run, {"kind": "event", "message": f"done: {state.step} steps in {state.elapsed_seconds:.0f}s | "
                                            f"best val loss {state.best_val_loss:.4f} | {run.run_dir}"})
-    if env.is_main:  # from the run directory alone (metrics.jsonl is flushed at every row)
-        write_report(run.run_dir)
+    write_report_card(run)
     return summarize(run, last_loss, final_val_loss, text)
+
+
+def write_report_card(run: Run) -> None:
+    """report.md and loss.png from the run directory alone (metrics.jsonl is flushed at every row), on
+    rank 0. The run is saved by then: a failure here (a full disk) is an event row, not a failed run."""
+    if not run.env.is_main:
+        return
+    try:
+        write_report(run.run_dir)
+    except Exception as e:  # noqa: BLE001 -- whatever it is, the trained run stands
+        emit(run, {"kind": "event", "message": f"the report card was not written ({type(e).__name__}: {e}); "
+                                               f"write it later with: gptrain report {run.run_dir}"})

@@ -183,12 +183,11 @@ def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Toke
 
 
 def read_hellaswag(cfg: EvalConfig, env: DistEnv, log) -> list[Item]:
-    """The HellaSwag items to score during training (none when off): rank 0 downloads the file once,
-    then every rank reads the same items from it."""
+    """The HellaSwag items to score during training (none when off): rank 0 downloads and reads them
+    and sends them to the others (a few MB), so nodes need not share a file system."""
     if not cfg.hellaswag_every_steps:
         return []
-    path = env.on_main(hellaswag_file, cfg.hellaswag_file or None, log)
-    return read_items(path, cfg.hellaswag_limit or None)
+    return env.on_main(lambda: read_items(hellaswag_file(cfg.hellaswag_file or None, log), cfg.hellaswag_limit or None))
 
 
 def _build_on(dataset: Path, cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Tokenizer | None,
