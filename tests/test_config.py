@@ -43,6 +43,9 @@ def test_aliases_match_config_fields():
     ({"optim.grad_clip": "inf"}, "optim.grad_clip must be a finite number"),
     ({"seed": "-1"}, "seed must be >= 0"),
     ({"schedule.decay_fraction": "0"}, r"schedule.decay_fraction must be in \(0, 1\]"),
+    ({"eval.every_steps": 100, "eval.hellaswag_every_steps": 150}, "must be a multiple of eval.every_steps"),
+    ({"eval.every_steps": 0, "eval.hellaswag_every_steps": 100}, "must be a multiple of eval.every_steps"),
+    ({"eval.hellaswag_limit": -1}, "eval.hellaswag_every_steps and eval.hellaswag_limit must be >= 0"),
 ])
 def test_bad_values_are_user_errors(values, message):
     with pytest.raises(UserError, match=message):
@@ -60,3 +63,11 @@ def test_every_preset_resolves():
 def test_toml_strings_with_control_characters_round_trip():
     cfg = apply_overrides(RunConfig(), {"samples.prompt": "a\x7fb\r\t\x01 ünï ✓", "name": 'q"uote\\'})
     assert from_toml_text(to_toml(cfg)) == cfg
+
+
+def test_the_hellaswag_url_variable_is_not_mistaken_for_a_config_key():
+    cfg = resolve_config(None, {}, environ={"GPTRAIN_HELLASWAG_URL": "http://127.0.0.1:1/h.jsonl",
+                                            "GPTRAIN_EVAL__HELLASWAG_EVERY_STEPS": "200"})
+    assert cfg.eval.hellaswag_every_steps == 200
+    with pytest.raises(UserError, match="unknown setting GPTRAIN_HELLASWAG_URLS"):
+        resolve_config(None, {}, environ={"GPTRAIN_HELLASWAG_URLS": "x"})

@@ -84,6 +84,9 @@ def test_resume_n_then_n_equals_2n_bitwise(tmp_path, corpus_dir):
     # Validation and HellaSwag after the resume score exactly what the uninterrupted run scored.
     untimed = [{**r, "time": 0} for r in _rows(full, "val") if r["step"] > 20]
     assert [{**r, "time": 0} for r in _rows(cut, "val")] == untimed and untimed[-1]["hellaswag_num_items"] == 4
+    # The resumed launch wrote its machine row, and the report card was made from the run directory alone.
+    assert [r["machine"]["torch"] for r in _rows(cut, "event") if "machine" in r] == [torch.__version__]
+    assert "| steps | 40 |" in (cut / "report.md").read_text() and (cut / "loss.png").is_file()
 
 
 def test_run_dir_exists_is_refused_unless_overwrite(tmp_path, corpus_dir):
