@@ -303,3 +303,25 @@ def test_sigterm_saves_and_exits_143(tmp_path, corpus_dir):
     assert proc.wait(timeout=60) == 143
     saved = Checkpoint.load(run)
     assert 3 <= saved.state["train"]["step"] < 100000
+
+
+def test_a_resume_after_a_crash_leaves_one_row_per_step_and_evaluation(tmp_path, corpus_dir):
+    values = tiny_values(tmp_path, corpus_dir, steps=40, **{"checkpoint.every_steps": 20, "samples.every_steps": 10})
+    train(resolve_config(None, values, environ={}), log=lambda *_: None)
+    run = tmp_path / "run"
+    # As if killed at step 40 before its final checkpoint, halfway through writing a line.
+    for name in ("final", "best"):
+        shutil.rmtree(run / "checkpoints" / name)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 41, "kind": "tra')
+    from gptrain.config import from_toml_text
+
+    train(from_toml_text((run / "config.toml").read_text()), resume=run, log=lambda *_: None)
+    assert [r["step"] for r in _rows(run, "train")] == list(range(1, 41))
+    assert [r["step"] for r in _rows(run, "val")] == [20, 40]
+    assert [r["step"] for r in _rows(run, "sample")] == [10, 20, 30, 40]
+    with open(run / "metrics.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in table if r["train_loss"]] == list(range(1, 41))
+    assert [int(r["step"]) for r in table if r["val_loss"]] == [20, 40]
+    assert (run / "samples.txt").read_text().count("=== step 30 ===") == 1

@@ -16,6 +16,24 @@ CSV_COLUMNS = ["step", "lr", "train_loss", "val_loss", "train_perplexity", "val_
 VAL_COLUMNS = ("val_loss", "val_perplexity", "val_bpb", "hellaswag_acc", "hellaswag_acc_norm")
 
 
+METRIC_FILES = ("metrics.jsonl", "metrics.csv", "samples.txt")  # cut back to a checkpoint on resume
+
+
+def file_offsets(run_dir: Path) -> dict[str, int]:
+    """The metric files' sizes now: saved with a checkpoint, so a resume can cut them back to it."""
+    return {name: (run_dir / name).stat().st_size for name in METRIC_FILES if (run_dir / name).is_file()}
+
+
+def cut_back(run_dir: Path, offsets: dict[str, int]) -> None:
+    """Truncate each metric file to its saved size: rows written after the checkpoint (steps a resume
+    redoes, a half-written last line) go, so every step has one train row and every evaluation one."""
+    for name, size in offsets.items():
+        path = run_dir / name
+        if name in METRIC_FILES and path.is_file() and path.stat().st_size > size:
+            with open(path, "r+b") as f:
+                f.truncate(size)
+
+
 class MetricSink(Protocol):
     def emit(self, row: dict) -> None: ...
 

@@ -258,8 +258,10 @@ def read_checkpoint(folder: Path, *, with_optimizer: bool = True) -> dict:
 
 
 def make_state(train: TrainState, loader: dict, optimizer_meta: dict, rng_per_rank: list[dict],
-               dataset_dir: Path | None = None) -> dict:
+               dataset_dir: Path | None = None, metrics_offsets: dict[str, int] | None = None) -> dict:
     """state.json: format 2 keys the optimizer by parameter name and keeps every rank's RNG states;
-    dataset_dir (absolute) lets `gptrain eval` find the run's val split from any working directory."""
+    dataset_dir (absolute) lets `gptrain eval` find the run's val split from any working directory;
+    metrics_offsets are the metric files' sizes at this checkpoint (a resume cuts them back to these)."""
     return {"format": 2, "train": asdict(train), "loader": loader, "rng": rng_per_rank, "optimizer": optimizer_meta,
-            "dataset_dir": str(dataset_dir.resolve()) if dataset_dir else None}
+            "dataset_dir": str(dataset_dir.resolve()) if dataset_dir else None,
+            "metrics_offsets": metrics_offsets or {}}

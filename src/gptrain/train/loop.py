@@ -21,7 +21,7 @@ from gptrain.eval.val_loss import evaluate_loss
 from gptrain.metrics.console import build_console_sink
 from gptrain.metrics.machine import describe_machine
 from gptrain.metrics.report import write_report
-from gptrain.metrics.sinks import CsvSink, JsonlSink, MetricSink, SamplesSink
+from gptrain.metrics.sinks import CsvSink, JsonlSink, MetricSink, SamplesSink, cut_back, file_offsets
 from gptrain.metrics.throughput import estimate_mfu, peak_flops
 from gptrain.runtime import tune_malloc
 from gptrain.tokenizer import load_tokenizer
@@ -65,7 +65,8 @@ def save_checkpoint(run: Run, names: list[str], *, is_periodic: bool = False) ->
     snapshot = ckpt.Snapshot(
         model=model_sd,
         optimizer=opt_tensors,
-        state=ckpt.make_state(run.state, run.train_loader.state_dict(), opt_meta, rngs, run.dataset_dir),
+        state=ckpt.make_state(run.state, run.train_loader.state_dict(), opt_meta, rngs, run.dataset_dir,
+                              file_offsets(run.run_dir)),
         config_toml=to_toml(run.cfg),
         tokenizer_json=run.tokenizer.to_json(),
     )
@@ -196,10 +197,14 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
     run = build_run(cfg, env, run_dir, fixed_tokenizer, weights, log)
     if should_tune_malloc:
         tune_malloc()  # after setup, so the corpus tokenizing's peak memory was returned to the OS
+    offsets = {}
     if pieces is not None:
         resume_from(run, pieces)
+        offsets = pieces["state"].get("metrics_offsets", {})
     del pieces, weights
     create_run_dir(run, should_overwrite=should_overwrite)
+    if env.is_main and run.state.step < run.plan.num_steps:  # a finished run keeps its closing rows
+        cut_back(run.run_dir, offsets)
     run.sinks = build_sinks(run)
     try:
         log_layout(run)  # the first event row of every launch, a resumed one too
