@@ -1,4 +1,4 @@
-"""`gptrain eval|report|compare`: judging trained runs (the rest of the command line is in cli.py)."""
+"""`gptrain eval|report|plot|compare`: judging trained runs (the rest of the command line is in cli.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from gptrain.errors import UserError
 
 
 def add_eval_parsers(sub) -> None:
-    """The eval, report and compare commands."""
+    """The eval, report, plot and compare commands."""
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte over a whole split; HellaSwag",
                        description="Scores a checkpoint. By default: every token of the run's own val split "
                        "(rows with scope: full, kept in the run's eval.jsonl). With --hellaswag: HellaSwag "
@@ -30,6 +30,8 @@ def add_eval_parsers(sub) -> None:
 
     p = sub.add_parser("report", help="write a run's report card (report.md, loss.png) from its run directory")
     p.add_argument("run_dir", metavar="RUN")
+    p = sub.add_parser("plot", help="draw each run's loss, lr and tokens/s against tokens seen (RUN/loss.png)")
+    p.add_argument("runs", nargs="+", metavar="RUN")
     p = sub.add_parser("compare", help="compare runs: a table of steps, tokens, val loss, bits per byte, HellaSwag, "
                        "time, and a PNG of their val curves")
     p.add_argument("runs", nargs="+", metavar="RUN")
@@ -96,6 +98,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from gptrain.metrics.plots import plot_run
+    from gptrain.metrics.report import PLOT_NAME
+    from gptrain.metrics.runs import read_run
+
+    for run_dir in map(Path, args.runs):
+        print(f"plot written: {plot_run(read_run(run_dir), run_dir / PLOT_NAME)}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from gptrain.metrics.compare import compare_runs
 
@@ -103,4 +115,4 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-EVAL_COMMANDS = {"eval": cmd_eval, "report": cmd_report, "compare": cmd_compare}
+EVAL_COMMANDS = {"eval": cmd_eval, "report": cmd_report, "plot": cmd_plot, "compare": cmd_compare}

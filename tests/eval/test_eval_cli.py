@@ -118,3 +118,5 @@ def test_compare_tables_runs_and_warns_when_val_sets_differ(trained, tmp_path, c
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["compare", str(run), str(other)]) == 0
     assert "val sets differ" in capsys.readouterr().out
+    (same / "loss.png").unlink()
+    assert main(["plot", str(same)]) == 0 and (same / "loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -14,7 +14,8 @@ from pathlib import Path
 from gptrain.metrics.runs import RunRecord, is_number
 
 FIGURE_DPI = 100
-TRAIN_COLOR, VAL_COLOR, FULL_COLOR, LR_COLOR = "tab:blue", "tab:orange", "tab:green", "tab:purple"
+TRAIN_COLOR, VAL_COLOR, FULL_COLOR = "tab:blue", "tab:orange", "tab:green"
+LR_COLOR, SPEED_COLOR = "tab:purple", "tab:gray"
 
 
 def smooth(values: list[float]) -> list[float]:
@@ -67,8 +68,9 @@ def mark_empty(ax, message: str) -> None:
 
 
 def plot_run(record: RunRecord, out_png: Path) -> Path:
-    """Train loss (raw, light, and smoothed) and val loss against tokens seen, with the lr below."""
-    fig, (ax_loss, ax_lr) = new_figure(2, [3, 1])
+    """Train loss (raw, light, and smoothed) and val loss against tokens seen, with the lr and the
+    throughput (tokens/s) below."""
+    fig, (ax_loss, ax_lr, ax_speed) = new_figure(3, [3, 1, 1])
     train = record.train_rows
     train_tokens = record.tokens_of(train)
     x, loss = points(train, train_tokens, "loss")
@@ -96,7 +98,12 @@ def plot_run(record: RunRecord, out_png: Path) -> Path:
     ax_lr.set_ylabel("lr")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     ax_lr.grid(alpha=0.3)
-    format_tokens_axis(ax_lr)
+    sx, speed = points(train, train_tokens, "tokens_per_second")
+    if sx:
+        ax_speed.plot(sx, speed, color=SPEED_COLOR, linewidth=1.0)
+    ax_speed.set_ylabel("tokens/s")
+    ax_speed.grid(alpha=0.3)
+    format_tokens_axis(ax_speed)
     return save_png(fig, out_png)
 
 
