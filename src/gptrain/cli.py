@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -225,9 +224,10 @@ def cmd_train(args: argparse.Namespace, extra: dict[str, str]) -> int:
     summary = train(cfg, resume=args.resume, init_from=args.init_from, should_overwrite=args.overwrite,
                     should_tune_malloc=True, overrides=_cli_values(args, extra), log=log)
     if summary["is_stopped"]:
-        # Under torchrun a stop is a clean end (it forwards Ctrl-C/SIGTERM and waits for the workers);
-        # alone, the shell's convention: 128 + the signal (130 for Ctrl-C, 143 for SIGTERM).
-        return 0 if "TORCHELASTIC_RUN_ID" in os.environ else 128 + (summary["stop_signal"] or signal.SIGINT)
+        # Under torchrun a stop is a clean end (it forwards Ctrl-C/SIGTERM and waits for the workers), and
+        # so is a stop command (no signal); alone, a signal's: 128 + it (130 for Ctrl-C, 143 for SIGTERM).
+        is_clean = "TORCHELASTIC_RUN_ID" in os.environ or not summary["stop_signal"]
+        return 0 if is_clean else 128 + summary["stop_signal"]
     if _rank() != 0:
         return 0
     if summary.get("is_already_complete"):

@@ -1,4 +1,5 @@
-"""`gptrain eval|report|plot|compare`: judging trained runs (the rest of the command line is in cli.py)."""
+"""`gptrain eval|report|plot|compare|control`: judging runs and steering a running one (the rest of
+the command line is in cli.py)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,13 @@ def add_eval_parsers(sub) -> None:
     p.add_argument("run_dir", metavar="RUN")
     p = sub.add_parser("plot", help="draw each run's loss, lr and tokens/s against tokens seen (RUN/loss.png)")
     p.add_argument("runs", nargs="+", metavar="RUN")
+    p = sub.add_parser("control", help="steer a running trainer: pause, resume, save, stop, lr SCALE, "
+                       "eval-every N, sample-every N (waits for its acknowledgement)")
+    p.add_argument("run_dir", metavar="RUN")
+    p.add_argument("verb", choices=["pause", "resume", "save", "stop", "lr", "eval-every", "sample-every"])
+    p.add_argument("value", nargs="?", type=float, help="lr: the factor on the scheduled lr; eval-every, "
+                   "sample-every: steps (0: only at the end)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the trainer's answer")
     p = sub.add_parser("compare", help="compare runs: a table of steps, tokens, val loss, bits per byte, HellaSwag, "
                        "time, and a PNG of their val curves")
     p.add_argument("runs", nargs="+", metavar="RUN")
@@ -108,6 +116,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_control(args: argparse.Namespace) -> int:
+    from gptrain.train.control import send_command
+
+    name = {"lr": "lr_scale", "eval-every": "eval_every", "sample-every": "sample_every"}.get(args.verb, args.verb)
+    if (args.value is None) != (name in ("pause", "resume", "save", "stop")):
+        raise UserError(f"{args.verb} {'needs a value' if args.value is None else 'takes no value'}")
+    value = int(args.value) if name in ("eval_every", "sample_every") else args.value
+    answer = send_command(Path(args.run_dir), name, value, args.timeout)
+    print(f"trainer: {answer['message']}")
+    return 0 if answer["ok"] else 2
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from gptrain.metrics.compare import compare_runs
 
@@ -115,4 +135,5 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-EVAL_COMMANDS = {"eval": cmd_eval, "report": cmd_report, "plot": cmd_plot, "compare": cmd_compare}
+EVAL_COMMANDS = {"eval": cmd_eval, "report": cmd_report, "plot": cmd_plot, "compare": cmd_compare,
+                 "control": cmd_control}

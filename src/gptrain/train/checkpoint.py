@@ -49,6 +49,10 @@ class TrainState:
     num_bad_steps: int = 0  # consecutive skipped steps (non-finite loss or gradient, loss spike)
     loss_ema: float | None = None  # running mean of the train loss, for the spike guard
     elapsed_seconds: float = 0.0
+    # Set by control commands (train/control.py), so a resume keeps them:
+    lr_scale: float = 1.0  # the effective lr is schedule x lr_scale
+    eval_every_steps: int | None = None  # None: the config's eval.every_steps
+    samples_every_steps: int | None = None  # None: the config's samples.every_steps
 
 
 @dataclass

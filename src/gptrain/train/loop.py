@@ -18,15 +18,14 @@ from gptrain.distributed.env import DistEnv
 from gptrain.errors import UserError
 from gptrain.eval.hellaswag import evaluate_hellaswag
 from gptrain.eval.val_loss import evaluate_loss
-from gptrain.metrics.console import build_console_sink
-from gptrain.metrics.machine import describe_machine
-from gptrain.metrics.report import write_report
-from gptrain.metrics.sinks import CsvSink, JsonlSink, MetricSink, SamplesSink, cut_back, file_offsets
+from gptrain.metrics.sinks import cut_back, file_offsets
 from gptrain.metrics.throughput import estimate_mfu, peak_flops
 from gptrain.runtime import tune_malloc
 from gptrain.tokenizer import load_tokenizer
 from gptrain.train import checkpoint as ckpt
+from gptrain.train.control import PAUSE_POLL_SECONDS, ControlReader, TrainerLock
 from gptrain.train.run_dir import check_run_dir, find_auto_resume
+from gptrain.train.run_log import build_sinks, emit, log_layout, write_report_card
 from gptrain.train.samples import write_sample
 from gptrain.train.schedule import lr_at
 from gptrain.train.setup import Run, base_config_for_init, build_run, configure_device, create_run_dir, step_run
@@ -79,12 +78,6 @@ def resume_command(run: Run) -> str:
     return f"{launcher} train --resume {run.run_dir}"
 
 
-def emit(run: Run, row: dict) -> None:
-    row = {"step": run.state.step, "time": time.time(), **row}
-    for sink in run.sinks:
-        sink.emit(row)
-
-
 def validate(run: Run, *, is_final: bool = False) -> tuple[float, list[str]]:
     """Evaluate on all ranks (and score HellaSwag when due) and track the best val loss; returns the loss
     and ["best"] when best/ should be saved (the same answer on every rank: the loss is reduced over them)."""
@@ -123,15 +116,6 @@ def sample(run: Run) -> str:
 
 def is_due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
-
-
-def build_sinks(run: Run) -> list[MetricSink]:
-    if not run.env.is_main:
-        return []
-    console = build_console_sink(run.cfg.log, run.plan.num_steps, run.cfg.train.log_every_steps,
-                                 title=f"gptrain · {run.run_dir}")
-    return [JsonlSink(run.run_dir / "metrics.jsonl"), CsvSink(run.run_dir / "metrics.csv"),
-            SamplesSink(run.run_dir / "samples.txt"), console]
 
 
 def train(
@@ -203,8 +187,13 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
         offsets = pieces["state"].get("metrics_offsets", {})
     del pieces, weights
     create_run_dir(run, should_overwrite=should_overwrite)
+    lock = TrainerLock(run.run_dir)
+    env.on_main(lock.acquire)  # before anything is cut back or appended: one trainer per run directory
     if env.is_main and run.state.step < run.plan.num_steps:  # a finished run keeps its closing rows
         cut_back(run.run_dir, offsets)
+    if env.is_main:
+        run.control = ControlReader.open(run.run_dir)
+        run.replays = run.control.replays(run.state.step) if resume is not None else []
     run.sinks = build_sinks(run)
     try:
         log_layout(run)  # the first event row of every launch, a resumed one too
@@ -220,6 +209,7 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
         run.writer.wait()
         for sink in run.sinks:
             sink.close()
+        lock.release()
 
 
 @contextlib.contextmanager
@@ -245,41 +235,26 @@ def stop_on_signals(run: Run):
             signal.signal(sig, handler)
 
 
-def log_layout(run: Run) -> None:
-    """The first event rows of every launch: what trains where, how the global batch is made up, and on
-    what machine (so the run directory alone holds what its report card needs)."""
-    cfg, plan = run.cfg, run.plan
-    layout = dict(strategy=plan.strategy, world_size=plan.world_size, micro_batch=cfg.train.batch_size,
-                  num_micro_steps=plan.num_micro_steps, batch_tokens=plan.tokens_per_step,
-                  num_parameters=run.model.num_parameters(), dataset=run.train_loader.fingerprint, val_set=run.val_set)
-    emit(run, {"kind": "event", **layout, "message": (
-        f"run {run.run_dir} | {run.model.num_parameters():,} parameters | device {run.env.device} | "
-        f"{plan.strategy} on {plan.world_size} rank(s) | micro batch {cfg.train.batch_size} x "
-        f"{plan.num_micro_steps} accumulation steps | {plan.num_steps} steps of {plan.tokens_per_step:,} tokens | "
-        f"{run.train_loader.num_tokens:,} train tokens")})
-    machine = describe_machine(run.env.device)
-    emit(run, {"kind": "event", "machine": machine, "message": (
-        f"machine {machine['hostname']} | {machine['cpu']} x {machine['num_cpus']} | {machine['gpu'] or 'no GPU'} | "
-        f"torch {machine['torch']} | gptrain {machine['gptrain']}")})
-
-
 def after_step(run: Run, should_stop: bool) -> tuple[bool, bool]:
     """Evaluate, sample and checkpoint when due (on every rank: these are collectives under FSDP).
     Returns (is_early_stop, is_stopping); one snapshot serves every folder due at this step."""
     cfg, state = run.cfg, run.state
     names, is_early_stop = [], False
     # A stop skips evaluation and samples: torchrun kills workers that take longer than ~30 s to exit.
-    if is_due(state.step, cfg.eval.every_steps) and not should_stop:
+    eval_every = cfg.eval.every_steps if state.eval_every_steps is None else state.eval_every_steps
+    samples_every = cfg.samples.every_steps if state.samples_every_steps is None else state.samples_every_steps
+    if is_due(state.step, eval_every) and not should_stop:
         _, names = validate(run)
         is_early_stop = 0 < cfg.eval.patience <= state.num_bad_evals
         if is_early_stop:
             emit(run, {"kind": "event", "message": f"early stop: val loss has not improved for "
                                                    f"{state.num_bad_evals} evaluations"})
-    if is_due(state.step, cfg.samples.every_steps) and not should_stop:
+    if is_due(state.step, samples_every) and not should_stop:
         sample(run)
     is_periodic = is_due(state.step, cfg.checkpoint.every_steps)
     is_stopping = should_stop and not is_early_stop
-    if is_periodic or is_stopping:
+    if is_periodic or is_stopping or run.is_save_requested:
+        run.is_save_requested = False
         names = [f"{ckpt.STEP_PREFIX}{state.step:06d}", *names]
     if names:  # keep_last prunes after a stop's checkpoint too (it is the newest, so it stays)
         save_checkpoint(run, names, is_periodic=is_periodic or is_stopping)
@@ -297,10 +272,10 @@ def _loop(run: Run) -> dict:
     run.model.train()
     while state.step < plan.num_steps and not is_early_stop:
         started = time.perf_counter()
-        lr = lr_at(state.step, plan.num_steps, cfg.schedule)
+        lr = lr_at(state.step, plan.num_steps, cfg.schedule) * state.lr_scale
         is_guarded = cfg.train.spike_factor > 0 and state.loss_ema is not None and state.step >= 10
         max_loss = cfg.train.spike_factor * state.loss_ema if is_guarded else float("inf")
-        result = step_run(run, lr, max_loss)
+        result = step_run(run, lr, max_loss, has_commands=lambda: has_commands(run))
         state.step += 1
         state.tokens_seen += plan.tokens_per_step
         seconds = time.perf_counter() - started
@@ -324,9 +299,11 @@ def _loop(run: Run) -> dict:
                    "tokens_per_second": tokens_per_second, "mfu": mfu, "mfu_basis": mfu_basis,
                    "tokens_seen": state.tokens_seen, "epoch": run.train_loader.epochs_done,
                    "eta_seconds": (plan.num_steps - state.step) * mean_step_seconds})
+        if result.has_commands:
+            steer(run)
         if state.step == plan.num_steps:
             break
-        is_early_stop, is_stopping = after_step(run, result.should_stop)
+        is_early_stop, is_stopping = after_step(run, result.should_stop or run.should_stop)
         if is_stopping:
             emit(run, {"kind": "event", "message": f"stopped at step {state.step} (checkpoint saved); "
                                                    f"continue with: {resume_command(run)}"})
@@ -343,13 +320,55 @@ def _loop(run: Run) -> dict:
     return summarize(run, last_loss, final_val_loss, text)
 
 
-def write_report_card(run: Run) -> None:
-    """report.md and loss.png from the run directory alone (metrics.jsonl is flushed at every row), on
-    rank 0. The run is saved by then: a failure here (a full disk) is an event row, not a failed run."""
-    if not run.env.is_main:
-        return
-    try:
-        write_report(run.run_dir)
-    except Exception as e:  # noqa: BLE001 -- whatever it is, the trained run stands
-        emit(run, {"kind": "event", "message": f"the report card was not written ({type(e).__name__}: {e}); "
-                                               f"write it later with: gptrain report {run.run_dir}"})
+def has_commands(run: Run) -> bool:
+    """On rank 0: read new control commands, and state commands due again after a resume, into pending."""
+    if run.control is None:
+        return False
+    run.pending += run.control.poll()
+    due = [c for c in run.replays if c["step"] == run.state.step + 1]  # read before the step counter moves
+    run.replays = [c for c in run.replays if c not in due]
+    run.pending += due
+    return bool(run.pending)
+
+
+def steer(run: Run) -> None:
+    """Apply rank 0's pending commands on every rank at this step boundary (one broadcast); while
+    paused, every rank sleeps and the ranks agree again every PAUSE_POLL_SECONDS, so no rank sits
+    in a collective long enough to time out."""
+    while True:
+        commands = run.env.broadcast_object(run.pending if run.env.is_main else None)
+        run.pending = []
+        for command in commands:
+            apply_command(run, command)
+        if not run.is_paused or run.should_stop:
+            return
+        time.sleep(PAUSE_POLL_SECONDS)
+        if run.env.is_main:
+            has_commands(run)
+
+
+def apply_command(run: Run, command: dict) -> None:
+    """One command on this rank (state, pause, save, stop); rank 0 acknowledges it and logs an event."""
+    state, name, value = run.state, command.get("command"), command.get("value")
+    if "error" in command:
+        message, is_ok = f"control command refused: {command['error']}", False
+    elif name == "pause":
+        run.is_paused, message, is_ok = True, f"paused after step {state.step}", True
+    elif name == "resume":
+        run.is_paused, message, is_ok = False, f"resumed after step {state.step}", True
+    elif name == "save":
+        message, is_ok = f"checkpoint {ckpt.STEP_PREFIX}{state.step:06d} saved on request", True
+        if run.is_paused:
+            save_checkpoint(run, [f"{ckpt.STEP_PREFIX}{state.step:06d}"])
+        else:
+            run.is_save_requested = True
+    elif name == "stop":
+        run.should_stop, run.is_paused, message, is_ok = True, False, f"stopping after step {state.step}", True
+    else:
+        field = {"lr_scale": "lr_scale", "eval_every": "eval_every_steps", "sample_every": "samples_every_steps"}[name]
+        setattr(state, field, value)
+        again = f" (again: first applied at step {command['step']})" if command.get("is_replay") else ""
+        message, is_ok = f"{name} = {value} from step {state.step + 1}{again}", True
+    emit(run, {"kind": "event", "message": message, "command": name, "command_id": command.get("id")})
+    if run.env.is_main and not command.get("is_replay"):
+        run.control.acknowledge(command, state.step, message, is_ok)

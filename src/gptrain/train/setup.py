@@ -33,6 +33,7 @@ from gptrain.model.gpt import GPT
 from gptrain.tokenizer import Tokenizer, TokenizerConfig
 from gptrain.tokenizer.base import save_tokenizer
 from gptrain.train import checkpoint as ckpt
+from gptrain.train.control import ControlReader
 from gptrain.train.optim import build_optimizer
 from gptrain.train.run_dir import is_run_dir
 from gptrain.train.samples import SamplesConfig
@@ -74,6 +75,11 @@ class Run:
     val_set: str = ""  # its id (eval.val_set_id): runs with equal ids were validated on the same tokens
     byte_lengths: list[int] = field(default_factory=list)  # UTF-8 bytes of each token id, for bits per byte
     hellaswag_items: list[Item] = field(default_factory=list)  # scored with validations when eval.hellaswag_*
+    control: ControlReader | None = None  # rank 0: control.jsonl, read at step boundaries
+    pending: list[dict] = field(default_factory=list)  # rank 0: commands to apply at this step boundary
+    replays: list[dict] = field(default_factory=list)  # rank 0: state commands to apply again after a resume
+    is_paused: bool = False
+    is_save_requested: bool = False  # a save command: checkpoint at this step boundary
 
 
 def derive_plan(cfg: RunConfig, loader: ShardLoader, world_size: int) -> Plan:
@@ -231,7 +237,7 @@ def _build_on(dataset: Path, cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_
                byte_lengths=tokenizer.byte_lengths())
 
 
-def step_run(run: Run, lr: float, max_loss: float = float("inf")) -> StepResult:
+def step_run(run: Run, lr: float, max_loss: float = float("inf"), has_commands=lambda: False) -> StepResult:
     """One optimizer step of the run on every rank, through its strategy's gradient sync and reductions."""
     cfg, env, plan = run.cfg, run.env, run.plan
 
@@ -242,5 +248,5 @@ def step_run(run: Run, lr: float, max_loss: float = float("inf")) -> StepResult:
                       grad_clip=cfg.optim.grad_clip, device=env.device,
                       autocast=autocast_context(env.device, cfg.train.precision), max_loss=max_loss,
                       gradient_sync=sync, reduce_sum=env.all_reduce_sum, world_size=env.world_size,
-                      is_stop_requested=lambda: run.should_stop)
+                      is_stop_requested=lambda: run.should_stop, has_commands=has_commands)
 

@@ -70,6 +70,7 @@ class StepResult:
     grad_norm: float  # global norm before clipping
     is_applied: bool  # False when the step was skipped: non-finite loss or gradient, or a loss spike
     should_stop: bool = False  # some rank was asked to stop (Ctrl-C, SIGTERM): every rank agrees
+    has_commands: bool = False  # rank 0 has control commands to apply at this step boundary
 
 
 def always_sync(is_last: bool) -> contextlib.AbstractContextManager:
@@ -91,13 +92,15 @@ def train_step(
     reduce_sum: Callable[[Tensor], Tensor] = lambda t: t,
     world_size: int = 1,
     is_stop_requested: Callable[[], bool] = lambda: False,
+    has_commands: Callable[[], bool] = lambda: False,
 ) -> StepResult:
     """Forward/backward num_micro_steps micro batches, clip, and update, unless the loss or gradient is
     non-finite or the loss exceeds max_loss (a spike).
 
     gradient_sync(is_last) is the strategy's context for a micro step (DDP skips the all-reduce until
     the last one); reduce_sum sums over ranks, so the loss and the stop request are the same on all.
-    is_stop_requested() is read after the backward passes, so a signal during this step stops after it.
+    is_stop_requested() is read after the backward passes, so a signal during this step stops after it;
+    has_commands() (rank 0's pending control commands) rides in the same reduction, so every rank knows.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -118,11 +121,13 @@ def train_step(
     grad_norm = gather_norm(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
     # The gradients are already reduced (the norm is the same on every rank); the loss and the stop
     # request are summed here. One host sync per step: everything comes back together.
-    shared = reduce_sum(torch.stack([loss_sum, torch.tensor(float(is_stop_requested()), device=device)]))
-    loss, stops, norm = torch.cat([shared, grad_norm.reshape(1).to(shared.device, shared.dtype)]).tolist()
+    flags = torch.tensor([float(is_stop_requested()), float(has_commands())], device=device)
+    shared = reduce_sum(torch.cat([loss_sum.reshape(1), flags]))
+    loss, stops, commands, norm = torch.cat([shared, grad_norm.reshape(1).to(shared.device, shared.dtype)]).tolist()
     loss /= world_size
     is_applied = math.isfinite(loss) and math.isfinite(norm) and loss <= max_loss
     if is_applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=loss, grad_norm=norm, is_applied=is_applied, should_stop=stops > 0)
+    return StepResult(loss=loss, grad_norm=norm, is_applied=is_applied, should_stop=stops > 0,
+                      has_commands=commands > 0)
