@@ -220,6 +220,36 @@ def test_sigterm_to_torchrun_saves_and_every_worker_exits_cleanly(root):
 
 
 @pytest.mark.dist
+def test_control_commands_reach_every_rank_at_the_same_step(root):
+    from gptrain.train.control import send_command
+
+    run_dir = root / "steered"
+    args = train_args(root, "steered", 500, "--checkpoint.every_steps", "0", "--eval.every_steps", "0",
+                      "--eval.hellaswag_every_steps", "0")
+    proc = subprocess.Popen(torchrun_cmd(2, *args),
+                            cwd=root, env=_env(TEST_STEP_SLEEP=0.05, TEST_EXIT_LOG=root / "steered.exit"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + TIMEOUT
+    while not (run_dir / "metrics.jsonl").is_file() or len(rows(run_dir, "train")) < 3:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    paused = send_command(run_dir, "pause")
+    count = len(rows(run_dir, "train"))
+    time.sleep(1.5)  # three pause rounds: the ranks agree again every 0.5 s without timing out
+    assert len(rows(run_dir, "train")) == count and paused["step"] == count
+    saved = send_command(run_dir, "save")  # a checkpoint while paused is a collective of both ranks
+    scaled = send_command(run_dir, "lr_scale", 0.5)
+    send_command(run_dir, "resume")
+    stopped = send_command(run_dir, "stop")
+    proc.communicate(timeout=60)
+    assert proc.returncode == 0 and (run_dir / "checkpoints" / f"step_{saved['step']:06d}").is_dir()
+    assert (run_dir / "checkpoints" / f"step_{stopped['step']:06d}").is_dir()
+    lrs = {r["step"]: r["lr"] for r in rows(run_dir, "train")}
+    assert lrs[scaled["step"] + 1] < 0.6 * lrs[scaled["step"]]  # the warm-up lr halved on both ranks
+    assert [Path(f"{root}/steered.exit.rank{r}").read_text() for r in (0, 1)] == ["0", "0"]
+
+
+@pytest.mark.dist
 def test_a_rank_that_raises_ends_the_whole_job(root):
     started = time.monotonic()
     done = subprocess.run(torchrun_cmd(2, *train_args(root, "failing", 50)), cwd=root, capture_output=True,
