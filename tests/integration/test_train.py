@@ -31,7 +31,8 @@ def _rows(run_dir, kind):
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
-def test_training_loss_falls_and_run_dir_is_complete(tmp_path, corpus_dir):
+def test_training_loss_falls_and_run_dir_is_complete(tmp_path, corpus_dir, monkeypatch):
+    monkeypatch.setattr("gptrain.metrics.system.SYSTEM_EVERY_SECONDS", 0.0)  # a system row every step
     cfg = resolve_config(None, tiny_values(tmp_path, corpus_dir), environ={})
     summary = train(cfg, log=lambda *_: None)
     run = tmp_path / "run"
@@ -40,6 +41,8 @@ def test_training_loss_falls_and_run_dir_is_complete(tmp_path, corpus_dir):
     assert train_rows[-1]["loss"] < 0.6 * train_rows[0]["loss"]
     assert val_rows[-1]["val_loss"] < 0.6 * train_rows[0]["loss"]
     assert {"loss", "lr", "grad_norm", "tokens_per_second", "mfu", "tokens_seen", "time"} <= train_rows[0].keys()
+    system = _rows(run, "system")
+    assert len(system) == 60 and all(r["rss_bytes"] > 0 and r["cpu_percent"] >= 0 for r in system)
     assert summary["step"] == 60 and summary["val_loss"] == val_rows[-1]["val_loss"]
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

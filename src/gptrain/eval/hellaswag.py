@@ -119,8 +119,9 @@ def render_item(item: Item, tokenizer: Tokenizer, block_size: int, pad_id: int) 
     if ctx_ids is None or any(ids is None for ids in ending_ids):
         return None
     fitted = [_fit(ctx_ids, ids, block_size) for ids in ending_ids]
+    num_bytes = [_scored_bytes(text, ids, block_size) for text, ids in zip(texts, ending_ids, strict=True)]
     return _Rendered(rows=[row for row, _, _, _ in fitted], score_from=[start for _, start, _, _ in fitted],
-                     num_bytes=[_scored_bytes(text, ids, block_size) for text, ids in zip(texts, ending_ids, strict=True)],
+                     num_bytes=num_bytes,
                      label=item.label, is_context_truncated=any(cut for _, _, cut, _ in fitted),
                      num_endings_truncated=sum(cut for _, _, _, cut in fitted))
 

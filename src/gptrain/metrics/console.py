@@ -64,6 +64,16 @@ def describe_train(row: dict, num_steps: int) -> str:
     return " | ".join(parts)
 
 
+def describe_val(row: dict) -> str:
+    """One line for a val row: loss, perplexity, bits per byte, and HellaSwag when it ran."""
+    text = f"step {row['step']} | val loss {row['val_loss']:.4f} | val ppl {row['val_perplexity']:.2f}"
+    if isinstance(row.get("val_bpb"), float):
+        text += f" | {row['val_bpb']:.4f} bits/byte"
+    if isinstance(row.get("hellaswag_acc_norm"), float):
+        text += f" | HellaSwag acc_norm {100 * row['hellaswag_acc_norm']:.2f}% ({row['hellaswag_num_items']} items)"
+    return text
+
+
 class PlainConsoleSink:
     """One line per log interval: good for CI logs, pipes and files."""
 
@@ -77,8 +87,7 @@ class PlainConsoleSink:
         if kind == "train" and (row["step"] % self.every == 0 or row["step"] in (1, self.num_steps)):
             print(describe_train(row, self.num_steps), flush=True)
         elif kind == "val":
-            print(f"step {row['step']} | val loss {row['val_loss']:.4f} | val ppl {row['val_perplexity']:.2f}",
-                  flush=True)
+            print(describe_val(row), flush=True)
         elif kind == "sample":
             print(f"--- sample at step {row['step']} ---\n{row['text']}\n---", flush=True)
         elif kind == "event":

@@ -19,6 +19,7 @@ from gptrain.errors import UserError
 from gptrain.eval.hellaswag import evaluate_hellaswag
 from gptrain.eval.val_loss import evaluate_loss
 from gptrain.metrics.sinks import cut_back, file_offsets
+from gptrain.metrics.system import SystemSampler
 from gptrain.metrics.throughput import estimate_mfu, peak_flops
 from gptrain.runtime import tune_malloc
 from gptrain.tokenizer import load_tokenizer
@@ -192,7 +193,7 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
     if env.is_main and run.state.step < run.plan.num_steps:  # a finished run keeps its closing rows
         cut_back(run.run_dir, offsets)
     if env.is_main:
-        run.control = ControlReader.open(run.run_dir)
+        run.control, run.system = ControlReader.open(run.run_dir), SystemSampler(env.device)
         run.replays = run.control.replays(run.state.step) if resume is not None else []
     run.sinks = build_sinks(run)
     try:
@@ -299,6 +300,8 @@ def _loop(run: Run) -> dict:
                    "tokens_per_second": tokens_per_second, "mfu": mfu, "mfu_basis": mfu_basis,
                    "tokens_seen": state.tokens_seen, "epoch": run.train_loader.epochs_done,
                    "eta_seconds": (plan.num_steps - state.step) * mean_step_seconds})
+        if run.system is not None and run.system.is_due():
+            emit(run, {"kind": "system", **run.system.sample()})
         if result.has_commands:
             steer(run)
         if state.step == plan.num_steps:

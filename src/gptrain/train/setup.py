@@ -29,6 +29,7 @@ from gptrain.errors import UserError
 from gptrain.eval.hellaswag import Item, hellaswag_file, read_items
 from gptrain.eval.val_loss import EvalConfig, num_eval_windows, sample_windows, val_set_id
 from gptrain.metrics.sinks import MetricSink
+from gptrain.metrics.system import SystemSampler
 from gptrain.model.gpt import GPT
 from gptrain.tokenizer import Tokenizer, TokenizerConfig
 from gptrain.tokenizer.base import save_tokenizer
@@ -76,6 +77,7 @@ class Run:
     byte_lengths: list[int] = field(default_factory=list)  # UTF-8 bytes of each token id, for bits per byte
     hellaswag_items: list[Item] = field(default_factory=list)  # scored with validations when eval.hellaswag_*
     control: ControlReader | None = None  # rank 0: control.jsonl, read at step boundaries
+    system: SystemSampler | None = None  # rank 0: system-use rows every few seconds
     pending: list[dict] = field(default_factory=list)  # rank 0: commands to apply at this step boundary
     replays: list[dict] = field(default_factory=list)  # rank 0: state commands to apply again after a resume
     is_paused: bool = False
