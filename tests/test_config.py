@@ -71,3 +71,23 @@ def test_the_hellaswag_url_variable_is_not_mistaken_for_a_config_key():
     assert cfg.eval.hellaswag_every_steps == 200
     with pytest.raises(UserError, match="unknown setting GPTRAIN_HELLASWAG_URLS"):
         resolve_config(None, {}, environ={"GPTRAIN_HELLASWAG_URLS": "x"})
+
+
+def test_other_trainers_names_work_in_flags_and_a_dotenv_file(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("TRAIN_DATA_PATH=corpus.txt\nEVAL_DATA_PATH=val.txt\nCHECKPOINT_DIR=runs/mine\nEPOCHS=2\n"
+                      "BATCH_SIZE=7\nLEARNING_RATE=0.002\nGPTRAIN_TRAIN__BATCH_SIZE=9\n")
+    cfg = resolve_config(None, {}, environ={"BATCH_SIZE": "99", "LEARNING_RATE": "1"}, dotenv_path=dotenv)
+    assert (cfg.data.source, cfg.data.val_source, cfg.run_dir) == ("corpus.txt", "val.txt", "runs/mine")
+    assert cfg.train.num_epochs == 2 and cfg.schedule.peak_lr == 0.002  # bare keys from .env, never the shell
+    assert cfg.train.batch_size == 9  # a GPTRAIN_ key in the same file beats the bare one
+    cfg = resolve_config(None, {"steps": 50}, environ={}, dotenv_path=dotenv)
+    assert cfg.train.num_steps == 50 and cfg.train.num_epochs == 0  # --steps on the command line beats EPOCHS
+    from gptrain.cli import _config_values, build_parser, split_dotted
+
+    rest, dotted = split_dotted(["train", "--learning-rate", "3e-4", "--train-path", "a.txt", "--eval-path", "b.txt",
+                                 "--checkpoint-dir", "runs/x"])
+    args = build_parser().parse_args(rest)
+    cfg = resolve_config(None, _config_values(args, dotted) | {"run_dir": args.run_dir}, environ={})
+    assert (cfg.schedule.peak_lr, cfg.data.source, cfg.data.val_source, cfg.run_dir) == (3e-4, "a.txt", "b.txt",
+                                                                                           "runs/x")

@@ -13,7 +13,8 @@ from gptrain.errors import UserError
 TRAIN_EPILOG = """\
 Any config field can be set as --section.field=value (or GPTRAIN_SECTION__FIELD=value in the
 environment or a .env file), e.g. --model.dropout=0.1 --schedule.kind=wsd --eval.patience=3.
-Precedence: defaults < --preset < recipe TOML < .env < environment < flags.
+Precedence: defaults < --preset < recipe TOML < .env < environment < flags. A .env file may also use
+TRAIN_DATA_PATH, EVAL_DATA_PATH, CHECKPOINT_DIR, EPOCHS, BATCH_SIZE, LEARNING_RATE (see `gptrain config`).
 Sections: model, tokenizer, data, train, optim, schedule, eval, samples, checkpoint, parallel, log.
 Run `gptrain config` to print every key with its default."""
 
@@ -29,13 +30,15 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vocab", type=int, help="tokenizer.vocab_size of a trained BPE")
     g.add_argument("--tokenizer", metavar="bpe|gpt2|char|FILE",
                    help="tokenizer.kind: a BPE fitted on the corpus, GPT-2's, characters, or a tokenizer.json")
-    g.add_argument("--data", metavar="NAME|PATH", help="data.source: a name from `gptrain data list`, a text, "
-                   "JSONL(.gz) or Parquet file, a folder of them, or a folder of token shards")
-    g.add_argument("--val-data", metavar="NAME|PATH", help="data.val_source: the validation set (default: the "
-                   "corpus's official split, else a seeded split by document)")
+    g.add_argument("--data", "--train-path", dest="data", metavar="NAME|PATH",
+                   help="data.source: a name from `gptrain data list`, a text, JSONL(.gz) or Parquet file, a folder "
+                   "of them, or a folder of token shards")
+    g.add_argument("--val-data", "--eval-path", dest="val_data", metavar="NAME|PATH",
+                   help="data.val_source: the validation set (default: the corpus's official split, else a seeded "
+                   "split by document)")
     g.add_argument("--text-field", help="data.text_field: the JSONL key or Parquet column with the text (text)")
     g.add_argument("--workers", type=int, help="data.num_workers: tokenizer processes (0: one per core)")
-    g.add_argument("--lr", type=float, help="schedule.peak_lr")
+    g.add_argument("--lr", "--learning-rate", dest="lr", type=float, help="schedule.peak_lr")
     g.add_argument("--batch-size", type=int, help="train.batch_size: sequences per micro batch")
     g.add_argument("--steps", type=int, help="train.num_steps: optimizer steps")
     g.add_argument("--epochs", type=float, help="train.num_epochs: passes over the data (instead of --steps)")
@@ -87,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (default: a small model on Shakespeare)", epilog=TRAIN_EPILOG,
                        formatter_class=fmt)
     _add_config_flags(p)
-    p.add_argument("--run-dir", help="where this run writes (default runs/<name>-<YYYYmmdd-HHMMSS>)")
+    p.add_argument("--run-dir", "--checkpoint-dir", dest="run_dir",
+                   help="where this run writes (default runs/<name>-<YYYYmmdd-HHMMSS>)")
     p.add_argument("--resume", metavar="RUN_DIR|auto",
                    help="continue a run from its latest checkpoint; auto: the run --run-dir names (else the newest "
                         "runs/<name>-*) if it has a checkpoint, else start it (for torchrun --max-restarts, requeues)")
@@ -325,9 +329,12 @@ def cmd_presets() -> int:
 
 
 def cmd_config() -> int:
-    from gptrain.config import RunConfig, to_toml
+    from gptrain.config import ALIASES, DOTENV_BARE_KEYS, RunConfig, to_toml
 
     print(to_toml(RunConfig()), end="")
+    print("\n# flag aliases: " + ", ".join(f"--{a} = {k}" for a, k in ALIASES.items()))
+    print("# bare .env keys (a .env file only; GPTRAIN_ keys win): "
+          + ", ".join(f"{name} = {k}" for name, k in DOTENV_BARE_KEYS.items()))
     return 0
 
 

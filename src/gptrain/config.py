@@ -57,6 +57,21 @@ ALIASES = {
     "workers": "data.num_workers",
     "tokenizer": "tokenizer.kind",
     "parallel": "parallel.strategy",
+    # Other trainers' names:
+    "learning-rate": "schedule.peak_lr",
+    "train-path": "data.source",
+    "eval-path": "data.val_source",
+    "checkpoint-dir": "run_dir",
+}
+# Keys other trainers read from a .env file, honoured there only (never from the process environment,
+# so a stray BATCH_SIZE in a shell does not change a run); a GPTRAIN_ key in the same file wins.
+DOTENV_BARE_KEYS = {
+    "TRAIN_DATA_PATH": "data.source",
+    "EVAL_DATA_PATH": "data.val_source",
+    "CHECKPOINT_DIR": "run_dir",
+    "EPOCHS": "train.num_epochs",
+    "BATCH_SIZE": "train.batch_size",
+    "LEARNING_RATE": "schedule.peak_lr",
 }
 
 
@@ -196,15 +211,20 @@ def resolve_config(
     dotenv_path: Path = Path(".env"),
 ) -> RunConfig:
     """Compose a RunConfig from defaults, preset, recipe, .env, environment and CLI values."""
+    dotenv = read_dotenv(dotenv_path)
     layers = [
         read_toml(recipe) if recipe else {},
-        env_values(read_dotenv(dotenv_path)),
+        {DOTENV_BARE_KEYS[k]: v for k, v in dotenv.items() if k in DOTENV_BARE_KEYS},
+        env_values(dotenv),
         env_values(os.environ if environ is None else environ),
         dict(cli or {}),
     ]
     merged: dict[str, object] = {}
     for layer in layers:
         merged |= {ALIASES.get(k, k): v for k, v in layer.items()}
+    cli_keys = {ALIASES.get(k, k) for k in (cli or {})}
+    if "train.num_steps" in cli_keys and "train.num_epochs" not in cli_keys:
+        merged.pop("train.num_epochs", None)  # --steps on the command line beats EPOCHS from a file
     if "name" not in merged and merged.get("data.source"):  # runs/<corpus>-<time>, not runs/shakespeare-<time>
         merged["name"] = source_slug(str(merged["data.source"]))
     cfg = RunConfig()

@@ -53,6 +53,8 @@ def test_training_loss_falls_and_run_dir_is_complete(tmp_path, corpus_dir, monke
     assert all(r["scope"] == "sample" and r["val_num_tokens"] == 4 * 8 * 32 and 0 < r["val_bpb"] < 8
                for r in val_rows)
     assert "=== step 30 ===" in (run / "samples.txt").read_text()
+    log = (run / "train.log").read_text()  # the plain console's lines, whatever the terminal showed
+    assert "step 60/60" in log and "bits/byte" in log and "done: 60 steps" in log
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["best", "final", "step_000030"]  # step 60 is the final one; keep_last=2
     assert (run / "config.toml").is_file() and (run / "tokenizer.json").is_file()

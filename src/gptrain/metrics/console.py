@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
 
 from gptrain.errors import UserError
 
@@ -75,26 +78,53 @@ def describe_val(row: dict) -> str:
 
 
 class PlainConsoleSink:
-    """One line per log interval: good for CI logs, pipes and files."""
+    """One line per log interval: good for CI logs, pipes and files (stream: stdout, else a file it closes)."""
 
-    def __init__(self, num_steps: int, log_every_steps: int, is_quiet: bool = False) -> None:
+    def __init__(self, num_steps: int, log_every_steps: int, is_quiet: bool = False, stream: TextIO | None = None):
         self.num_steps, self.every, self.is_quiet = num_steps, log_every_steps, is_quiet
+        self._stream = stream
 
     def emit(self, row: dict) -> None:
         if self.is_quiet:
             return
         kind = row["kind"]
         if kind == "train" and (row["step"] % self.every == 0 or row["step"] in (1, self.num_steps)):
-            print(describe_train(row, self.num_steps), flush=True)
+            self._print(describe_train(row, self.num_steps))
         elif kind == "val":
-            print(describe_val(row), flush=True)
+            self._print(describe_val(row))
         elif kind == "sample":
-            print(f"--- sample at step {row['step']} ---\n{row['text']}\n---", flush=True)
+            self._print(f"--- sample at step {row['step']} ---\n{row['text']}\n---")
         elif kind == "event":
-            print(row["message"], flush=True)
+            self._print(row["message"])
+
+    def _print(self, text: str) -> None:
+        print(text, file=self._stream or sys.stdout, flush=True)
 
     def close(self) -> None:
-        pass
+        if self._stream is not None:
+            self._stream.close()
+
+
+def log_file_sink(path: Path, num_steps: int, log_every_steps: int) -> PlainConsoleSink:
+    """train.log: the plain console's lines, each prefixed with its time, appended across launches."""
+    return PlainConsoleSink(num_steps, log_every_steps, stream=_TimestampedFile(path))
+
+
+class _TimestampedFile:
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            text = "".join(f"{stamp} {line}\n" for line in text.rstrip("\n").split("\n"))
+            self._file.write(text)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class LiveConsoleSink:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from gptrain.metrics.console import build_console_sink
+from gptrain.metrics.console import build_console_sink, log_file_sink
 from gptrain.metrics.machine import describe_machine
 from gptrain.metrics.report import write_report
 from gptrain.metrics.sinks import CsvSink, JsonlSink, MetricSink, SamplesSink
@@ -23,8 +23,9 @@ def build_sinks(run: Run) -> list[MetricSink]:
         return []
     console = build_console_sink(run.cfg.log, run.plan.num_steps, run.cfg.train.log_every_steps,
                                  title=f"gptrain · {run.run_dir}")
+    log_file = log_file_sink(run.run_dir / "train.log", run.plan.num_steps, run.cfg.train.log_every_steps)
     return [JsonlSink(run.run_dir / "metrics.jsonl"), CsvSink(run.run_dir / "metrics.csv"),
-            SamplesSink(run.run_dir / "samples.txt"), console]
+            SamplesSink(run.run_dir / "samples.txt"), log_file, console]
 
 
 def log_layout(run: Run) -> None:
