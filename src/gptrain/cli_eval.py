@@ -40,6 +40,12 @@ def add_eval_parsers(sub) -> None:
     p.add_argument("value", nargs="?", type=float, help="lr: the factor on the scheduled lr; eval-every, "
                    "sample-every: steps (0: only at the end)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the trainer's answer")
+    p = sub.add_parser("dashboard", help="a live web page of runs: charts, samples, events, controls, a prompt box")
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR|RUNS_FOLDER", default=["runs"],
+                   help="run directories, or a folder of them (default: runs)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--host", default="127.0.0.1", help="the address to bind; anything but loopback lets other "
+                   "machines reach it (the token still guards every request)")
     p = sub.add_parser("compare", help="compare runs: a table of steps, tokens, val loss, bits per byte, HellaSwag, "
                        "time, and a PNG of their val curves")
     p.add_argument("runs", nargs="+", metavar="RUN")
@@ -128,6 +134,40 @@ def cmd_control(args: argparse.Namespace) -> int:
     return 0 if answer["ok"] else 2
 
 
+def _dashboard_runs(paths: list[str]) -> list[Path]:
+    """Run directories: each path that is one, and the runs inside a path that is a folder of them."""
+    runs = []
+    for path in map(Path, paths):
+        if (path / "config.toml").is_file():
+            runs.append(path)
+        elif path.is_dir():
+            is_run = [p for p in path.iterdir() if (p / "config.toml").is_file() and (p / "metrics.jsonl").is_file()]
+            runs += sorted(is_run)
+    if not runs:
+        raise UserError(f"no run directory in {' '.join(paths)}: give runs made by `gptrain train`")
+    return runs
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import secrets
+
+    try:
+        import uvicorn
+
+        from gptrain.dashboard.server import create_app
+    except ImportError:
+        raise UserError("the dashboard needs its extra: pip install 'gptrain[dashboard]'") from None
+    runs = _dashboard_runs(args.runs)
+    token = secrets.token_urlsafe(24)
+    hosts = {"127.0.0.1", "localhost", "::1", args.host}
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: binding {args.host}: other machines can reach the dashboard (requests still need the token)")
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    print(f"dashboard for {len(runs)} run(s): http://{shown}:{args.port}/#token={token}", flush=True)
+    uvicorn.run(create_app(runs, token, hosts), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from gptrain.metrics.compare import compare_runs
 
@@ -136,4 +176,4 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 EVAL_COMMANDS = {"eval": cmd_eval, "report": cmd_report, "plot": cmd_plot, "compare": cmd_compare,
-                 "control": cmd_control}
+                 "control": cmd_control, "dashboard": cmd_dashboard}
