@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from gptrain.cli_eval import EVAL_COMMANDS, add_eval_parsers
+from gptrain.cli_eval import EVAL_COMMANDS, add_eval_parsers, dashboard_beside
 from gptrain.errors import UserError
 
 TRAIN_EPILOG = """\
@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --run-dir")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA only)")
+    p.add_argument("--dashboard", "--serve-metrics", dest="dashboard", action="store_true",
+                   help="also serve the web dashboard for this run (a separate process; needs gptrain[dashboard])")
+    p.add_argument("--metrics-addr", metavar="HOST:PORT", help="where --dashboard listens (default 127.0.0.1:8765)")
     p.add_argument("--dry-run", action="store_true", help="build everything, run two steps, report peak memory per "
                    "rank and the largest micro batch that fits; writes no run")
 
@@ -225,8 +228,9 @@ def cmd_train(args: argparse.Namespace, extra: dict[str, str]) -> int:
 
         dry_run(cfg, log=log)
         return 0
-    summary = train(cfg, resume=args.resume, init_from=args.init_from, should_overwrite=args.overwrite,
-                    should_tune_malloc=True, overrides=_cli_values(args, extra), log=log)
+    with dashboard_beside(args, cfg, _rank()) as cfg:
+        summary = train(cfg, resume=args.resume, init_from=args.init_from, should_overwrite=args.overwrite,
+                        should_tune_malloc=True, overrides=_cli_values(args, extra), log=log)
     if summary["is_stopped"]:
         # Under torchrun a stop is a clean end (it forwards Ctrl-C/SIGTERM and waits for the workers), and
         # so is a stop command (no signal); alone, a signal's: 128 + it (130 for Ctrl-C, 143 for SIGTERM).

@@ -4,6 +4,11 @@ the command line is in cli.py)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import subprocess
+import sys
+from datetime import datetime
 from pathlib import Path
 
 from gptrain.errors import UserError
@@ -46,6 +51,7 @@ def add_eval_parsers(sub) -> None:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--host", default="127.0.0.1", help="the address to bind; anything but loopback lets other "
                    "machines reach it (the token still guards every request)")
+    p.add_argument("--new-run", action="store_true", help=argparse.SUPPRESS)  # train --dashboard: not made yet
     p = sub.add_parser("compare", help="compare runs: a table of steps, tokens, val loss, bits per byte, HellaSwag, "
                        "time, and a PNG of their val curves")
     p.add_argument("runs", nargs="+", metavar="RUN")
@@ -134,11 +140,12 @@ def cmd_control(args: argparse.Namespace) -> int:
     return 0 if answer["ok"] else 2
 
 
-def _dashboard_runs(paths: list[str]) -> list[Path]:
-    """Run directories: each path that is one, and the runs inside a path that is a folder of them."""
+def _dashboard_runs(paths: list[str], is_new_run: bool = False) -> list[Path]:
+    """Run directories: each path that is one (or, for train --dashboard, is about to be), and the runs
+    inside a path that is a folder of them."""
     runs = []
     for path in map(Path, paths):
-        if (path / "config.toml").is_file():
+        if (path / "config.toml").is_file() or is_new_run:
             runs.append(path)
         elif path.is_dir():
             is_run = [p for p in path.iterdir() if (p / "config.toml").is_file() and (p / "metrics.jsonl").is_file()]
@@ -157,7 +164,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         from gptrain.dashboard.server import create_app
     except ImportError:
         raise UserError("the dashboard needs its extra: pip install 'gptrain[dashboard]'") from None
-    runs = _dashboard_runs(args.runs)
+    runs = _dashboard_runs(args.runs, args.new_run)
     token = secrets.token_urlsafe(24)
     hosts = {"127.0.0.1", "localhost", "::1", args.host}
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -173,6 +180,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     print(compare_runs([Path(r) for r in args.runs], _writable(args.out)))
     return 0
+
+
+@contextlib.contextmanager
+def dashboard_beside(args: argparse.Namespace, cfg, rank: int):
+    """With --dashboard (or --metrics-addr): `gptrain dashboard` for this run in its own process (prompts are
+    sampled there, never in the trainer), ended with the training. Yields cfg with its run directory fixed."""
+    if not (args.dashboard or args.metrics_addr) or rank != 0:
+        yield cfg
+        return
+    if args.resume == "auto" and not cfg.run_dir:
+        raise UserError("--dashboard with --resume auto needs --run-dir (the run to show)")
+    host, _, port = (args.metrics_addr or "127.0.0.1:8765").rpartition(":")
+    if not port.isdigit() or not host:
+        raise UserError(f"--metrics-addr must be HOST:PORT (got {args.metrics_addr!r})")
+    run_dir = args.resume or cfg.run_dir or f"runs/{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    cmd = [sys.executable, "-m", "gptrain", "dashboard", str(run_dir), "--host", host.strip("[]"), "--port", port,
+           "--new-run"]
+    server = subprocess.Popen(cmd)
+    try:
+        yield dataclasses.replace(cfg, run_dir=str(run_dir)) if not args.resume else cfg
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 EVAL_COMMANDS = {"eval": cmd_eval, "report": cmd_report, "plot": cmd_plot, "compare": cmd_compare,

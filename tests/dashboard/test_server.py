@@ -84,3 +84,32 @@ def test_the_prompt_box_samples_from_the_latest_checkpoint(tmp_path, corpus_dir)
     client = _client(tmp_path / "trained")
     answer = client.post("/api/generate", headers=AUTH, json={"prompt": "KING", "max_tokens": 12, "top_k": 5})
     assert answer.status_code == 200 and answer.text and not answer.text.startswith("[")  # "[...]": an error
+
+
+def test_train_dashboard_serves_the_run_in_its_own_process_for_as_long_as_it_trains(tmp_path, corpus_dir,
+                                                                                     monkeypatch):
+    import gptrain.cli_eval as cli_eval
+    from gptrain.cli import main
+
+    started = []
+
+    class FakeServer:
+        def __init__(self, cmd):
+            started.append({"cmd": cmd, "is_running": True})
+
+        def terminate(self):
+            started[-1]["is_running"] = False
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(cli_eval.subprocess, "Popen", FakeServer)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", str(corpus_dir), "--tokenizer", "char", "--embd", "16", "--layers", "1",
+                 "--heads", "1", "--context", "16", "--steps", "3", "--quiet", "--serve-metrics",
+                 "--metrics-addr", "127.0.0.1:9123", "--samples.num_tokens", "4"]) == 0
+    (server,) = started
+    run_dir = server["cmd"][server["cmd"].index("dashboard") + 1]
+    assert server["cmd"][-5:] == ["--host", "127.0.0.1", "--port", "9123", "--new-run"] and not server["is_running"]
+    assert (tmp_path / run_dir / "metrics.jsonl").is_file()  # the run the dashboard was started for
+    assert main(["train", "--metrics-addr", "nonsense"]) == 2
