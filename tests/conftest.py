@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,14 @@ def tiny_config() -> ModelConfig:
 @pytest.fixture
 def tiny_model(tiny_config) -> GPT:
     return GPT(tiny_config)
+
+
+def wait_for(predicate, seconds: float = 30.0) -> None:
+    """Poll predicate() until it is true; fail after `seconds` (for tests that watch a live run)."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 def make_corpus_text(num_lines: int = 400, seed: int = 0) -> str:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 if os.environ.get("REQUIRE_BROWSER_TESTS") != "1":
@@ -28,13 +29,6 @@ def _train_rows(run: Path) -> int:
     if not (run / "metrics.jsonl").is_file():
         return 0
     return sum(1 for line in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "train"' in line)
-
-
-def _wait_for(predicate, seconds=30.0):
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -53,13 +47,14 @@ def live_run(tmp_path, corpus_dir, monkeypatch):
     thread = threading.Thread(target=loop.train, args=(cfg,), kwargs={"log": lambda *_: None})
     thread.start()
     run = tmp_path / "run"
-    _wait_for(lambda: _train_rows(run) >= 30)
+    wait_for(lambda: _train_rows(run) >= 30)
     yield run
-    if thread.is_alive():
+    thread.join(10)  # the test stops the run from the page; it may still be writing its last checkpoint
+    if thread.is_alive():  # the test failed before its stop
         from gptrain.train.control import send_command
 
         send_command(run, "stop")
-    thread.join(30)
+        thread.join(30)
 
 
 @pytest.fixture
@@ -75,7 +70,7 @@ def server(live_run):
     instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=instance.run)
     thread.start()
-    _wait_for(lambda: instance.started)
+    wait_for(lambda: instance.started)
     yield f"http://127.0.0.1:{port}/#token=tok"
     instance.should_exit = True
     thread.join(10)
@@ -84,7 +79,7 @@ def server(live_run):
 def _wait_js(page, expression: str, seconds: float = 30.0) -> None:
     """Poll a JS expression from the test side (the page's CSP forbids the eval Playwright's
     wait_for_function would use, and that CSP stays on)."""
-    _wait_for(lambda: page.evaluate(f"() => Boolean({expression})"), seconds)
+    wait_for(lambda: page.evaluate(f"() => Boolean({expression})"), seconds)
 
 
 def test_the_page_follows_and_steers_a_live_run(live_run, server):
@@ -107,9 +102,9 @@ def test_the_page_follows_and_steers_a_live_run(live_run, server):
         page.click("button[data-command=save]")
         _wait_js(page, "document.getElementById('control-answer').textContent.includes('saved')")
         answer = page.inner_text("#control-answer")
-        _wait_for(lambda: (live_run / "checkpoints" / answer.split()[1]).is_dir())
+        wait_for(lambda: (live_run / "checkpoints" / answer.split()[1]).is_dir())
         page.click("button[data-command=resume]")
-        _wait_for(lambda: _train_rows(live_run) > paused + 5)
+        wait_for(lambda: _train_rows(live_run) > paused + 5)
         page.fill("#prompt", "KING")
         page.click("#generate")
         _wait_js(page, "document.getElementById('generated').textContent.length > 10")

@@ -57,6 +57,14 @@ def train_args(root: Path, run_dir: str, steps: int = 12, *extra: str) -> list[s
             "--run-dir", str(root / run_dir), *extra]
 
 
+def wait_for_train_rows(proc: subprocess.Popen, run_dir: Path, count: int) -> None:
+    """Until the running job has written count train rows (it must not have ended)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not (run_dir / "metrics.jsonl").is_file() or len(rows(run_dir, "train")) < count:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+
+
 def rows(run_dir: Path, kind: str) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
@@ -207,10 +215,7 @@ def test_sigterm_to_torchrun_saves_and_every_worker_exits_cleanly(root):
     proc = subprocess.Popen(torchrun_cmd(2, *train_args(root, "terminated", 500, "--checkpoint.every_steps", "0")),
                             cwd=root, env=_env(TEST_STEP_SLEEP=0.1, TEST_EXIT_LOG=root / "terminated.exit"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + TIMEOUT
-    while not (run_dir / "metrics.jsonl").is_file() or len(rows(run_dir, "train")) < 3:
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    wait_for_train_rows(proc, run_dir, 3)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
     saved = ckpt.latest_checkpoint_dir(run_dir)
@@ -229,10 +234,7 @@ def test_control_commands_reach_every_rank_at_the_same_step(root):
     proc = subprocess.Popen(torchrun_cmd(2, *args),
                             cwd=root, env=_env(TEST_STEP_SLEEP=0.05, TEST_EXIT_LOG=root / "steered.exit"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + TIMEOUT
-    while not (run_dir / "metrics.jsonl").is_file() or len(rows(run_dir, "train")) < 3:
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    wait_for_train_rows(proc, run_dir, 3)
     paused = send_command(run_dir, "pause")
     count = len(rows(run_dir, "train"))
     time.sleep(1.5)  # three pause rounds: the ranks agree again every 0.5 s without timing out

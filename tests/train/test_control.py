@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from conftest import wait_for
 
 from gptrain.config import from_toml_text, resolve_config
 from gptrain.errors import UserError
@@ -19,13 +20,6 @@ from gptrain.train.schedule import lr_at
 def _rows(run_dir, kind):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
-def _wait_for(predicate, seconds=30.0):
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -91,16 +85,16 @@ def test_pause_save_lr_and_stop_steer_a_live_run(tmp_path, corpus_dir, slow_step
     cfg = _config(tmp_path, corpus_dir, steps=100_000)
     run = tmp_path / "run"
     thread, box = _start(cfg)
-    _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(_rows(run, "train")) >= 5)
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and len(_rows(run, "train")) >= 5)
     paused = send_command(run, "pause")
     count = len(_rows(run, "train"))
     time.sleep(1.0)
     assert paused["ok"] and len(_rows(run, "train")) == count  # no step while paused
     saved = send_command(run, "save")
-    _wait_for(lambda: (run / "checkpoints" / f"step_{saved['step']:06d}").is_dir())
+    wait_for(lambda: (run / "checkpoints" / f"step_{saved['step']:06d}").is_dir())
     scaled = send_command(run, "lr_scale", 0.5)
     send_command(run, "resume")
-    _wait_for(lambda: len(_rows(run, "train")) >= count + 5)
+    wait_for(lambda: len(_rows(run, "train")) >= count + 5)
     stopped = send_command(run, "stop")
     thread.join(30)
     assert box["is_stopped"] and box["stop_signal"] == 0  # a command stop: `gptrain train` exits 0
@@ -119,7 +113,7 @@ def test_a_state_command_is_replayed_after_a_crash_and_one_off_commands_are_not(
     cfg = _config(tmp_path, corpus_dir, steps=120)
     run = tmp_path / "run"
     thread, box = _start(cfg)
-    _wait_for(lambda: (run / "checkpoints" / "step_000020").is_dir())
+    wait_for(lambda: (run / "checkpoints" / "step_000020").is_dir())
     scaled = send_command(run, "lr_scale", 0.25)
     stopped = send_command(run, "stop")
     thread.join(30)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gptrain.metrics.sinks import parse_rows
+
 MAX_TRAIN_POINTS = 2000  # train and system rows sent on a first load; every val, sample and event row is sent
 
 
@@ -21,14 +23,7 @@ def read_rows_from(path: Path, offset: int) -> tuple[list[dict], int, bool]:
         f.seek(start)
         data = f.read(size - start)
     whole = data[: data.rfind(b"\n") + 1]
-    rows = []
-    for line in whole.splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
+    rows = parse_rows(whole.splitlines())[0]
     return rows, start + len(whole), is_reset
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from gptrain.config import RunConfig, from_toml_text
 from gptrain.errors import UserError
+from gptrain.metrics.sinks import parse_rows
 
 # Event rows that open a launch (a start or a resume): layout, machine, resumed_from.
 LAUNCH_KEYS = ("strategy", "machine", "resumed_from")
@@ -204,21 +205,8 @@ def read_jsonl(path: Path) -> tuple[list[dict], int]:
     (a line being written)."""
     if not path.is_file():
         return [], 0
-    rows, num_bad = [], 0
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                num_bad += 1
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
-                num_bad += 1
-    return rows, num_bad
+        return parse_rows(f)
 
 
 def last_sample_in(path: Path) -> str | None:

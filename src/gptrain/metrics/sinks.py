@@ -8,12 +8,31 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
 CSV_COLUMNS = ["step", "lr", "train_loss", "val_loss", "train_perplexity", "val_perplexity", "sample", "timestamp",
                "val_bpb", "hellaswag_acc", "hellaswag_acc_norm"]
 VAL_COLUMNS = ("val_loss", "val_perplexity", "val_bpb", "hellaswag_acc", "hellaswag_acc_norm")
+
+
+def parse_rows(lines: Iterable[str | bytes]) -> tuple[list[dict], int]:
+    """The JSON objects among lines (blank ones skipped) and how many other lines there were (one being
+    written, a damaged one): every reader of metrics.jsonl, eval.jsonl and the control files uses this."""
+    rows, num_bad = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            num_bad += 1
+    return rows, num_bad
 
 
 METRIC_FILES = ("metrics.jsonl", "metrics.csv", "samples.txt")  # cut back to a checkpoint on resume

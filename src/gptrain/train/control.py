@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptrain.errors import UserError
+from gptrain.metrics.sinks import parse_rows
 
 CONTROL_FILE, ACKS_FILE, LOCK_FILE = "control.jsonl", "control_acks.jsonl", ".trainer.lock"
 STATE_COMMANDS = {"lr_scale": float, "eval_every": int, "sample_every": int}  # kept in TrainState
@@ -111,16 +112,8 @@ def _parse(line: str) -> dict:
 def _read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    rows = []
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
+        return parse_rows(f)[0]
 
 
 class TrainerLock:
