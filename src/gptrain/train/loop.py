@@ -339,11 +339,13 @@ def steer(run: Run) -> None:
     paused, every rank sleeps and the ranks agree again every PAUSE_POLL_SECONDS, so no rank sits
     in a collective long enough to time out."""
     while True:
-        commands = run.env.broadcast_object(run.pending if run.env.is_main else None)
+        # Rank 0's stop request decides for all (a signal reaches the ranks at slightly different times).
+        commands, is_stopping = run.env.broadcast_object((run.pending, run.should_stop) if run.env.is_main else None)
         run.pending = []
         for command in commands:
             apply_command(run, command)
-        if not run.is_paused or run.should_stop:
+        if not run.is_paused or is_stopping:
+            run.should_stop = run.should_stop or is_stopping
             return
         time.sleep(PAUSE_POLL_SECONDS)
         if run.env.is_main:
