@@ -5,6 +5,7 @@ failure; elsewhere the test is skipped with the reason. The screenshot goes to t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -57,8 +58,9 @@ def live_run(tmp_path, corpus_dir, monkeypatch):
         thread.join(30)
 
 
-@pytest.fixture
-def server(live_run):
+@contextlib.contextmanager
+def serving(run_dir: Path):
+    """The dashboard for run_dir on a free loopback port, in a thread; yields the URL with its token."""
     import uvicorn
 
     from gptrain.dashboard.server import create_app
@@ -66,14 +68,42 @@ def server(live_run):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app([live_run], "tok", {"127.0.0.1", "localhost"})
+    app = create_app([run_dir], "tok", {"127.0.0.1", "localhost"})
     instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=instance.run)
     thread.start()
     wait_for(lambda: instance.started)
-    yield f"http://127.0.0.1:{port}/#token=tok"
-    instance.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}/#token=tok"
+    finally:
+        instance.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def server(live_run):
+    with serving(live_run) as url:
+        yield url
+
+
+def test_corpus_text_is_shown_as_text_never_run_as_html(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text('name = "x"\n')
+    evil = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">'
+    rows = [{"kind": "train", "step": 1, "loss": 2.0, "lr": 1e-3}, {"kind": "sample", "step": 1, "text": evil},
+            {"kind": "event", "step": 1, "message": evil}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with serving(run) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=BROWSER, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(url)
+        _wait_js(page, "document.getElementById('samples').textContent.length > 0")
+        assert evil in page.inner_text("#samples") and evil in page.inner_text("#events")
+        assert page.evaluate("() => window.pwned") is None and page.query_selector("#samples img") is None
+        browser.close()
 
 
 def _wait_js(page, expression: str, seconds: float = 30.0) -> None:

@@ -113,3 +113,18 @@ def test_train_dashboard_serves_the_run_in_its_own_process_for_as_long_as_it_tra
     assert server["cmd"][-5:] == ["--host", "127.0.0.1", "--port", "9123", "--new-run"] and not server["is_running"]
     assert (tmp_path / run_dir / "metrics.jsonl").is_file()  # the run the dashboard was started for
     assert main(["train", "--metrics-addr", "nonsense"]) == 2
+
+
+def test_the_dashboard_binds_loopback_unless_told_otherwise(tmp_path, monkeypatch, capsys):
+    import uvicorn
+
+    from gptrain.cli import main
+
+    run = _run(tmp_path, [])
+    bound = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: bound.append((host, port)))
+    assert main(["dashboard", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert bound == [("127.0.0.1", 8765)] and "http://127.0.0.1:8765/#token=" in out and "warning" not in out
+    assert main(["dashboard", str(run), "--host", "0.0.0.0", "--port", "9000"]) == 0
+    assert bound[-1] == ("0.0.0.0", 9000) and "warning: binding 0.0.0.0" in capsys.readouterr().out
