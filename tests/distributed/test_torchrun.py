@@ -39,7 +39,8 @@ def torchrun_cmd(nproc: int, *args: str, nodes: str = "") -> list[str]:
 
 def run(cmd: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
     done = subprocess.run(cmd, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # Both ends of stderr: the workers' own lines come first, torchrun's summary last.
+    assert done.returncode == 0, done.stderr[:3000] + "\n...\n" + done.stderr[-1500:]
     return done
 
 
