@@ -30,9 +30,9 @@ from gptrain.data.shards import MAX_SHARD_TOKENS
 from gptrain.data.sources import Source
 from gptrain.data.split import SplitRule, labelled_documents, plan_split
 from gptrain.errors import UserError
+from gptrain.files import swap_in
 from gptrain.tokenizer import Tokenizer, TokenizerConfig, build_tokenizer, load_tokenizer
 from gptrain.tokenizer.base import save_tokenizer
-
 
 IN_PROCESS_BYTES = 16 << 20  # smaller corpora are encoded without worker processes
 
@@ -280,7 +280,7 @@ def _build(folder: Path, data: DataConfig, tok_cfg: TokenizerConfig, spec: str, 
     }
     (partial / "meta.json").write_text(json.dumps(meta, indent=2))
     (partial / "manifest.json").unlink()
-    _swap_in(partial, folder)
+    swap_in(partial, folder)
     seconds = time.perf_counter() - started
     rate = progress.num_tokens / seconds / 1e6
     log(f"prepare: {meta['num_documents']:,} documents, {meta['num_train_tokens']:,} train / "
@@ -336,16 +336,6 @@ def _describe_rule(rule: SplitRule, source: Source) -> str:
     if source.is_one_document:
         return f"one document, cut at a line break: val_fraction {rule.val_fraction}"
     return f"seeded split by document: val_fraction {rule.val_fraction}, seed {rule.seed}"
-
-
-def _swap_in(tmp: Path, folder: Path) -> None:
-    """Replace folder by tmp; the old one (if any) is moved aside first and deleted after."""
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def find_shard_folder(source: str) -> Path | None:

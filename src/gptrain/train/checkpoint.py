@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from gptrain.distributed.state import find_tied_names
 from gptrain.errors import UserError
+from gptrain.files import fsync_dir, swap_in
 
 STEP_PREFIX = "step_"
 STEP_NAME = re.compile(r"step_\d+")
@@ -122,14 +123,6 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint(snapshot: Snapshot, folder: Path) -> None:
     """Write into folder.tmp, fsync, then swap it in: the folder appears whole or not at all."""
     tmp = folder.with_name(folder.name + ".tmp")
@@ -143,14 +136,8 @@ def write_checkpoint(snapshot: Snapshot, folder: Path) -> None:
     for f in tmp.iterdir():
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
-    _fsync_dir(tmp)
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-    tmp.rename(folder)
-    _fsync_dir(folder.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(tmp)
+    swap_in(tmp, folder)
 
 
 def periodic_dirs(checkpoints_dir: Path) -> list[Path]:

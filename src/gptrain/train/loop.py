@@ -154,6 +154,9 @@ def train(
     # Left only on success: after an error, destroying an NCCL group can block on peers still inside a
     # collective; the process exits instead and torchrun ends the others.
     if not is_joined:
+        # Rank 0 writes the report card after the last collective; a rank that tore its group down
+        # meanwhile and exited was seen to abort in gloo (SIGABRT at exit): the ranks leave together.
+        env.barrier()
         env.close()
     return summary
 
