@@ -338,7 +338,8 @@ def cmd_config() -> int:
     print(to_toml(RunConfig()), end="")
     print("\n# flag aliases: " + ", ".join(f"--{a} = {k}" for a, k in ALIASES.items()))
     print("# bare .env keys (a .env file only; GPTRAIN_ keys win): "
-          + ", ".join(f"{name} = {k}" for name, k in DOTENV_BARE_KEYS.items()))
+          + ", ".join(f"{name} = {k}" for name, k in DOTENV_BARE_KEYS.items())
+          + ", METRICS_SERVER_ADDR = train --metrics-addr (loopback addresses only)")
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import ipaddress
 import subprocess
 import sys
 from datetime import datetime
@@ -184,18 +185,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def dashboard_beside(args: argparse.Namespace, cfg, rank: int):
-    """With --dashboard (or --metrics-addr): `gptrain dashboard` for this run in its own process (prompts are
-    sampled there, never in the trainer), ended with the training. Yields cfg with its run directory fixed."""
-    if not (args.dashboard or args.metrics_addr) or rank != 0:
+    """With --dashboard (or --metrics-addr, or METRICS_SERVER_ADDR in .env): `gptrain dashboard` for this run in
+    its own process (prompts are sampled there, never in the trainer), ended with the training. Yields cfg
+    with its run directory fixed."""
+    address = args.metrics_addr or dotenv_metrics_addr()
+    if not (args.dashboard or address) or rank != 0:
         yield cfg
         return
     if args.resume == "auto" and not cfg.run_dir:
         raise UserError("--dashboard with --resume auto needs --run-dir (the run to show)")
-    host, _, port = (args.metrics_addr or "127.0.0.1:8765").rpartition(":")
-    if not port.isdigit() or not host:
-        raise UserError(f"--metrics-addr must be HOST:PORT (got {args.metrics_addr!r})")
+    host, port = split_address(address or "127.0.0.1:8765", "--metrics-addr")
     run_dir = args.resume or cfg.run_dir or f"runs/{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    cmd = [sys.executable, "-m", "gptrain", "dashboard", str(run_dir), "--host", host.strip("[]"), "--port", port,
+    cmd = [sys.executable, "-m", "gptrain", "dashboard", str(run_dir), "--host", host, "--port", port,
            "--new-run"]
     server = subprocess.Popen(cmd)
     try:
@@ -203,6 +204,32 @@ def dashboard_beside(args: argparse.Namespace, cfg, rank: int):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def split_address(address: str, what: str) -> tuple[str, str]:
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or not host:
+        raise UserError(f"{what} must be HOST:PORT (got {address!r})")
+    return host.strip("[]"), port
+
+
+def dotenv_metrics_addr(path: Path = Path(".env")) -> str | None:
+    """METRICS_SERVER_ADDR from a .env file (other trainers' key; never the process environment): a loopback
+    address only, since only an explicit --metrics-addr or --host may open the dashboard to other machines."""
+    from gptrain.config import read_dotenv
+
+    address = read_dotenv(path).get("METRICS_SERVER_ADDR")
+    if not address:
+        return None
+    host, _ = split_address(address, "METRICS_SERVER_ADDR in .env")
+    try:
+        is_loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        is_loopback = False
+    if not is_loopback:
+        raise UserError(f"METRICS_SERVER_ADDR in .env must be a loopback address such as 127.0.0.1:8765 (got "
+                        f"{address!r}); to serve other machines pass --metrics-addr on the command line")
+    return address
 
 
 EVAL_COMMANDS = {"eval": cmd_eval, "report": cmd_report, "plot": cmd_plot, "compare": cmd_compare,

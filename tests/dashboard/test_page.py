@@ -5,25 +5,14 @@ failure; elsewhere the test is skipped with the reason. The screenshot goes to t
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import wait_for
-
-BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
-if os.environ.get("REQUIRE_BROWSER_TESTS") != "1":
-    pytest.importorskip("playwright", reason="playwright is not installed")
-    if BROWSER is None:
-        pytest.skip("no chromium on this machine (CI installs it)", allow_module_level=True)
-
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+from page_helpers import ARTIFACTS, BROWSER, serving, wait_js
 
 
 def _train_rows(run: Path) -> int:
@@ -58,28 +47,6 @@ def live_run(tmp_path, corpus_dir, monkeypatch):
         thread.join(30)
 
 
-@contextlib.contextmanager
-def serving(run_dir: Path):
-    """The dashboard for run_dir on a free loopback port, in a thread; yields the URL with its token."""
-    import uvicorn
-
-    from gptrain.dashboard.server import create_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app([run_dir], "tok", {"127.0.0.1", "localhost"})
-    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=instance.run)
-    thread.start()
-    wait_for(lambda: instance.started)
-    try:
-        yield f"http://127.0.0.1:{port}/#token=tok"
-    finally:
-        instance.should_exit = True
-        thread.join(10)
-
-
 @pytest.fixture
 def server(live_run):
     with serving(live_run) as url:
@@ -100,16 +67,10 @@ def test_corpus_text_is_shown_as_text_never_run_as_html(tmp_path):
         browser = p.chromium.launch(executable_path=BROWSER, args=["--no-sandbox"])
         page = browser.new_page()
         page.goto(url)
-        _wait_js(page, "document.getElementById('samples').textContent.length > 0")
+        wait_js(page, "document.getElementById('samples').textContent.length > 0")
         assert evil in page.inner_text("#samples") and evil in page.inner_text("#events")
         assert page.evaluate("() => window.pwned") is None and page.query_selector("#samples img") is None
         browser.close()
-
-
-def _wait_js(page, expression: str, seconds: float = 30.0) -> None:
-    """Poll a JS expression from the test side (the page's CSP forbids the eval Playwright's
-    wait_for_function would use, and that CSP stays on)."""
-    wait_for(lambda: page.evaluate(f"() => Boolean({expression})"), seconds)
 
 
 def test_the_page_follows_and_steers_a_live_run(live_run, server):
@@ -119,31 +80,32 @@ def test_the_page_follows_and_steers_a_live_run(live_run, server):
         browser = p.chromium.launch(executable_path=BROWSER, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1600})
         page.goto(server)
-        _wait_js(page, "document.getElementById('status').textContent.startsWith('step')")
+        wait_js(page, "document.getElementById('status').textContent.startsWith('step')")
         points = "document.getElementById('chart-loss').data[0].x.length"
         first = page.evaluate(points)
         assert first >= 30  # the loss chart holds the run's points
-        _wait_js(page, f"{points} > {first}")  # new rows arrive without a reload
+        wait_js(page, f"{points} > {first}")  # new rows arrive without a reload
         page.click("button[data-command=pause]")
-        _wait_js(page, "document.getElementById('control-answer').textContent.startsWith('paused')")
+        wait_js(page, "document.getElementById('control-answer').textContent.startsWith('paused')")
+        wait_js(page, "document.getElementById('status').textContent.endsWith('paused')")
         paused = _train_rows(live_run)
         time.sleep(2.0)
         assert _train_rows(live_run) == paused  # really paused
         page.click("button[data-command=save]")
-        _wait_js(page, "document.getElementById('control-answer').textContent.includes('saved')")
+        wait_js(page, "document.getElementById('control-answer').textContent.includes('saved')")
         answer = page.inner_text("#control-answer")
         wait_for(lambda: (live_run / "checkpoints" / answer.split()[1]).is_dir())
         page.click("button[data-command=resume]")
         wait_for(lambda: _train_rows(live_run) > paused + 5)
         page.fill("#prompt", "KING")
         page.click("#generate")
-        _wait_js(page, "document.getElementById('generated').textContent.length > 10")
+        wait_js(page, "document.getElementById('generated').textContent.length > 10")
         samples = page.inner_text("#samples")
         rows = [json.loads(line) for line in (live_run / "metrics.jsonl").read_text().splitlines()]
         assert any(r["kind"] == "sample" for r in rows) and "step 50" in samples
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
         page.click("button[data-command=stop]")
-        _wait_js(page, "document.getElementById('control-answer').textContent.startsWith('stopping')")
+        wait_js(page, "document.getElementById('control-answer').textContent.startsWith('stopping')")
         browser.close()
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000

@@ -113,6 +113,10 @@ def test_train_dashboard_serves_the_run_in_its_own_process_for_as_long_as_it_tra
     assert server["cmd"][-5:] == ["--host", "127.0.0.1", "--port", "9123", "--new-run"] and not server["is_running"]
     assert (tmp_path / run_dir / "metrics.jsonl").is_file()  # the run the dashboard was started for
     assert main(["train", "--metrics-addr", "nonsense"]) == 2
+    (tmp_path / ".env").write_text("METRICS_SERVER_ADDR=localhost:9124\n")  # other trainers' key turns it on
+    assert main(["train", "--data", str(corpus_dir), "--tokenizer", "char", "--embd", "16", "--layers", "1",
+                 "--heads", "1", "--context", "16", "--steps", "2", "--quiet", "--run-dir", "second"]) == 0
+    assert started[-1]["cmd"][-5:] == ["--host", "localhost", "--port", "9124", "--new-run"]
 
 
 def test_the_dashboard_binds_loopback_unless_told_otherwise(tmp_path, monkeypatch, capsys):
@@ -128,3 +132,22 @@ def test_the_dashboard_binds_loopback_unless_told_otherwise(tmp_path, monkeypatc
     assert bound == [("127.0.0.1", 8765)] and "http://127.0.0.1:8765/#token=" in out and "warning" not in out
     assert main(["dashboard", str(run), "--host", "0.0.0.0", "--port", "9000"]) == 0
     assert bound[-1] == ("0.0.0.0", 9000) and "warning: binding 0.0.0.0" in capsys.readouterr().out
+
+
+def test_metrics_server_addr_in_dotenv_is_loopback_only(tmp_path, monkeypatch, capsys):
+    from gptrain.cli_eval import dotenv_metrics_addr
+
+    env = tmp_path / ".env"
+    assert dotenv_metrics_addr(env) is None
+    env.write_text("METRICS_SERVER_ADDR=127.0.0.1:9200\n")
+    assert dotenv_metrics_addr(env) == "127.0.0.1:9200"
+    env.write_text("METRICS_SERVER_ADDR=[::1]:9200\n")
+    assert dotenv_metrics_addr(env) == "[::1]:9200"
+    env.write_text("METRICS_SERVER_ADDR=0.0.0.0:9200\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("METRICS_SERVER_ADDR", "127.0.0.1:9300")  # never read from the process environment
+    from gptrain.cli import main
+
+    assert main(["train", "--steps", "1"]) == 2
+    assert "METRICS_SERVER_ADDR in .env must be a loopback address" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # refused before anything was written

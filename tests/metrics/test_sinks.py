@@ -1,6 +1,9 @@
 import csv
+import io
 import json
 import math
+
+from rich.console import Console
 
 from gptrain.metrics.console import PlainConsoleSink, sparkline
 from gptrain.metrics.sinks import CsvSink, JsonlSink, SamplesSink
@@ -58,3 +61,24 @@ def test_sparkline_spans_the_range():
 def test_sparkline_summarises_long_series_into_its_width():
     line = sparkline([float(100 - i) for i in range(1000)], width=50)
     assert len(line) == 50 and line[0] == "█" and line[-1] == "▁"
+
+
+def test_live_view_shows_a_paused_run_until_it_resumes():
+    from gptrain.metrics.console import LiveConsoleSink
+
+    sink = LiveConsoleSink(num_steps=10, title="t")
+
+    def shown() -> str:
+        screen = Console(file=io.StringIO(), width=120)
+        screen.print(sink._render())
+        return screen.file.getvalue()
+
+    train = {"kind": "train", "step": 3, "loss": 2.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_second": 100.0,
+             "eta_seconds": 60.0}
+    sink.emit(train)
+    assert "ETA" in shown() and "PAUSED" not in shown()
+    sink.emit({"kind": "event", "step": 3, "command": "pause", "message": "paused after step 3"})
+    assert "PAUSED" in shown() and "ETA" not in shown()
+    sink.emit({"kind": "event", "step": 3, "command": "resume", "message": "resumed after step 3"})
+    assert "PAUSED" not in shown()
+    sink.close()

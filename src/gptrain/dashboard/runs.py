@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 from gptrain.metrics.sinks import parse_rows
+from gptrain.train.control import is_trainer_running
 
 MAX_TRAIN_POINTS = 2000  # train and system rows sent on a first load; every val, sample and event row is sent
+LOG_TAIL_BYTES = 64 * 1024  # of train.log on a first load
 
 
 def read_rows_from(path: Path, offset: int) -> tuple[list[dict], int, bool]:
@@ -42,8 +44,25 @@ def thin(rows: list[dict], max_points: int = MAX_TRAIN_POINTS) -> list[dict]:
     return out
 
 
+def read_log_from(path: Path, offset: int) -> tuple[str, int, bool]:
+    """train.log's whole lines from byte offset on (its last LOG_TAIL_BYTES when offset is 0 or the file
+    was cut back): (text, the offset after it, whether the reader started again)."""
+    if not path.is_file():
+        return "", 0, offset > 0
+    size = path.stat().st_size
+    is_reset = size < offset
+    start = max(0, size - LOG_TAIL_BYTES) if offset == 0 or is_reset else offset
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(size - start)
+    whole = data[: data.rfind(b"\n") + 1]
+    return whole.decode("utf-8", errors="replace"), start + len(whole), is_reset
+
+
 def describe_run(run_dir: Path) -> dict:
-    """Name, path, config text and checkpoints (name and step) of a run directory."""
+    """Name, path, config text, checkpoints (name and step) of a run directory, and whether a trainer is
+    running in it now."""
+
     checkpoints = []
     for folder in sorted((run_dir / "checkpoints").glob("*/state.json")):
         try:
@@ -53,4 +72,5 @@ def describe_run(run_dir: Path) -> dict:
         checkpoints.append({"name": folder.parent.name, "step": step})
     config = run_dir / "config.toml"
     return {"name": run_dir.name, "path": str(run_dir), "checkpoints": checkpoints,
-            "config": config.read_text(encoding="utf-8") if config.is_file() else ""}
+            "config": config.read_text(encoding="utf-8") if config.is_file() else "",
+            "is_live": is_trainer_running(run_dir)}

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
-from gptrain.dashboard.runs import describe_run, read_rows_from, thin
+from gptrain.dashboard.runs import describe_run, read_log_from, read_rows_from, thin
 from gptrain.errors import UserError
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
@@ -87,6 +87,11 @@ def create_app(run_dirs: list[Path], token: str, hosts: set[str]) -> FastAPI:
     def rows(run: int = 0, offset: int = 0) -> dict:
         found, end, is_reset = read_rows_from(run_dir(run) / "metrics.jsonl", offset)
         return {"rows": thin(found) if offset == 0 or is_reset else found, "offset": end, "reset": is_reset}
+
+    @app.get("/api/log")
+    def log(run: int = 0, offset: int = 0) -> dict:
+        text, end, is_reset = read_log_from(run_dir(run) / "train.log", offset)
+        return {"text": text, "offset": end, "reset": is_reset}
 
     @app.get("/api/stream")
     async def stream(request: Request, run: int = 0, offset: int = 0) -> StreamingResponse:

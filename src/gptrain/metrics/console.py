@@ -20,10 +20,15 @@ SPARK = "▁▂▃▄▅▆▇█"
 class LogConfig:
     live: str = "auto"  # auto: the live view on an interactive terminal, plain lines otherwise
     is_quiet: bool = False  # only warnings, errors and the final summary
+    tensorboard: bool = False  # also write <run_dir>/tensorboard event files (the tensorboard extra)
+    wandb_project: str = ""  # also log to this W&B project (the wandb extra); WANDB_MODE=offline needs no account
 
     def __post_init__(self) -> None:
         if self.live not in LIVE_MODES:
             raise UserError(f"log.live must be one of {', '.join(LIVE_MODES)} (got {self.live!r})")
+        if any(c in self.wandb_project for c in "/\\#?%:") or len(self.wandb_project) > 128:
+            raise UserError(f"log.wandb_project must be a W&B project name: at most 128 characters, none of "
+                            f"/ \\ # ? % : (got {self.wandb_project!r})")
 
 
 @contextlib.contextmanager
@@ -138,6 +143,7 @@ class LiveConsoleSink:
         self.losses: list[float] = []
         self.last_train: dict | None = None
         self.last_val: dict | None = None
+        self.is_paused = False  # from the control commands' event rows
         self.console = Console()
         self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
         self.live.start()
@@ -152,7 +158,9 @@ class LiveConsoleSink:
         filled = int(40 * step / max(1, self.num_steps))
         progress = Text.assemble(("━" * filled, "green"), ("━" * (40 - filled), "grey37"),
                                  f" {step}/{self.num_steps} ({100 * step / max(1, self.num_steps):.0f}%)")
-        if row:
+        if self.is_paused:
+            progress.append("  PAUSED (resume: gptrain control RUN_DIR resume)", style="bold yellow")
+        elif row:
             progress.append(f"  ETA {format_seconds(row['eta_seconds'])}")
         lines = [progress]
         if row:
@@ -179,6 +187,8 @@ class LiveConsoleSink:
 
             self.console.print(Text.assemble((f"sample at step {row['step']}", "bold"), f"\n{row['text']}\n"))
         elif kind == "event":
+            if row.get("command") in ("pause", "resume", "stop"):
+                self.is_paused = row["command"] == "pause"
             self.console.print(row["message"], markup=False, highlight=False)
         self.live.update(self._render())
 

@@ -59,5 +59,5 @@ class SystemSampler:
         except Exception:  # noqa: BLE001 -- no NVML: the figure is missing, training goes on
             utilization = None
         return {"gpu_utilization": utilization, "gpu_memory_used_bytes": total - free,
-                "gpu_memory_total_bytes": total,
+                "gpu_memory_total_bytes": total, "gpu_memory_percent": 100.0 * (total - free) / total,
                 "gpu_memory_allocated_bytes": torch.cuda.memory_allocated(self.device)}
