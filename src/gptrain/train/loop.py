@@ -173,6 +173,10 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
         cfg = replace(cfg, run_dir=str(resume))
     configure_device(cfg.train, env)
     torch.manual_seed(cfg.seed)
+    if cfg.log.tensorboard or cfg.log.wandb_project:  # rank 0's optional sinks: a missing extra fails first
+        from gptrain.integrations.loggers import check_extras
+
+        env.on_main(check_extras, cfg.log)
     run_dir = env.on_main(check_run_dir, cfg, is_resume=resume is not None, should_overwrite=should_overwrite)
     fixed_tokenizer, weights, pieces = None, None, None
     if resume is not None:

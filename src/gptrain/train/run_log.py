@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from gptrain.config import to_dict
 from gptrain.metrics.console import build_console_sink, log_file_sink
 from gptrain.metrics.machine import describe_machine
 from gptrain.metrics.report import write_report
@@ -21,11 +22,32 @@ def emit(run: Run, row: dict) -> None:
 def build_sinks(run: Run) -> list[MetricSink]:
     if not run.env.is_main:
         return []
+    optional = build_optional_sinks(run)  # first: when one cannot start, nothing else is open yet
     console = build_console_sink(run.cfg.log, run.plan.num_steps, run.cfg.train.log_every_steps,
                                  title=f"gptrain · {run.run_dir}")
     log_file = log_file_sink(run.run_dir / "train.log", run.plan.num_steps, run.cfg.train.log_every_steps)
     return [JsonlSink(run.run_dir / "metrics.jsonl"), CsvSink(run.run_dir / "metrics.csv"),
-            SamplesSink(run.run_dir / "samples.txt"), log_file, console]
+            SamplesSink(run.run_dir / "samples.txt"), log_file, *optional, console]
+
+
+def build_optional_sinks(run: Run) -> list[MetricSink]:
+    """TensorBoard and W&B, when switched on (both are off by default). Built once a resume has set
+    run.state.step, the step this launch continues from."""
+    if not (run.cfg.log.tensorboard or run.cfg.log.wandb_project):
+        return []
+    from gptrain.integrations.loggers import TensorBoardSink, WandbSink
+
+    sinks: list[MetricSink] = []
+    try:
+        if run.cfg.log.tensorboard:
+            sinks.append(TensorBoardSink(run.run_dir / "tensorboard", run.state.step))
+        if run.cfg.log.wandb_project:
+            sinks.append(WandbSink(run.run_dir, run.cfg.log.wandb_project, to_dict(run.cfg)))
+    except BaseException:
+        for sink in sinks:
+            sink.close()
+        raise
+    return sinks
 
 
 def log_layout(run: Run) -> None:

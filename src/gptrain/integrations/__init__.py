@@ -1,0 +1,1 @@
+"""Optional sinks (TensorBoard, W&B): the core imports them only when one is switched on."""
