@@ -65,7 +65,10 @@ def test_train_generate_and_existing_run_dir(capsys, tmp_path, corpus_dir):
     _, a, _ = run_cli(capsys, *gen, "--seed", "7", "--top-k", "5", "--top-p", "0.9", "--temperature", "1.2")
     _, b, _ = run_cli(capsys, *gen, "--seed", "7", "--top-k", "5", "--top-p", "0.9", "--temperature", "1.2")
     assert a == b
-    code, out, _ = run_cli(capsys, "train", "--resume", str(tmp_path / "run"), "--steps", "5", "--quiet")
+    code, _, err = run_cli(capsys, "train", "--resume", str(tmp_path / "run"), "--steps", "5", "--quiet")
+    assert code == 2 and "--schedule.extend=hold" in err and "--init-from" in err and "Traceback" not in err
+    code, out, _ = run_cli(capsys, "train", "--resume", str(tmp_path / "run"), "--steps", "5", "--quiet",
+                           "--schedule.extend=hold")
     assert code == 0
 
 

@@ -18,6 +18,7 @@ import errno
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,10 +45,11 @@ def fsync_file(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` to write to (by any library); when the block ends without an
-    error it is fsynced and renamed over `path`, and the folder fsynced. On an error it is removed."""
+    """A temporary path beside `path` (one per process and thread) to write to, by any library; when the
+    block ends without an error it is fsynced and renamed over `path`, and the folder fsynced. On an
+    error it is removed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}{TMP_SUFFIX}")
     try:
         yield tmp
         fsync_file(tmp)

@@ -3,16 +3,15 @@ import json
 
 import numpy as np
 import pytest
+from conftest import make_corpus_text
 
-from gptrain.data import encode, split
+from gptrain.data import encode, prepare, split
 from gptrain.data.prepare import DataConfig, prepare_dataset, shard_paths
 from gptrain.data.shards import open_shard
 from gptrain.data.sources import load_documents, local_source, shakespeare_source
 from gptrain.data.split import SplitRule, labelled_documents
 from gptrain.errors import UserError
 from gptrain.tokenizer import TokenizerConfig, load_tokenizer
-
-from conftest import make_corpus_text
 
 QUIET = dict(log=lambda *_: None)
 
@@ -26,7 +25,7 @@ def _documents_of(folder, split_name):
     tok = load_tokenizer(folder / "tokenizer.json")
     tokens = _tokens(folder, split_name)
     starts = list(np.flatnonzero(tokens == tok.eot_id)) + [len(tokens)]
-    return [tok.decode(list(tokens[a + 1 : b])) for a, b in zip(starts, starts[1:])]
+    return [tok.decode(list(tokens[a + 1 : b])) for a, b in zip(starts, starts[1:], strict=False)]
 
 
 def _folder_corpus(tmp_path, count=10):
@@ -37,8 +36,8 @@ def _folder_corpus(tmp_path, count=10):
     return folder
 
 
-def _split(source, rule=SplitRule()):
-    pairs = list(labelled_documents(source, rule))
+def _split(source, rule=None):
+    pairs = list(labelled_documents(source, rule or SplitRule()))
     return [d.text for label, d in pairs if label == "train"], [d.text for label, d in pairs if label == "val"]
 
 
@@ -144,6 +143,7 @@ def test_an_interrupted_preparation_resumes_and_matches_an_uninterrupted_one(cor
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset(data, tok, **QUIET)
     assert not (tmp_path / "cut").exists()  # nothing a run would read
+    (next(tmp_path.glob("cut.partial*")) / ".manifest.json.99999.tmp").write_text("{")  # a write killed midway
     monkeypatch.setattr(encode, "write_manifest", real_write)
     logs = []
     folder = prepare_dataset(data, tok, log=logs.append)
@@ -153,6 +153,22 @@ def test_an_interrupted_preparation_resumes_and_matches_an_uninterrupted_one(cor
     for path in folder.glob("*.bin"):
         assert path.read_bytes() == (whole / path.name.replace("cut", "whole")).read_bytes()
     assert not list(tmp_path.glob("cut.partial*"))
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_every_file_of_a_dataset_and_its_folder_are_fsynced_before_the_swap(corpus_dir, tmp_path, monkeypatch):
+    events = []
+    real_swap_in = prepare.swap_in
+    monkeypatch.setattr(prepare, "fsync_file", lambda path: events.append(("file", path.name)))
+    monkeypatch.setattr(prepare, "fsync_dir", lambda path: events.append(("dir", path.name)))
+    monkeypatch.setattr(prepare, "swap_in", lambda tmp, folder: (events.append(("swap", tmp.name)),
+                                                                 real_swap_in(tmp, folder)))
+    folder = prepare_dataset(DataConfig(source=str(corpus_dir), data_dir=str(tmp_path / "ds"), shard_tokens=2000,
+                                        num_workers=1), TokenizerConfig(kind="gpt2"), **QUIET)
+    *files, synced_dir, swapped = events
+    assert {name for kind, name in files if kind == "file"} == {p.name for p in folder.iterdir()}
+    assert {"meta.json", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    assert synced_dir[0] == "dir" and swapped[0] == "swap" and synced_dir[1] == swapped[1]
 
 
 def test_first_tokens_rule_and_an_explicit_val_source(corpus_dir, tmp_path):

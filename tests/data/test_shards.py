@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from gptrain.data import shards
 from gptrain.data.info import describe
 from gptrain.data.shards import HEADER_BYTES, ShardFile, dtype_for, open_shard, write_shard
 from gptrain.errors import UserError
@@ -69,3 +70,10 @@ def test_a_shard_file_is_absent_until_finished_and_can_be_cut_back(tmp_path):
     resumed.append(np.array([42]))
     resumed.finish()
     assert list(open_shard(path)) == [0, 1, 2, 3, 4, 5, 42] and not shard.part.exists()
+
+
+def test_finishing_a_shard_fsyncs_its_folder_after_the_rename(tmp_path, monkeypatch):
+    path, seen = tmp_path / "s.bin", []
+    monkeypatch.setattr(shards, "fsync_dir", lambda folder: seen.append((folder, path.exists())))
+    write_shard(path, np.arange(3), 100)
+    assert seen == [(tmp_path, True)]

@@ -117,7 +117,7 @@ def test_fine_tune_from_checkpoint_on_another_corpus(tmp_path, corpus_dir):
     start = Checkpoint.load(base)
     assert tuned.tokenizer.to_json() == start.tokenizer.to_json()  # the checkpoint's tokenizer is reused
     # With a negligible learning rate, the fine-tuned weights are the pre-trained ones, not a fresh init.
-    for (name, a), b in zip(start.model.state_dict().items(), tuned.model.state_dict().values()):
+    for (name, a), b in zip(start.model.state_dict().items(), tuned.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     assert summary["val_loss"] < 3.0  # a fresh model would start near ln(vocab) = 3.6
 
@@ -170,7 +170,7 @@ def test_fine_tune_takes_the_checkpoint_sizes_and_resume_keeps_its_tokenizer(tmp
     from gptrain.config import from_toml_text
 
     cfg = from_toml_text((tmp_path / "ft" / "config.toml").read_text())
-    summary = train(apply(cfg, {"steps": 6}), resume=tmp_path / "ft", log=lambda *_: None)
+    summary = train(apply(cfg, {"steps": 6, "schedule.extend": "hold"}), resume=tmp_path / "ft", log=lambda *_: None)
     assert summary["step"] == 6
     assert Checkpoint.load(tmp_path / "ft").tokenizer.to_json() == base_tok
 
@@ -234,7 +234,7 @@ def test_resume_applies_overridden_optimizer_settings(tmp_path, corpus_dir):
     values = tiny_values(tmp_path, corpus_dir, steps=3, **{"eval.every_steps": 0, "samples.every_steps": 0})
     train(resolve_config(None, values, environ={}), log=lambda *_: None)
     cfg = apply_overrides(from_toml_text((tmp_path / "run" / "config.toml").read_text()),
-                          {"steps": 4, "optim.weight_decay": 0.05, "optim.beta2": 0.99})
+                          {"steps": 4, "schedule.extend": "hold", "optim.weight_decay": 0.05, "optim.beta2": 0.99})
     seen = {}
     real = setup.train_step
 

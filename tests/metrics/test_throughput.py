@@ -1,5 +1,6 @@
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -161,7 +162,7 @@ def test_failed_cache_write_leaves_no_temp_file(monkeypatch, _cache):
     def refuse(src, dst):
         raise PermissionError("read-only")
 
-    monkeypatch.setattr(throughput.os, "replace", refuse)
+    monkeypatch.setattr(os, "replace", refuse)  # files.atomic_path's rename
     monkeypatch.setattr(throughput, "measure_matmul_flops", lambda device, dtype: 5e9)
     assert probe_peak("cpu", "cpu: test", "fp32") == 5e9
     assert list(_cache.iterdir()) == []

@@ -155,10 +155,10 @@ class Generator:
         import torch
 
         from gptrain.api import Checkpoint
-        from gptrain.train.checkpoint import latest_checkpoint_dir
+        from gptrain.train.checkpoint import latest_checkpoint_dir, named_dir
 
         torch.set_num_threads(1)
-        folder = run_dir / "checkpoints" / "best" if which == "best" else latest_checkpoint_dir(run_dir)
+        folder = named_dir(run_dir / "checkpoints", "best") if which == "best" else latest_checkpoint_dir(run_dir)
         key = (str(folder), (folder / "state.json").stat().st_mtime_ns)
         if self._loaded is None or self._loaded[0] != key:
             self._loaded = (key, Checkpoint.load(folder, device="cpu"))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from gptrain.errors import UserError
+from gptrain.files import fsync_dir, fsync_file
 
 CHUNK_BYTES = 1 << 20
 TIMEOUT_SECONDS = 60.0
@@ -192,7 +193,9 @@ def http_file(url: str, *, cache_dir: Path, size: int | None = None, sha256: str
     if problem := _mismatch(part, size, sha256):
         part.unlink()
         raise UserError(f"{url}: {problem}; the partial file was removed, check the catalogue entry")
+    fsync_file(part)  # _fetch synced what it wrote; a part already whole (HTTP 416) is from an earlier process
     os.replace(part, target)
+    fsync_dir(target.parent)
     return target
 
 

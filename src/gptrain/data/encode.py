@@ -28,6 +28,7 @@ import numpy as np
 from gptrain.data.shards import ShardFile, dtype_for
 from gptrain.data.sources import Document
 from gptrain.errors import UserError
+from gptrain.files import write_atomic
 from gptrain.runtime import die_with_parent
 from gptrain.tokenizer import Tokenizer, parse_tokenizer
 
@@ -59,7 +60,7 @@ def encode_texts(texts: list[str], has_separator: list[bool]) -> tuple[np.ndarra
     encoded = [to_array(t) for t in texts] if to_array else tok.encode_batch(texts)
     eot = np.array([tok.eot_id], dtype=dtype_for(tok.vocab_size))
     pieces, counts = [], np.empty(len(texts), dtype=np.int64)
-    for i, (ids, sep) in enumerate(zip(encoded, has_separator)):
+    for i, (ids, sep) in enumerate(zip(encoded, has_separator, strict=True)):
         if sep:
             pieces.append(eot)
         pieces.append(np.asarray(ids, dtype=eot.dtype))
@@ -176,12 +177,7 @@ def read_manifest(folder: Path, key: str) -> dict | None:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    tmp = folder / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(folder / MANIFEST)
+    write_atomic(folder / MANIFEST, json.dumps(manifest))
 
 
 def start_method(may_fork: bool) -> str:

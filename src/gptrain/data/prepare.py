@@ -30,7 +30,7 @@ from gptrain.data.shards import MAX_SHARD_TOKENS
 from gptrain.data.sources import Source
 from gptrain.data.split import SplitRule, labelled_documents, plan_split
 from gptrain.errors import UserError
-from gptrain.files import swap_in
+from gptrain.files import TMP_SUFFIX, fsync_dir, fsync_file, swap_in
 from gptrain.tokenizer import Tokenizer, TokenizerConfig, build_tokenizer, load_tokenizer
 from gptrain.tokenizer.base import save_tokenizer
 
@@ -280,12 +280,24 @@ def _build(folder: Path, data: DataConfig, tok_cfg: TokenizerConfig, spec: str, 
     }
     (partial / "meta.json").write_text(json.dumps(meta, indent=2))
     (partial / "manifest.json").unlink()
+    _make_durable(partial)
     swap_in(partial, folder)
     seconds = time.perf_counter() - started
     rate = progress.num_tokens / seconds / 1e6
     log(f"prepare: {meta['num_documents']:,} documents, {meta['num_train_tokens']:,} train / "
         f"{meta['num_val_tokens']:,} val tokens in {folder} ({seconds:.1f}s, {rate:.2f}M tokens/s on "
         f"{num_workers} worker(s))")
+
+
+def _make_durable(partial: Path) -> None:
+    """fsync every file of the finished partial folder and the folder itself, so that what swap_in names
+    the dataset is on disk (tokenizer.json may come from an earlier, interrupted process); temp files
+    left by an interrupted atomic write are dropped first."""
+    for path in partial.glob(f".*{TMP_SUFFIX}"):
+        path.unlink()
+    for path in partial.iterdir():
+        fsync_file(path)
+    fsync_dir(partial)
 
 
 def _open_partial(partial: Path, key: str, source: Source, rule: SplitRule, tok_cfg: TokenizerConfig,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from gptrain.data.prepare import DataConfig, fingerprint, is_current, locate_dataset
 from gptrain.errors import UserError
+from gptrain.files import write_atomic
 from gptrain.tokenizer import Tokenizer, TokenizerConfig
 
 
@@ -20,9 +21,7 @@ def write_failure_marker(data: DataConfig, tok_cfg: TokenizerConfig, tokenizer: 
                          message: str) -> None:
     marker = failure_marker(data, tok_cfg, tokenizer)
     marker.parent.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(message, encoding="utf-8")
-    tmp.replace(marker)
+    write_atomic(marker, message)
 
 
 def wait_for_dataset(data: DataConfig, tok_cfg: TokenizerConfig, tokenizer: Tokenizer | None,

@@ -15,6 +15,7 @@ from typing import BinaryIO
 import numpy as np
 
 from gptrain.errors import UserError
+from gptrain.files import fsync_dir
 
 MAGIC_UINT16, VERSION_UINT16 = 20240520, 1
 MAGIC_UINT32, VERSION_UINT32 = 20240801, 7
@@ -54,6 +55,9 @@ def write_shard(path: str | Path, tokens: np.ndarray, vocab_size: int) -> None:
 class ShardFile:
     """A shard written piece by piece into `<path>.part`, renamed to `path` by finish() once whole.
 
+    Not files.atomic_path: its temp name holds the writer's pid, and a resumed preparation (another
+    process) reopens this `.part` by name, so the shard keeps its own file and fsyncs the folder itself.
+
     Tokens go straight to the file, so writing a shard of 100M tokens holds none of them in memory.
     Reopening an existing .part with `keep_tokens` cuts it back to that many tokens (a resumed preparation).
     """
@@ -82,12 +86,13 @@ class ShardFile:
         os.fsync(self._file.fileno())
 
     def finish(self) -> None:
-        """Write the header with the final count, fsync, and rename into place."""
+        """Write the header with the final count, fsync, rename into place, and fsync the folder."""
         self._file.seek(0)
         self._file.write(header_for(self.num_tokens, self.dtype).tobytes())
         self.sync()
         self._file.close()
         self.part.replace(self.path)
+        fsync_dir(self.path.parent)
 
     def close(self) -> None:
         if not self._file.closed:

@@ -17,6 +17,7 @@ from gptrain.data.loader import ShardLoader
 from gptrain.data.prepare import check_dataset_tokenizer, dataset_fingerprint, prepare_dataset, shard_paths
 from gptrain.errors import UserError
 from gptrain.eval.val_loss import evaluate_loss, full_split_windows
+from gptrain.files import write_atomic
 from gptrain.metrics.console import progress_callback
 from gptrain.tokenizer import Tokenizer
 
@@ -77,16 +78,14 @@ def run_dir_of(checkpoint_dir: Path) -> Path | None:
 
 def record_evals(checkpoint_dir: Path, rows: list[dict], json_path: Path | None = None) -> Path | None:
     """Append rows to the run's eval.jsonl (returned; None outside a run), then write them to json_path
-    as one object keyed by kind (written whole: a temp file, then a rename)."""
+    as one object keyed by kind (written whole: files.write_atomic)."""
     clean = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
     run_dir = run_dir_of(checkpoint_dir)
     if run_dir is not None:
         with open(run_dir / EVAL_FILE, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in clean))
     if json_path is not None:
-        tmp = json_path.with_name(json_path.name + ".tmp")
-        tmp.write_text(json.dumps({r["kind"]: r for r in clean}, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(json_path)
+        write_atomic(json_path, json.dumps({r["kind"]: r for r in clean}, indent=1) + "\n")
     return None if run_dir is None else run_dir / EVAL_FILE
 
 

@@ -8,9 +8,9 @@ backend of a notebook that imports gptrain.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from gptrain.files import atomic_path
 from gptrain.metrics.runs import RunRecord, is_number
 
 FIGURE_DPI = 100
@@ -51,15 +51,11 @@ def format_tokens_axis(ax) -> None:
 
 
 def save_png(fig, out_png: Path) -> Path:
-    """Write the figure to out_png atomically (a temp file in the same folder, then a rename)."""
+    """Write the figure to out_png atomically (files.atomic_path)."""
     out_png = Path(out_png)
-    tmp = out_png.with_name(f".{out_png.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(out_png) as tmp:
         # No "Software" text chunk: the same rows give the same bytes whatever matplotlib version drew them.
         fig.savefig(tmp, format="png", dpi=FIGURE_DPI, metadata={"Software": None})
-        os.replace(tmp, out_png)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out_png
 
 

@@ -7,10 +7,10 @@ losses and bits per byte to 4 decimals, perplexities to 2, accuracies as percent
 from __future__ import annotations
 
 import math
-import os
 import re
 from pathlib import Path
 
+from gptrain.files import write_atomic
 from gptrain.metrics.console import format_seconds
 from gptrain.metrics.plots import plot_run
 from gptrain.metrics.runs import RunRecord, is_number, read_run
@@ -53,15 +53,6 @@ def fenced(text: str) -> list[str]:
     longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
     fence = "`" * max(3, longest + 1)
     return [fence + "text", text, fence]
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def header_section(record: RunRecord) -> list[str]:
@@ -205,5 +196,5 @@ def write_report(run_dir: Path) -> Path:
     record = read_run(Path(run_dir))
     plot_run(record, record.run_dir / PLOT_NAME)
     path = record.run_dir / REPORT_NAME
-    write_text_atomic(path, render_report(record))
+    write_atomic(path, render_report(record))
     return path

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from gptrain.files import write_atomic
 from gptrain.model.gpt import ModelConfig, count_parameters
 from gptrain.tokenizer.gpt2_assets import cache_dir
 
@@ -205,15 +204,9 @@ def _read_cache(path: Path) -> dict:
 
 
 def _write_cache(path: Path, data: dict) -> None:
-    """Write atomically (temp file, then rename); a cache that cannot be written is skipped."""
-    tmp_name = None
+    """Write atomically (files.write_atomic); a cache that cannot be written is skipped."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-            tmp_name = tmp.name
-            json.dump(data, tmp, indent=1, sort_keys=True)
-        os.replace(tmp_name, path)
+        write_atomic(path, json.dumps(data, indent=1, sort_keys=True))
     except OSError:
-        # A read-only home or full disk costs a re-measurement next run, never the run itself.
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
+        pass  # A read-only home or full disk costs a re-measurement next run, never the run itself.

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Protocol
 
 from gptrain.errors import UserError
+from gptrain.files import write_atomic
 
 EOT_TEXT = "<|endoftext|>"  # document separator, GPT-2's own; every tokenizer here has it
 
@@ -53,8 +54,5 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:
-    """Write tokenizer.json atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(tokenizer.to_json(), encoding="utf-8")
-    tmp.replace(path)
+    """Write tokenizer.json atomically (files.write_atomic)."""
+    write_atomic(Path(path), tokenizer.to_json())

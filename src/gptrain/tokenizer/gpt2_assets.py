@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from gptrain.errors import UserError
+from gptrain.files import write_atomic
 
 FILE_NAME = "gpt2.tiktoken"
 SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -37,9 +38,7 @@ def _install(data: bytes, source: str) -> Path:
         raise UserError(f"the GPT-2 encoding from {source} has the wrong SHA-256; not using it")
     target = cache_dir() / FILE_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
-        tmp.write(data)
-    os.replace(tmp.name, target)
+    write_atomic(target, data)
     return target
 
 

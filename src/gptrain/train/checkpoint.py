@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import shutil
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from gptrain.distributed.state import find_tied_names
 from gptrain.errors import UserError
-from gptrain.files import fsync_dir, swap_in
+from gptrain.files import OLD_SUFFIX, fsync_dir, fsync_file, swap_in, whole_folder
 
 STEP_PREFIX = "step_"
 STEP_NAME = re.compile(r"step_\d+")
@@ -54,6 +53,10 @@ class TrainState:
     lr_scale: float = 1.0  # the effective lr is schedule x lr_scale
     eval_every_steps: int | None = None  # None: the config's eval.every_steps
     samples_every_steps: int | None = None  # None: the config's samples.every_steps
+    # The lr schedule's plan: the first launch's num_steps, and tails added by --schedule.extend=hold
+    # (schedule.planned_lr); 0 in checkpoints written before it was recorded.
+    schedule_steps: int = 0
+    schedule_tails: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -134,16 +137,22 @@ def write_checkpoint(snapshot: Snapshot, folder: Path) -> None:
     (tmp / "config.toml").write_text(snapshot.config_toml, encoding="utf-8")
     (tmp / "tokenizer.json").write_text(snapshot.tokenizer_json, encoding="utf-8")
     for f in tmp.iterdir():
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
+        fsync_file(f)
     fsync_dir(tmp)
     swap_in(tmp, folder)
 
 
 def periodic_dirs(checkpoints_dir: Path) -> list[Path]:
-    """step_NNNNNN folders (never .tmp/.old leftovers), oldest first by step number."""
-    found = [p for p in checkpoints_dir.glob(f"{STEP_PREFIX}*") if STEP_NAME.fullmatch(p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+    """step_NNNNNN folders (never .tmp leftovers; a `.old` one only where a crash left it in place of its
+    folder, see files.py), oldest first by step number."""
+    names = {p.name.removesuffix(OLD_SUFFIX) for p in checkpoints_dir.glob(f"{STEP_PREFIX}*") if p.is_dir()}
+    found = [whole_folder(checkpoints_dir / n) for n in names if STEP_NAME.fullmatch(n)]
+    return sorted(found, key=lambda p: int(p.name.removesuffix(OLD_SUFFIX)[len(STEP_PREFIX):]))
+
+
+def named_dir(checkpoints_dir: Path, name: str) -> Path:
+    """best/ or final/, or its `.old` copy where a crash in the middle of replacing it left only that."""
+    return whole_folder(checkpoints_dir / name)
 
 
 def prune_periodic(checkpoints_dir: Path, keep_last: int) -> None:
@@ -189,7 +198,7 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         return path
     ckpts = path / "checkpoints"
     if ckpts.is_dir():
-        for candidate in [ckpts / "final", *reversed(periodic_dirs(ckpts)), ckpts / "best"]:
+        for candidate in [named_dir(ckpts, "final"), *reversed(periodic_dirs(ckpts)), named_dir(ckpts, "best")]:
             if (candidate / "state.json").is_file():
                 return candidate
     if not path.exists():
@@ -207,7 +216,8 @@ def _step_of(folder: Path) -> int:
 def latest_checkpoint_dir(run_dir: Path) -> Path:
     """The checkpoint with the highest step in a run (to resume from), whatever its folder name."""
     ckpts = run_dir / "checkpoints"
-    candidates = [p for p in [*periodic_dirs(ckpts), ckpts / "best", ckpts / "final"] if (p / "state.json").is_file()]
+    candidates = [p for p in [*periodic_dirs(ckpts), named_dir(ckpts, "best"), named_dir(ckpts, "final")]
+                  if (p / "state.json").is_file()]
     if not candidates:
         raise UserError(f"{run_dir} has no checkpoint to resume from")
     return max(candidates, key=_step_of)

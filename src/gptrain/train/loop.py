@@ -18,6 +18,7 @@ from gptrain.distributed.env import DistEnv
 from gptrain.errors import UserError
 from gptrain.eval.hellaswag import evaluate_hellaswag
 from gptrain.eval.val_loss import evaluate_loss
+from gptrain.files import restore_swaps
 from gptrain.metrics.sinks import cut_back, file_offsets
 from gptrain.metrics.system import SystemSampler
 from gptrain.metrics.throughput import estimate_mfu, peak_flops
@@ -28,7 +29,7 @@ from gptrain.train.control import PAUSE_POLL_SECONDS, ControlReader, TrainerLock
 from gptrain.train.run_dir import check_run_dir, find_auto_resume
 from gptrain.train.run_log import build_sinks, emit, log_layout, write_report_card
 from gptrain.train.samples import write_sample
-from gptrain.train.schedule import lr_at
+from gptrain.train.schedule import extend_plan, planned_lr
 from gptrain.train.setup import Run, base_config_for_init, build_run, configure_device, create_run_dir, step_run
 from gptrain.train.step import autocast_context, uses_bf16
 
@@ -49,6 +50,9 @@ def resume_from(run: Run, pieces: dict) -> None:
     for group, decay in zip(run.optimizer.param_groups, (run.cfg.optim.weight_decay, 0.0), strict=True):
         group.update(weight_decay=decay, betas=(run.cfg.optim.beta1, run.cfg.optim.beta2), eps=run.cfg.optim.eps)
     run.state = ckpt.TrainState(**pieces["state"]["train"])
+    if run.state.schedule_steps:  # a new --steps re-plans nothing silently (schedule.extend_plan)
+        run.state.schedule_tails = extend_plan(run.state.step, run.state.schedule_steps, run.state.schedule_tails,
+                                               run.plan.num_steps, run.cfg.schedule)
     run.train_loader.load_state_dict(pieces["state"]["loader"])
     ckpt.restore_rng(pieces["state"]["rng"], run.env.rank, fallback_seed=run.cfg.seed + run.env.rank,
                      device=run.env.device)
@@ -194,9 +198,11 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
         resume_from(run, pieces)
         offsets = pieces["state"].get("metrics_offsets", {})
     del pieces, weights
+    run.state.schedule_steps = run.state.schedule_steps or run.plan.num_steps
     create_run_dir(run, should_overwrite=should_overwrite)
     lock = TrainerLock(run.run_dir)
     env.on_main(lock.acquire)  # before anything is cut back or appended: one trainer per run directory
+    env.on_main(restore_swaps, run.run_dir / "checkpoints")  # a folder a crash left as <name>.old gets its name back
     if env.is_main and run.state.step < run.plan.num_steps:  # a finished run keeps its closing rows
         cut_back(run.run_dir, offsets)
     if env.is_main:
@@ -280,7 +286,7 @@ def _loop(run: Run) -> dict:
     run.model.train()
     while state.step < plan.num_steps and not is_early_stop:
         started = time.perf_counter()
-        lr = lr_at(state.step, plan.num_steps, cfg.schedule) * state.lr_scale
+        lr = planned_lr(state.step, state.schedule_steps, state.schedule_tails, cfg.schedule) * state.lr_scale
         is_guarded = cfg.train.spike_factor > 0 and state.loss_ema is not None and state.step >= 10
         max_loss = cfg.train.spike_factor * state.loss_ema if is_guarded else float("inf")
         result = step_run(run, lr, max_loss, has_commands=lambda: has_commands(run))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from gptrain.errors import UserError
 
 KINDS = ("cosine", "linear", "constant", "wsd")
+EXTEND_RULES = ("off", "hold")
 
 
 @dataclass(kw_only=True)
@@ -16,7 +17,8 @@ class ScheduleConfig:
     num_warmup_steps: int = 100
     kind: str = "cosine"  # decay after warmup: cosine, linear, constant, or wsd (warmup-stable-decay)
     final_lr_ratio: float = 0.1  # lr at the last step = peak_lr * final_lr_ratio
-    decay_fraction: float = 0.2  # wsd only: the share of steps spent decaying at the end
+    decay_fraction: float = 0.2  # wsd (and extend=hold): the share of steps spent decaying at the end
+    extend: str = "off"  # a --resume with more steps: off refuses; hold keeps the lr reached, then decays
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -27,6 +29,8 @@ class ScheduleConfig:
             raise UserError(f"schedule.num_warmup_steps must be >= 0 (got {self.num_warmup_steps})")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise UserError(f"schedule.decay_fraction must be in (0, 1] (got {self.decay_fraction})")
+        if self.extend not in EXTEND_RULES:
+            raise UserError(f"schedule.extend must be one of {', '.join(EXTEND_RULES)} (got {self.extend!r})")
         if not 0.0 <= self.final_lr_ratio <= 1.0:
             raise UserError(f"schedule.final_lr_ratio must be in [0, 1] (got {self.final_lr_ratio})")
 
@@ -48,3 +52,37 @@ def lr_at(step: int, num_steps: int, cfg: ScheduleConfig) -> float:
             return cfg.peak_lr
         return cfg.peak_lr - (cfg.peak_lr - floor) * (progress - decay_start) / cfg.decay_fraction
     return floor + (cfg.peak_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def planned_lr(step: int, num_steps: int, tails: list[dict], cfg: ScheduleConfig) -> float:
+    """The schedule of a run whose plan may have been extended: lr_at over the first plan's num_steps,
+    then each tail (schedule.extend=hold) from its start: its starting lr held, then a linear decay to
+    min(that lr, peak_lr * final_lr_ratio) over the tail's last decay_fraction, ending at its end."""
+    tail = next((t for t in reversed(tails) if step >= t["start"]), None)
+    if tail is None:
+        return lr_at(step, num_steps, cfg)
+    start_lr, floor = tail["lr"], min(tail["lr"], cfg.peak_lr * cfg.final_lr_ratio)
+    decay_start = tail["start"] + (1.0 - cfg.decay_fraction) * (tail["end"] - tail["start"])
+    if step < decay_start:
+        return start_lr
+    progress = min(1.0, (step - decay_start) / max(1.0, tail["end"] - 1 - decay_start))
+    return start_lr - (start_lr - floor) * progress
+
+
+def extend_plan(step: int, num_steps: int, tails: list[dict], new_num_steps: int, cfg: ScheduleConfig) -> list[dict]:
+    """The tails of a run resumed at `step` and asked to end at new_num_steps: the same when that is its
+    plan's end, one more under schedule.extend=hold (starting at the lr the run reached), else refused."""
+    planned_end = tails[-1]["end"] if tails else num_steps
+    if new_num_steps == planned_end:
+        return tails
+    if new_num_steps <= step:
+        raise UserError(f"the run is already at step {step}: --steps {new_num_steps} would end it before that "
+                        f"(its plan ends at step {planned_end})")
+    if cfg.extend != "hold":
+        raise UserError(f"this run's lr schedule was planned for {planned_end} steps, and --steps {new_num_steps} "
+                        f"would re-plan it (the lr would jump at the resume step): resume without --steps, or "
+                        f"fine-tune from it in a new run (--init-from RUN, a new schedule), or continue it with "
+                        f"--schedule.extend=hold (hold the lr it reached, then decay over the new tail)")
+    reached = planned_lr(max(0, step - 1), num_steps, tails, cfg)
+    kept = [t for t in tails if t["start"] < step]
+    return [*kept, {"start": step, "end": new_num_steps, "lr": reached}]

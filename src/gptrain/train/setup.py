@@ -28,6 +28,7 @@ from gptrain.distributed.env import DistEnv
 from gptrain.errors import UserError
 from gptrain.eval.hellaswag import Item, hellaswag_file, read_items
 from gptrain.eval.val_loss import EvalConfig, num_eval_windows, sample_windows, val_set_id
+from gptrain.files import write_atomic
 from gptrain.metrics.sinks import MetricSink
 from gptrain.metrics.system import SystemSampler
 from gptrain.model.gpt import GPT
@@ -109,9 +110,7 @@ def create_run_dir(run: Run, *, should_overwrite: bool) -> None:
     if should_overwrite and run.run_dir.exists() and is_run_dir(run.run_dir):
         shutil.rmtree(run.run_dir)
     (run.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    tmp = run.run_dir / "config.toml.tmp"
-    tmp.write_text(to_toml(run.cfg), encoding="utf-8")
-    tmp.replace(run.run_dir / "config.toml")
+    write_atomic(run.run_dir / "config.toml", to_toml(run.cfg))
     save_tokenizer(run.tokenizer, run.run_dir / "tokenizer.json")
 
 
