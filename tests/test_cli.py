@@ -65,6 +65,17 @@ def test_train_generate_and_existing_run_dir(capsys, tmp_path, corpus_dir):
     _, a, _ = run_cli(capsys, *gen, "--seed", "7", "--top-k", "5", "--top-p", "0.9", "--temperature", "1.2")
     _, b, _ = run_cli(capsys, *gen, "--seed", "7", "--top-k", "5", "--top-p", "0.9", "--temperature", "1.2")
     assert a == b
+    for bad, message in [(["--temperature", "nan"], "temperature must be a finite number"),
+                         (["--temperature", "inf"], "temperature must be a finite number"),
+                         (["--num-samples", "0"], "--num-samples must be at least 1"),
+                         (["--seed", "-1"], "seed must be >= 0"), (["--top-k", "-3"], "top_k must be >= 0")]:
+        code, _, err = run_cli(capsys, *gen, *bad)
+        assert code == 2 and message in err and err.count("\n") == 1, (bad, err)
+    run = str(tmp_path / "run")
+    for bad, message in [(["eval-every", "2.5"], "a whole number of steps"), (["lr", "nan"], "must be > 0"),
+                         (["pause", "--timeout", "nan"], "the timeout must be a positive number")]:
+        code, _, err = run_cli(capsys, "control", run, *bad)
+        assert code == 2 and message in err and err.count("\n") == 1, (bad, err)
     code, _, err = run_cli(capsys, "train", "--resume", str(tmp_path / "run"), "--steps", "5", "--quiet")
     assert code == 2 and "--schedule.extend=hold" in err and "--init-from" in err and "Traceback" not in err
     code, out, _ = run_cli(capsys, "train", "--resume", str(tmp_path / "run"), "--steps", "5", "--quiet",
@@ -133,3 +144,38 @@ def test_overwrite_never_deletes_the_working_directory(capsys, tmp_path, corpus_
     args = [a if a != str(tmp_path / "run") else "." for a in tiny_args(tmp_path, corpus_dir)]
     code, _, err = run_cli(capsys, "train", *args, "--overwrite")
     assert code == 2 and "not a gptrain run" in err and (tmp_path / "run" / "config.toml").is_file()
+
+
+def test_a_crash_is_one_line_with_the_traceback_in_the_run_and_resume_restarts_it(capsys, tmp_path, corpus_dir,
+                                                                                    monkeypatch):
+    import json
+
+    from gptrain.train import loop
+
+    def crash(run):  # a bug in the loop, not the user's mistake
+        raise RuntimeError("boom\nsecond line")
+
+    real = loop._loop
+    monkeypatch.setattr(loop, "_loop", crash)
+    code, _, err = run_cli(capsys, "train", *tiny_args(tmp_path, corpus_dir))
+    run = tmp_path / "run"
+    assert code == 1 and err.count("\n") == 1 and "crashed: RuntimeError: boom (the traceback is in" in err
+    assert "Traceback (most recent call last)" in (run / "crash.log").read_text() and "Traceback" not in err
+    monkeypatch.setattr(loop, "_loop", real)
+    # Killed (here: crashed) before its first checkpoint: --resume starts it again at step 0, in place.
+    code, out, _ = run_cli(capsys, "train", "--resume", str(run), "--quiet")
+    assert code == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+    state = json.loads((run / "checkpoints" / "final" / "state.json").read_text())
+    assert state["is_complete"] is True
+
+
+def test_exit_codes_are_documented_in_the_readme():
+    from pathlib import Path
+
+    from gptrain.errors import EXIT_CODES
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for code in EXIT_CODES:
+        assert f"| {code} |" in readme

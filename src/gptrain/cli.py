@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
 from gptrain.cli_eval import EVAL_COMMANDS, add_eval_parsers, dashboard_beside
-from gptrain.errors import UserError
+from gptrain.errors import RunStopped, UserError, report_crash
 
 TRAIN_EPILOG = """\
 Any config field can be set as --section.field=value (or GPTRAIN_SECTION__FIELD=value in the
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: no top-k cut, every token may be drawn)")
     p.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this much mass")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=int, help="makes sampling repeatable")
@@ -232,10 +233,10 @@ def cmd_train(args: argparse.Namespace, extra: dict[str, str]) -> int:
         summary = train(cfg, resume=args.resume, init_from=args.init_from, should_overwrite=args.overwrite,
                         should_tune_malloc=True, overrides=_cli_values(args, extra), log=log)
     if summary["is_stopped"]:
-        # Under torchrun a stop is a clean end (it forwards Ctrl-C/SIGTERM and waits for the workers), and
-        # so is a stop command (no signal); alone, a signal's: 128 + it (130 for Ctrl-C, 143 for SIGTERM).
-        is_clean = "TORCHELASTIC_RUN_ID" in os.environ or not summary["stop_signal"]
-        return 0 if is_clean else 128 + summary["stop_signal"]
+        # Saved and stopped (EXIT_CODES): 0, so a scheduler that sent SIGTERM sees a clean end; 130 for a
+        # Ctrl-C typed at a terminal (a shell's `&&` chain stops there), except under torchrun.
+        is_ctrl_c = summary["stop_signal"] == signal.SIGINT and "TORCHELASTIC_RUN_ID" not in os.environ
+        return 130 if is_ctrl_c else 0
     if _rank() != 0:
         return 0
     if summary.get("is_already_complete"):
@@ -291,6 +292,8 @@ def cmd_tokenizer_train(args: argparse.Namespace, extra: dict[str, str]) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from gptrain.api import Checkpoint
 
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1 (got {args.num_samples})")
     checkpoint = Checkpoint.load(args.checkpoint, device=args.device)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, is_greedy=args.greedy)
     for i in range(args.num_samples):
@@ -374,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
             rank = f" (rank {_rank()})" if _rank() else ""
             print(f"gptrain: error{rank}: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:  # a diverged run, a full disk: one line, exit 1
+        if _rank() == 0:
+            print(f"gptrain: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("gptrain: interrupted", file=sys.stderr)
         return 130
@@ -386,5 +393,4 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"gptrain: rank {_rank()} stopped: another rank failed or was killed (see torchrun's summary "
                       f"for which one): {str(e).splitlines()[0][:200]}", file=sys.stderr)
                 return 1
-            print(f"gptrain: rank {_rank()} failed: {type(e).__name__}: {e}", file=sys.stderr)
-        raise
+        return report_crash(e)

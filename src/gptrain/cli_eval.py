@@ -135,8 +135,7 @@ def cmd_control(args: argparse.Namespace) -> int:
     name = {"lr": "lr_scale", "eval-every": "eval_every", "sample-every": "sample_every"}.get(args.verb, args.verb)
     if (args.value is None) != (name in ("pause", "resume", "save", "stop")):
         raise UserError(f"{args.verb} {'needs a value' if args.value is None else 'takes no value'}")
-    value = int(args.value) if name in ("eval_every", "sample_every") else args.value
-    answer = send_command(Path(args.run_dir), name, value, args.timeout)
+    answer = send_command(Path(args.run_dir), name, args.value, args.timeout)  # it checks the value
     print(f"trainer: {answer['message']}")
     return 0 if answer["ok"] else 2
 

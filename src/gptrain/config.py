@@ -19,6 +19,7 @@ from gptrain.data.prepare import DataConfig, source_slug
 from gptrain.distributed.parallel import ParallelConfig
 from gptrain.errors import UserError
 from gptrain.eval.val_loss import EvalConfig
+from gptrain.faults import FAULT_ENV, MARKER_ENV, parse_fault
 from gptrain.metrics.console import LogConfig
 from gptrain.model.gpt import ModelConfig
 from gptrain.presets import get_preset
@@ -31,9 +32,10 @@ from gptrain.train.step import TrainConfig
 
 ENV_PREFIX = "GPTRAIN_"
 # Variables read by other parts (not config fields): the asset cache, its URL, setup, the CPU linear switch,
-# the switch that keeps downloads from the network, and where HellaSwag is downloaded from.
+# the switch that keeps downloads from the network, where HellaSwag is downloaded from, and the test-only
+# fault points (faults.py).
 NON_CONFIG_ENV = {"GPTRAIN_CACHE", "GPTRAIN_GPT2_URL", "GPTRAIN_TORCH_SPEC", "GPTRAIN_ONEDNN_LINEAR",
-                  "GPTRAIN_OFFLINE", "GPTRAIN_HELLASWAG_URL"}
+                  "GPTRAIN_OFFLINE", "GPTRAIN_HELLASWAG_URL", FAULT_ENV, MARKER_ENV}
 
 # Flags people know from nanoGPT, llm.c and friends, as aliases of config fields.
 ALIASES = {
@@ -193,6 +195,7 @@ def env_values(environ: typing.Mapping[str, str]) -> dict[str, str]:
     if unknown:
         raise UserError(f"unknown setting {unknown[0]} in the environment or .env (config keys look like "
                         "GPTRAIN_MODEL__N_EMBD; aliases like GPTRAIN_LR)")
+    parse_fault(environ.get(FAULT_ENV, ""))  # a malformed test fault is refused here, not ignored
     return {by_env[k]: v for k, v in environ.items() if k in by_env}
 
 

@@ -258,7 +258,8 @@ def test_a_rank_that_raises_ends_the_whole_job(root):
     done = subprocess.run(torchrun_cmd(2, *train_args(root, "failing", 50)), cwd=root, capture_output=True,
                           text=True, env=_env(TEST_FAIL_RANK=1, TEST_FAIL_STEP=3), timeout=TIMEOUT)
     assert done.returncode != 0
-    assert "gptrain: rank 1 failed: RuntimeError: injected failure on rank 1" in done.stderr
+    assert "gptrain: crashed (rank 1): RuntimeError: injected failure on rank 1 (the traceback is in" in done.stderr
+    assert "injected failure" in (root / "failing" / "crash-rank1.log").read_text()
     assert time.monotonic() - started < 90  # torchrun stopped rank 0 instead of letting it hang
 
 

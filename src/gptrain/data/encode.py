@@ -28,6 +28,7 @@ import numpy as np
 from gptrain.data.shards import ShardFile, dtype_for
 from gptrain.data.sources import Document
 from gptrain.errors import UserError
+from gptrain.faults import fault_point
 from gptrain.files import write_atomic
 from gptrain.runtime import die_with_parent
 from gptrain.tokenizer import Tokenizer, parse_tokenizer
@@ -121,6 +122,7 @@ class SplitWriter:
             if self._shard.num_tokens == self.shard_tokens:
                 self._shard.finish()
                 self._shard, self.num_shards, is_finished = None, self.num_shards + 1, True
+                fault_point("prepare.shard")
         return is_finished
 
     def state(self) -> dict:
@@ -177,6 +179,7 @@ def read_manifest(folder: Path, key: str) -> dict | None:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
+    fault_point("prepare.manifest")
     write_atomic(folder / MANIFEST, json.dumps(manifest))
 
 

@@ -30,6 +30,7 @@ from gptrain.data.shards import MAX_SHARD_TOKENS
 from gptrain.data.sources import Source
 from gptrain.data.split import SplitRule, labelled_documents, plan_split
 from gptrain.errors import UserError
+from gptrain.faults import fault_point
 from gptrain.files import TMP_SUFFIX, fsync_dir, fsync_file, swap_in
 from gptrain.tokenizer import Tokenizer, TokenizerConfig, build_tokenizer, load_tokenizer
 from gptrain.tokenizer.base import save_tokenizer
@@ -281,6 +282,7 @@ def _build(folder: Path, data: DataConfig, tok_cfg: TokenizerConfig, spec: str, 
     (partial / "meta.json").write_text(json.dumps(meta, indent=2))
     (partial / "manifest.json").unlink()
     _make_durable(partial)
+    fault_point("prepare.swap")
     swap_in(partial, folder)
     seconds = time.perf_counter() - started
     rate = progress.num_tokens / seconds / 1e6

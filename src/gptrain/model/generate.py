@@ -5,6 +5,8 @@ Dims: B batch, T sequence, V vocab.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -28,8 +30,11 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise UserError(f"max_new_tokens must be >= 0 (got {self.max_new_tokens})")
-        if self.temperature <= 0 and not self.is_greedy:
-            raise UserError(f"temperature must be > 0 (got {self.temperature}); use --greedy for argmax")
+        if not (0 < self.temperature < math.inf) and not self.is_greedy:
+            raise UserError(f"temperature must be a finite number > 0 (got {self.temperature}); use --greedy for "
+                            "argmax")
+        if self.seed is not None and self.seed < 0:
+            raise UserError(f"seed must be >= 0 (got {self.seed})")
         if self.top_k < 0:
             raise UserError(f"top_k must be >= 0 (got {self.top_k})")
         if not 0.0 < self.top_p <= 1.0:

@@ -8,6 +8,7 @@ config.toml and tokenizer.json. No pickle: anyone's checkpoint is safe to open.
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import re
 import shutil
@@ -20,7 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptrain.distributed.state import find_tied_names
-from gptrain.errors import UserError
+from gptrain.errors import OutOfSpace, UserError
+from gptrain.faults import fault_point
 from gptrain.files import OLD_SUFFIX, fsync_dir, fsync_file, swap_in, whole_folder
 
 STEP_PREFIX = "step_"
@@ -46,8 +48,11 @@ class TrainState:
     tokens_seen: int = 0
     best_val_loss: float | None = None
     num_bad_evals: int = 0  # evaluations since the last best (early stopping)
-    num_bad_steps: int = 0  # consecutive skipped steps (non-finite loss or gradient, loss spike)
+    num_bad_steps: int = 0  # skipped steps (non-finite loss or gradient, loss spike) within the window
     loss_ema: float | None = None  # running mean of the train loss, for the spike guard
+    bad_steps: list[int] = field(default_factory=list)  # the steps skipped within train.bad_step_window
+    num_rollbacks: int = 0  # train/recovery.py
+    recovery_start_step: int | None = None  # the last rollback's step: the lr ramps back from there
     elapsed_seconds: float = 0.0
     # Set by control commands (train/control.py), so a resume keeps them:
     lr_scale: float = 1.0  # the effective lr is schedule x lr_scale
@@ -129,17 +134,23 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def write_checkpoint(snapshot: Snapshot, folder: Path) -> None:
     """Write into folder.tmp, fsync, then swap it in: the folder appears whole or not at all."""
     tmp = folder.with_name(folder.name + ".tmp")
+    fault_point("checkpoint.start")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(snapshot.model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    fault_point("checkpoint.model")
     save_file(snapshot.optimizer, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
+    fault_point("checkpoint.optimizer")
     (tmp / "state.json").write_text(json.dumps(snapshot.state, indent=1), encoding="utf-8")
+    fault_point("checkpoint.state")
     (tmp / "config.toml").write_text(snapshot.config_toml, encoding="utf-8")
     (tmp / "tokenizer.json").write_text(snapshot.tokenizer_json, encoding="utf-8")
     for f in tmp.iterdir():
         fsync_file(f)
     fsync_dir(tmp)
+    fault_point("checkpoint.swap")
     swap_in(tmp, folder)
+    fault_point("checkpoint.swapped")
 
 
 def periodic_dirs(checkpoints_dir: Path) -> list[Path]:
@@ -168,7 +179,10 @@ class CheckpointWriter:
         self._error: BaseException | None = None
 
     def submit(self, snapshot: Snapshot, folders: list[Path], keep_last: int | None = None) -> None:
+        """Start writing (after the previous write ended); refused with OutOfSpace, before anything is
+        written, when the folders' estimated size does not fit in the free space."""
         self.wait()
+        check_space(folders, snapshot_bytes(snapshot))
 
         def work() -> None:
             try:
@@ -176,7 +190,9 @@ class CheckpointWriter:
                     write_checkpoint(snapshot, folder)
                 if keep_last is not None:
                     prune_periodic(folders[0].parent, keep_last)
-            except BaseException as e:  # re-raised in the training thread by wait()
+            except OSError as e:
+                self._error = _write_failed(e, folder)
+            except BaseException as e:  # re-raised in the training thread by wait() or raise_if_failed()
                 self._error = e
 
         self._thread = threading.Thread(target=work, name="checkpoint-writer", daemon=False)
@@ -186,9 +202,48 @@ class CheckpointWriter:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self.raise_if_failed()
+
+    def raise_if_failed(self) -> None:
+        """The background write's error, if it failed (checked at every step: a failed save stops the run)."""
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+
+def snapshot_bytes(snapshot: Snapshot) -> int:
+    tensors = [*snapshot.model.values(), *snapshot.optimizer.values()]
+    texts = [json.dumps(snapshot.state), snapshot.config_toml, snapshot.tokenizer_json]
+    return sum(t.numel() * t.element_size() for t in tensors) + sum(len(t) for t in texts) + 64 * 1024  # headers
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def check_space(folders: list[Path], num_bytes: int) -> None:
+    """Each folder is written whole before the old one of its name goes: it needs its full size free."""
+    parent = folders[0].parent
+    probe = next(p for p in [parent, *parent.parents] if p.exists())
+    needed, free = num_bytes * len(folders), shutil.disk_usage(probe).free
+    if free < needed:
+        names = ", ".join(f.name for f in folders)
+        raise OutOfSpace(f"not enough disk space for checkpoint {names} in {parent}: it needs about "
+                         f"{_format_bytes(needed)} and {_format_bytes(free)} is free; free some space (or lower "
+                         "checkpoint.keep_last) and --resume: the last checkpoint is intact")
+
+
+def _write_failed(e: OSError, folder: Path) -> BaseException:
+    """A write that failed midway leaves no partial folder; a full disk becomes one line (OutOfSpace)."""
+    shutil.rmtree(folder.with_name(folder.name + ".tmp"), ignore_errors=True)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutOfSpace(f"ran out of disk space writing checkpoint {folder} ({e.strerror}); it was removed and "
+                          "the last complete checkpoint is intact: free some space and --resume")
+    return e
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
@@ -259,10 +314,12 @@ def read_checkpoint(folder: Path, *, with_optimizer: bool = True) -> dict:
 
 
 def make_state(train: TrainState, loader: dict, optimizer_meta: dict, rng_per_rank: list[dict],
-               dataset_dir: Path | None = None, metrics_offsets: dict[str, int] | None = None) -> dict:
+               dataset_dir: Path | None = None, metrics_offsets: dict[str, int] | None = None,
+               is_complete: bool = False) -> dict:
     """state.json: format 2 keys the optimizer by parameter name and keeps every rank's RNG states;
     dataset_dir (absolute) lets `gptrain eval` find the run's val split from any working directory;
-    metrics_offsets are the metric files' sizes at this checkpoint (a resume cuts them back to these)."""
+    metrics_offsets are the metric files' sizes at this checkpoint (a resume cuts them back to these);
+    is_complete: the run ended here (its last step, or an early stop), not a stop or a periodic save."""
     return {"format": 2, "train": asdict(train), "loader": loader, "rng": rng_per_rank, "optimizer": optimizer_meta,
             "dataset_dir": str(dataset_dir.resolve()) if dataset_dir else None,
-            "metrics_offsets": metrics_offsets or {}}
+            "metrics_offsets": metrics_offsets or {}, "is_complete": is_complete}

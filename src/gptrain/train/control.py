@@ -39,9 +39,13 @@ def check_command(raw: object) -> dict:
     if name not in STATE_COMMANDS:
         raise UserError(f"unknown control command {name!r} (known: {', '.join([*ONE_OFF_COMMANDS, *STATE_COMMANDS])})")
     try:
-        value = STATE_COMMANDS[name](raw.get("value"))
+        value = float(raw.get("value"))
     except (TypeError, ValueError):
         raise UserError(f"{name} needs a number (got {raw.get('value')!r})") from None
+    if STATE_COMMANDS[name] is int:
+        if value != value or value in (float("inf"), float("-inf")) or value != int(value):
+            raise UserError(f"{name} needs a whole number of steps (got {raw.get('value')!r})")
+        value = int(value)
     if not (value > 0 if name == "lr_scale" else value >= 0) or value != value or value == float("inf"):
         raise UserError(f"{name} must be {'> 0' if name == 'lr_scale' else '>= 0'} and finite (got {value})")
     return {"id": raw["id"], "command": name, "value": value}
@@ -163,6 +167,8 @@ def send_command(run_dir: Path, name: str, value: float | None = None, timeout_s
     and the dashboard do); a UserError when no trainer holds the run, the command is bad, or no answer comes."""
     if not (run_dir / "config.toml").is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.toml in it)")
+    if not 0 < timeout_seconds < float("inf"):
+        raise UserError(f"the timeout must be a positive number of seconds (got {timeout_seconds})")
     command = check_command({"id": uuid.uuid4().hex, "command": name, "value": value})
     if not is_trainer_running(run_dir):
         raise UserError(f"no trainer is running in {run_dir}: commands go to a live `gptrain train` (start or "

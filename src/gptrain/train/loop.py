@@ -12,75 +12,27 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gptrain.config import RunConfig, resolve_config, to_toml
-from gptrain.distributed import state as dstate
+from gptrain.config import RunConfig, resolve_config
 from gptrain.distributed.env import DistEnv
 from gptrain.errors import UserError
 from gptrain.eval.hellaswag import evaluate_hellaswag
 from gptrain.eval.val_loss import evaluate_loss
 from gptrain.files import restore_swaps
-from gptrain.metrics.sinks import cut_back, file_offsets
+from gptrain.metrics.sinks import cut_back
 from gptrain.metrics.system import SystemSampler
 from gptrain.metrics.throughput import estimate_mfu, peak_flops
 from gptrain.runtime import tune_malloc
 from gptrain.tokenizer import load_tokenizer
 from gptrain.train import checkpoint as ckpt
 from gptrain.train.control import PAUSE_POLL_SECONDS, ControlReader, TrainerLock
-from gptrain.train.run_dir import check_run_dir, find_auto_resume
+from gptrain.train.recovery import note_bad_step, recovery_factor
+from gptrain.train.run_dir import check_run_dir, find_auto_resume, is_unstarted_run
 from gptrain.train.run_log import build_sinks, emit, log_layout, write_report_card
 from gptrain.train.samples import write_sample
-from gptrain.train.schedule import extend_plan, planned_lr
+from gptrain.train.saving import read_resume_checkpoint, resume_command, resume_from, save_checkpoint
+from gptrain.train.schedule import planned_lr
 from gptrain.train.setup import Run, base_config_for_init, build_run, configure_device, create_run_dir, step_run
 from gptrain.train.step import autocast_context, uses_bf16
-
-
-def resume_from(run: Run, pieces: dict) -> None:
-    """Load optimizer, TrainState, loader position and RNG states from a checkpoint (weights are in)."""
-    saved = pieces["state"]["train"]
-    if saved["step"] and saved["tokens_seen"] != saved["step"] * run.plan.tokens_per_step:
-        raise UserError(f"this run trained on {saved['tokens_seen'] // saved['step']:,} tokens per step and would "
-                        f"now take {run.plan.tokens_per_step:,}: keep train.batch_tokens (the global batch) when "
-                        "resuming; the micro batch (--batch-size) and the number of ranks may change",
-                        is_echo=not run.env.is_main)
-    optim_sd = pieces["optimizer"]
-    if pieces["state"].get("format", 1) == 1:  # keyed by parameter index in build_optimizer's order
-        optim_sd = dstate.key_by_name(optim_sd, dstate.list_param_names(run.model, run.optimizer))
-    dstate.load_optimizer_state(run.model, run.optimizer, optim_sd)
-    # The stored param groups carry the old hyperparameters; the (possibly overridden) config wins.
-    for group, decay in zip(run.optimizer.param_groups, (run.cfg.optim.weight_decay, 0.0), strict=True):
-        group.update(weight_decay=decay, betas=(run.cfg.optim.beta1, run.cfg.optim.beta2), eps=run.cfg.optim.eps)
-    run.state = ckpt.TrainState(**pieces["state"]["train"])
-    if run.state.schedule_steps:  # a new --steps re-plans nothing silently (schedule.extend_plan)
-        run.state.schedule_tails = extend_plan(run.state.step, run.state.schedule_steps, run.state.schedule_tails,
-                                               run.plan.num_steps, run.cfg.schedule)
-    run.train_loader.load_state_dict(pieces["state"]["loader"])
-    ckpt.restore_rng(pieces["state"]["rng"], run.env.rank, fallback_seed=run.cfg.seed + run.env.rank,
-                     device=run.env.device)
-
-
-def save_checkpoint(run: Run, names: list[str], *, is_periodic: bool = False) -> None:
-    """Gather the full state on rank 0 (a collective: every rank calls this), then write it there in
-    the background; periodic ones are pruned to keep_last."""
-    model_sd, optim_sd = dstate.gather_state(run.model, run.optimizer, is_main=run.env.is_main)
-    rngs = run.env.gather_objects(ckpt.capture_rng(run.env.device))
-    if not run.env.is_main:
-        return
-    opt_tensors, opt_meta = ckpt.split_optimizer_state(optim_sd)
-    snapshot = ckpt.Snapshot(
-        model=model_sd,
-        optimizer=opt_tensors,
-        state=ckpt.make_state(run.state, run.train_loader.state_dict(), opt_meta, rngs, run.dataset_dir,
-                              file_offsets(run.run_dir)),
-        config_toml=to_toml(run.cfg),
-        tokenizer_json=run.tokenizer.to_json(),
-    )
-    folders = [run.run_dir / "checkpoints" / n for n in names]
-    run.writer.submit(snapshot, folders, run.cfg.checkpoint.keep_last if is_periodic else None)
-
-
-def resume_command(run: Run) -> str:
-    launcher = f"torchrun --nproc_per_node {run.env.world_size} -m gptrain" if run.env.is_distributed else "gptrain"
-    return f"{launcher} train --resume {run.run_dir}"
 
 
 def validate(run: Run, *, is_final: bool = False) -> tuple[float, list[str]]:
@@ -154,6 +106,8 @@ def train(
         resume = found
         if found is not None:
             cfg, init_from = resolve_config(found / "config.toml", overrides or {}), None
+    elif resume is not None and env.on_main(is_unstarted_run, Path(resume)):  # killed before its first checkpoint
+        cfg, resume, should_overwrite = replace(cfg, run_dir=str(resume)), None, True
     summary = _train(cfg, env, resume, init_from, should_overwrite, should_tune_malloc, log)
     # Left only on success: after an error, destroying an NCCL group can block on peers still inside a
     # collective; the process exits instead and torchrun ends the others.
@@ -163,12 +117,6 @@ def train(
         env.barrier()
         env.close()
     return summary
-
-
-def read_resume_checkpoint(run_dir: Path, env: DistEnv) -> dict:
-    """The newest checkpoint, chosen by rank 0 (every rank then reads that same folder)."""
-    folder = env.on_main(ckpt.latest_checkpoint_dir, run_dir)
-    return ckpt.read_checkpoint(folder)
 
 
 def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bool, should_tune_malloc: bool,
@@ -219,6 +167,9 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
                 return summarize(run, float("nan"), run.state.best_val_loss, "") | {"is_already_complete": True}
         with stop_on_signals(run):
             return _loop(run)
+    except Exception as e:
+        e.run_dir = run.run_dir  # where the command line writes the traceback (cli.report_crash)
+        raise
     finally:
         run.writer.wait()
         for sink in run.sinks:
@@ -253,6 +204,7 @@ def after_step(run: Run, should_stop: bool) -> tuple[bool, bool]:
     """Evaluate, sample and checkpoint when due (on every rank: these are collectives under FSDP).
     Returns (is_early_stop, is_stopping); one snapshot serves every folder due at this step."""
     cfg, state = run.cfg, run.state
+    run.writer.raise_if_failed()  # a checkpoint write that failed (a full disk) stops the run here
     names, is_early_stop = [], False
     # A stop skips evaluation and samples: torchrun kills workers that take longer than ~30 s to exit.
     eval_every = cfg.eval.every_steps if state.eval_every_steps is None else state.eval_every_steps
@@ -286,7 +238,8 @@ def _loop(run: Run) -> dict:
     run.model.train()
     while state.step < plan.num_steps and not is_early_stop:
         started = time.perf_counter()
-        lr = planned_lr(state.step, state.schedule_steps, state.schedule_tails, cfg.schedule) * state.lr_scale
+        lr = planned_lr(state.step, state.schedule_steps, state.schedule_tails, cfg.schedule) * state.lr_scale \
+            * recovery_factor(run)
         is_guarded = cfg.train.spike_factor > 0 and state.loss_ema is not None and state.step >= 10
         max_loss = cfg.train.spike_factor * state.loss_ema if is_guarded else float("inf")
         result = step_run(run, lr, max_loss, has_commands=lambda: has_commands(run))
@@ -296,14 +249,8 @@ def _loop(run: Run) -> dict:
         state.elapsed_seconds += seconds
         last_loss = result.loss
         if not result.is_applied:
-            state.num_bad_steps += 1
-            emit(run, {"kind": "event", "message": f"step {state.step}: loss {last_loss:.4g} is non-finite or a "
-                                                   f"spike (limit {max_loss:.4g}); update skipped"})
-            if state.num_bad_steps >= cfg.train.max_bad_steps:
-                raise UserError(f"{state.num_bad_steps} bad steps in a row: lower schedule.peak_lr "
-                                f"(now {cfg.schedule.peak_lr}) or check the data", is_echo=not env.is_main)
+            note_bad_step(run, last_loss, max_loss)  # and after too many, a rollback (train/recovery.py)
         else:
-            state.num_bad_steps = 0
             state.loss_ema = last_loss if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * last_loss
         recent = (recent + [seconds])[-20:]
         mean_step_seconds = sum(recent) / len(recent)

@@ -54,6 +54,14 @@ def has_checkpoint(run_dir: Path) -> bool:
     return True
 
 
+def is_unstarted_run(run_dir: Path) -> bool:
+    """A run killed before it wrote its first checkpoint: `--resume` starts it again at step 0, in place
+    (never one a live trainer holds: that resume is refused as usual)."""
+    from gptrain.train.control import is_trainer_running
+
+    return is_run_dir(run_dir) and not has_checkpoint(run_dir) and not is_trainer_running(run_dir)
+
+
 def find_auto_resume(cfg: RunConfig) -> tuple[Path | None, bool]:
     """For `--resume auto`: (run to resume, None to start one; whether starting may replace cfg.run_dir).
 

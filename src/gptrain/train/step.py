@@ -28,8 +28,12 @@ class TrainConfig:
     compile: str = "auto"  # auto: torch.compile on CUDA only
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation, for checks)
     use_tf32: bool = True  # fp32 matmuls on TF32 tensor cores (CUDA)
-    max_bad_steps: int = 10  # skipped steps in a row (non-finite, or spikes) before the run stops
     spike_factor: float = 0.0  # skip an update whose loss exceeds this times the running mean; 0: off
+    max_bad_steps: int = 10  # skipped steps (non-finite, or spikes) within bad_step_window: then a rollback
+    bad_step_window: int = 100
+    recovery_factor: float = 0.5  # lr multiplier right after a rollback, rising back to 1 ...
+    recovery_steps: int = 100  # ... over this many steps
+    max_rollbacks: int = 3  # then the run gives up (exit 1)
     log_every_steps: int = 10
     use_activation_checkpointing: bool = False  # recompute block activations in backward: less memory
 
@@ -44,6 +48,12 @@ class TrainConfig:
             raise UserError(f"train.compile must be one of {', '.join(COMPILE_MODES)} (got {self.compile!r})")
         if self.spike_factor < 0 or (0 < self.spike_factor <= 1):
             raise UserError(f"train.spike_factor must be 0 (off) or above 1 (got {self.spike_factor})")
+        if self.max_bad_steps < 1 or self.bad_step_window < self.max_bad_steps:
+            raise UserError(f"train.max_bad_steps must be >= 1 and train.bad_step_window >= it (got "
+                            f"{self.max_bad_steps} within {self.bad_step_window})")
+        if not 0 < self.recovery_factor <= 1 or self.recovery_steps < 0 or self.max_rollbacks < 0:
+            raise UserError("train.recovery_factor must be in (0, 1], train.recovery_steps and train.max_rollbacks "
+                            f">= 0 (got {self.recovery_factor}, {self.recovery_steps}, {self.max_rollbacks})")
         if self.log_every_steps < 1:
             raise UserError("train.log_every_steps must be at least 1")
 

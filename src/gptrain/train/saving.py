@@ -1,0 +1,78 @@
+"""A Run's checkpoints: saving one (gathered on rank 0, written in the background) and resuming from one
+(optimizer, TrainState with its lr plan, loader position, RNG states)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gptrain.config import to_toml
+from gptrain.distributed import state as dstate
+from gptrain.distributed.env import DistEnv
+from gptrain.errors import UserError
+from gptrain.metrics.sinks import file_offsets
+from gptrain.train import checkpoint as ckpt
+from gptrain.train.run_log import emit
+from gptrain.train.schedule import extend_plan
+from gptrain.train.setup import Run
+
+
+def resume_from(run: Run, pieces: dict) -> None:
+    """Load optimizer, TrainState, loader position and RNG states from a checkpoint (weights are in)."""
+    saved = pieces["state"]["train"]
+    if saved["step"] and saved["tokens_seen"] != saved["step"] * run.plan.tokens_per_step:
+        raise UserError(f"this run trained on {saved['tokens_seen'] // saved['step']:,} tokens per step and would "
+                        f"now take {run.plan.tokens_per_step:,}: keep train.batch_tokens (the global batch) when "
+                        "resuming; the micro batch (--batch-size) and the number of ranks may change",
+                        is_echo=not run.env.is_main)
+    optim_sd = pieces["optimizer"]
+    if pieces["state"].get("format", 1) == 1:  # keyed by parameter index in build_optimizer's order
+        optim_sd = dstate.key_by_name(optim_sd, dstate.list_param_names(run.model, run.optimizer))
+    dstate.load_optimizer_state(run.model, run.optimizer, optim_sd)
+    # The stored param groups carry the old hyperparameters; the (possibly overridden) config wins.
+    for group, decay in zip(run.optimizer.param_groups, (run.cfg.optim.weight_decay, 0.0), strict=True):
+        group.update(weight_decay=decay, betas=(run.cfg.optim.beta1, run.cfg.optim.beta2), eps=run.cfg.optim.eps)
+    run.state = ckpt.TrainState(**pieces["state"]["train"])
+    if run.state.schedule_steps:  # a new --steps re-plans nothing silently (schedule.extend_plan)
+        run.state.schedule_tails = extend_plan(run.state.step, run.state.schedule_steps, run.state.schedule_tails,
+                                               run.plan.num_steps, run.cfg.schedule)
+    run.train_loader.load_state_dict(pieces["state"]["loader"])
+    ckpt.restore_rng(pieces["state"]["rng"], run.env.rank, fallback_seed=run.cfg.seed + run.env.rank,
+                     device=run.env.device)
+
+
+def save_checkpoint(run: Run, names: list[str], *, is_periodic: bool = False) -> None:
+    """Gather the full state on rank 0 (a collective: every rank calls this), then write it there in
+    the background; periodic ones are pruned to keep_last."""
+    model_sd, optim_sd = dstate.gather_state(run.model, run.optimizer, is_main=run.env.is_main)
+    rngs = run.env.gather_objects(ckpt.capture_rng(run.env.device))
+    if not run.env.is_main:
+        return
+    bad = next((name for name, t in model_sd.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:  # never a checkpoint a resume or rollback would load into a broken model
+        emit(run, {"kind": "event", "message": f"step {run.state.step}: checkpoint {', '.join(names)} not written: "
+                                               f"{bad} holds non-finite values"})
+        return
+    opt_tensors, opt_meta = ckpt.split_optimizer_state(optim_sd)
+    snapshot = ckpt.Snapshot(
+        model=model_sd,
+        optimizer=opt_tensors,
+        state=ckpt.make_state(run.state, run.train_loader.state_dict(), opt_meta, rngs, run.dataset_dir,
+                              file_offsets(run.run_dir), is_complete="final" in names),
+        config_toml=to_toml(run.cfg),
+        tokenizer_json=run.tokenizer.to_json(),
+    )
+    folders = [run.run_dir / "checkpoints" / n for n in names]
+    run.writer.submit(snapshot, folders, run.cfg.checkpoint.keep_last if is_periodic else None)
+
+
+def resume_command(run: Run) -> str:
+    launcher = f"torchrun --nproc_per_node {run.env.world_size} -m gptrain" if run.env.is_distributed else "gptrain"
+    return f"{launcher} train --resume {run.run_dir}"
+
+
+def read_resume_checkpoint(run_dir: Path, env: DistEnv) -> dict:
+    """The newest checkpoint, chosen by rank 0 (every rank then reads that same folder)."""
+    folder = env.on_main(ckpt.latest_checkpoint_dir, run_dir)
+    return ckpt.read_checkpoint(folder)
