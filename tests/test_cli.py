@@ -179,3 +179,25 @@ def test_exit_codes_are_documented_in_the_readme():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for code in EXIT_CODES:
         assert f"| {code} |" in readme
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_mistakes_are_refused_before_any_data_is_prepared_or_run_changed(capsys, tmp_path, corpus_dir):
+    for bad, message in [(["--schedule.num_warmup_steps", "3"], "num_warmup_steps=3 is not below the run's 3 steps"),
+                         (["--train.batch_tokens", "100"], "train.batch_tokens=100 is not a multiple")]:
+        code, _, err = run_cli(capsys, "train", *tiny_args(tmp_path, corpus_dir), *bad)
+        assert code == 2 and message in err and err.count("\n") == 1
+        assert not (tmp_path / "ds").exists() and not (tmp_path / "run").exists()
+    assert run_cli(capsys, "train", *tiny_args(tmp_path, corpus_dir))[0] == 0
+    run = tmp_path / "run"
+    before = _tree(run), _tree(tmp_path / "ds")
+    other = tmp_path / "other.txt"
+    other.write_text("another corpus entirely\n" * 200)
+    for bad, message in [(["--context", "16"], "its model.block_size is 32, not 16"),
+                         (["--data", str(other)], "its data.source is"), (["--seed", "3"], "its seed is 1337")]:
+        code, _, err = run_cli(capsys, "train", "--resume", str(run), *bad)
+        assert code == 2 and message in err and "--init-from" in err, err
+    assert (_tree(run), _tree(tmp_path / "ds")) == before  # nothing prepared, nothing written

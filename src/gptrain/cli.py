@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: no top-k cut, every token may be drawn)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="keep the k most likely tokens (0: no top-k cut, every token may be drawn)")
     p.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this much mass")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=int, help="makes sampling repeatable")

@@ -20,7 +20,7 @@ def tiny_values(tmp_path, corpus, **extra):
     values = {
         "data.source": str(corpus), "data.data_dir": str(tmp_path / "dataset"), "data.val_fraction": 0.2,
         "tokenizer.kind": "char", "embd": 32, "layers": 2, "heads": 2, "context": 32, "batch-size": 8,
-        "steps": 60, "lr": 1e-2, "schedule.num_warmup_steps": 5, "eval.every_steps": 20, "eval.num_batches": 4,
+        "steps": 60, "lr": 1e-2, "eval.every_steps": 20, "eval.num_batches": 4,
         "samples.every_steps": 30, "samples.num_tokens": 20, "checkpoint.every_steps": 30, "log.live": "off",
         "log.is_quiet": True, "run_dir": str(tmp_path / "run"), "train.log_every_steps": 20,
     }

@@ -6,7 +6,6 @@ Dims: B batch, T sequence, V vocab.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 

@@ -29,7 +29,13 @@ from gptrain.train.recovery import note_bad_step, recovery_factor
 from gptrain.train.run_dir import check_run_dir, find_auto_resume, is_unstarted_run
 from gptrain.train.run_log import build_sinks, emit, log_layout, write_report_card
 from gptrain.train.samples import write_sample
-from gptrain.train.saving import read_resume_checkpoint, resume_command, resume_from, save_checkpoint
+from gptrain.train.saving import (
+    check_resume_config,
+    read_resume_checkpoint,
+    resume_command,
+    resume_from,
+    save_checkpoint,
+)
 from gptrain.train.schedule import planned_lr
 from gptrain.train.setup import Run, base_config_for_init, build_run, configure_device, create_run_dir, step_run
 from gptrain.train.step import autocast_context, uses_bf16
@@ -133,6 +139,7 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
     fixed_tokenizer, weights, pieces = None, None, None
     if resume is not None:
         pieces = read_resume_checkpoint(run_dir, env)
+        check_resume_config(cfg, pieces["config_toml"], env.is_main)
         fixed_tokenizer, weights = load_tokenizer(pieces["tokenizer_path"]), pieces["model"]
     elif init_from is not None:
         init_pieces = ckpt.read_checkpoint(ckpt.resolve_checkpoint_dir(init_from), with_optimizer=False)

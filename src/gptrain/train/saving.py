@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from gptrain.config import to_toml
+from gptrain.config import RunConfig, from_toml_text, to_dict, to_toml
 from gptrain.distributed import state as dstate
 from gptrain.distributed.env import DistEnv
 from gptrain.errors import UserError
@@ -16,6 +16,30 @@ from gptrain.train import checkpoint as ckpt
 from gptrain.train.run_log import emit
 from gptrain.train.schedule import extend_plan
 from gptrain.train.setup import Run
+
+# What a resume cannot change (the data, its split, the tokenizer, the model's shape, the seed); the
+# micro batch, the number of ranks, the lr, dropout and the intervals may change.
+RESUME_FIXED = ("seed", "data.source", "data.val_source", "data.text_field", "data.val_fraction", "data.val_tokens",
+                "data.shard_tokens", "data.split_seed", "tokenizer.kind", "tokenizer.vocab_size",
+                "tokenizer.max_train_chars", "model.n_embd", "model.n_layer", "model.n_head", "model.block_size",
+                "model.bias", "model.tie_weights", "model.vocab_multiple")
+
+
+def check_resume_config(cfg: RunConfig, saved_toml: str, is_main: bool) -> None:
+    """Before any data is prepared: refuse a resume whose flags change what the checkpoint was trained on."""
+    saved, now = _flat(to_dict(from_toml_text(saved_toml))), _flat(to_dict(cfg))
+    for key in RESUME_FIXED:
+        if key in saved and saved[key] != now.get(key):
+            raise UserError(f"--resume continues the run as it was trained: its {key} is {saved[key]!r}, not "
+                            f"{now.get(key)!r}; drop that flag, or fine-tune from it in a new run (--init-from)",
+                            is_echo=not is_main)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
 
 
 def resume_from(run: Run, pieces: dict) -> None:

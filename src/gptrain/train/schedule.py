@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gptrain.errors import UserError
 
 KINDS = ("cosine", "linear", "constant", "wsd")
+AUTO_WARMUP_STEPS = 100  # at most; a tenth of a shorter run
 EXTEND_RULES = ("off", "hold")
 
 
 @dataclass(kw_only=True)
 class ScheduleConfig:
     peak_lr: float = 2e-3
-    num_warmup_steps: int = 100
+    num_warmup_steps: int = -1  # -1: auto, min(100, a tenth of the run); an explicit one is below the run's steps
     kind: str = "cosine"  # decay after warmup: cosine, linear, constant, or wsd (warmup-stable-decay)
     final_lr_ratio: float = 0.1  # lr at the last step = peak_lr * final_lr_ratio
     decay_fraction: float = 0.2  # wsd (and extend=hold): the share of steps spent decaying at the end
@@ -25,8 +26,8 @@ class ScheduleConfig:
             raise UserError(f"schedule.kind must be one of {', '.join(KINDS)} (got {self.kind!r})")
         if self.peak_lr <= 0:
             raise UserError(f"schedule.peak_lr must be positive (got {self.peak_lr})")
-        if self.num_warmup_steps < 0:
-            raise UserError(f"schedule.num_warmup_steps must be >= 0 (got {self.num_warmup_steps})")
+        if self.num_warmup_steps < -1:
+            raise UserError(f"schedule.num_warmup_steps must be >= 0, or -1 for auto (got {self.num_warmup_steps})")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise UserError(f"schedule.decay_fraction must be in (0, 1] (got {self.decay_fraction})")
         if self.extend not in EXTEND_RULES:
@@ -35,8 +36,22 @@ class ScheduleConfig:
             raise UserError(f"schedule.final_lr_ratio must be in [0, 1] (got {self.final_lr_ratio})")
 
 
+def resolve_warmup(cfg: ScheduleConfig, num_steps: int) -> ScheduleConfig:
+    """The warmup a run of num_steps uses (auto resolved, so the run's config.toml stores the number); an
+    explicit warmup that is not below num_steps would never reach peak_lr: a mistake."""
+    if cfg.num_warmup_steps == -1:
+        return replace(cfg, num_warmup_steps=min(AUTO_WARMUP_STEPS, num_steps // 10))
+    if cfg.num_warmup_steps >= num_steps:
+        raise UserError(f"schedule.num_warmup_steps={cfg.num_warmup_steps} is not below the run's {num_steps} "
+                        f"steps, so the lr would never reach peak_lr: lower it, or leave it out (auto: "
+                        f"min({AUTO_WARMUP_STEPS}, steps / 10))")
+    return cfg
+
+
 def lr_at(step: int, num_steps: int, cfg: ScheduleConfig) -> float:
     """Linear warmup over num_warmup_steps, then decay to peak_lr * final_lr_ratio at num_steps."""
+    if cfg.num_warmup_steps == -1:
+        cfg = resolve_warmup(cfg, num_steps)
     if step < cfg.num_warmup_steps:
         return cfg.peak_lr * (step + 1) / cfg.num_warmup_steps
     floor = cfg.peak_lr * cfg.final_lr_ratio

@@ -39,7 +39,7 @@ from gptrain.train.control import ControlReader
 from gptrain.train.optim import build_optimizer
 from gptrain.train.run_dir import is_run_dir
 from gptrain.train.samples import SamplesConfig
-from gptrain.train.schedule import lr_at
+from gptrain.train.schedule import lr_at, resolve_warmup
 from gptrain.train.step import StepResult, TrainConfig, autocast_context, train_step, uses_bf16
 
 
@@ -85,8 +85,15 @@ class Run:
     is_save_requested: bool = False  # a save command: checkpoint at this step boundary
 
 
-def derive_plan(cfg: RunConfig, loader: ShardLoader, world_size: int) -> Plan:
-    """Accumulation from the global batch (tokens), micro batch and world size; steps from epochs."""
+def check_before_data(cfg: RunConfig, world_size: int) -> None:
+    """What can be refused before any data is prepared (so a refused run has changed no file): the batch
+    layout, and the warmup against a run given in steps. Checks that need the data come after it."""
+    global_batch_tokens(cfg, world_size)
+    if cfg.train.num_epochs <= 0:
+        resolve_warmup(cfg.schedule, cfg.train.num_steps)
+
+
+def global_batch_tokens(cfg: RunConfig, world_size: int) -> int:
     micro_tokens = cfg.train.batch_size * cfg.model.block_size * world_size
     batch_tokens = cfg.train.batch_tokens or micro_tokens
     if batch_tokens % micro_tokens:
@@ -94,6 +101,13 @@ def derive_plan(cfg: RunConfig, loader: ShardLoader, world_size: int) -> Plan:
             f"train.batch_tokens={batch_tokens} is not a multiple of batch_size x block_size x world_size "
             f"= {micro_tokens}: pick a multiple, or 0 for no accumulation"
         )
+    return batch_tokens
+
+
+def derive_plan(cfg: RunConfig, loader: ShardLoader, world_size: int) -> Plan:
+    """Accumulation from the global batch (tokens), micro batch and world size; steps from epochs."""
+    micro_tokens = cfg.train.batch_size * cfg.model.block_size * world_size
+    batch_tokens = global_batch_tokens(cfg, world_size)
     num_micro_steps = batch_tokens // micro_tokens
     num_steps = cfg.train.num_steps
     if cfg.train.num_epochs > 0:
@@ -178,6 +192,11 @@ def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Toke
 
     fixed_tokenizer: the tokenizer a resumed run or a fine-tuned checkpoint already uses.
     """
+    try:
+        check_before_data(cfg, env.world_size)
+    except UserError as e:  # every rank makes the same mistake: rank 0 says it
+        e.is_echo = not env.is_main
+        raise
     dataset = prepare_data(cfg.data, cfg.tokenizer, env, fixed_tokenizer, log)
     items = read_hellaswag(cfg.eval, env, log)
     try:
@@ -214,7 +233,7 @@ def _build_on(dataset: Path, cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_
     # number of ranks or with another micro batch keeps both.
     eval_tokens = num_eval_windows(cfg.eval, cfg.train.batch_size, cfg.model.block_size) * cfg.model.block_size
     cfg = replace(cfg, train=replace(cfg.train, batch_tokens=plan.tokens_per_step),
-                  eval=replace(cfg.eval, num_tokens=eval_tokens))
+                  eval=replace(cfg.eval, num_tokens=eval_tokens), schedule=resolve_warmup(cfg.schedule, plan.num_steps))
     val_windows = sample_windows(val_loader, eval_tokens // cfg.model.block_size)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
     model = GPT(cfg.model)
