@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gptrain.config import RunConfig, resolve_config
+from gptrain.config import ALIASES, RunConfig, resolve_config
 from gptrain.distributed.env import DistEnv
 from gptrain.errors import UserError
 from gptrain.eval.hellaswag import evaluate_hellaswag
@@ -37,7 +37,7 @@ from gptrain.train.saving import (
     save_checkpoint,
 )
 from gptrain.train.schedule import planned_lr
-from gptrain.train.setup import Run, base_config_for_init, build_run, configure_device, create_run_dir, step_run
+from gptrain.train.setup import Run, build_run, config_for_init, configure_device, create_run_dir, step_run
 from gptrain.train.step import autocast_context, uses_bf16
 
 
@@ -114,7 +114,8 @@ def train(
             cfg, init_from = resolve_config(found / "config.toml", overrides or {}), None
     elif resume is not None and env.on_main(is_unstarted_run, Path(resume)):  # killed before its first checkpoint
         cfg, resume, should_overwrite = replace(cfg, run_dir=str(resume)), None, True
-    summary = _train(cfg, env, resume, init_from, should_overwrite, should_tune_malloc, log)
+    explicit = None if overrides is None else {ALIASES.get(k, k) for k in overrides}
+    summary = _train(cfg, env, resume, init_from, should_overwrite, should_tune_malloc, explicit, log)
     # Left only on success: after an error, destroying an NCCL group can block on peers still inside a
     # collective; the process exits instead and torchrun ends the others.
     if not is_joined:
@@ -126,7 +127,7 @@ def train(
 
 
 def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bool, should_tune_malloc: bool,
-           log) -> dict:
+           explicit: set[str] | None, log) -> dict:
     if resume is not None:
         cfg = replace(cfg, run_dir=str(resume))
     configure_device(cfg.train, env)
@@ -143,8 +144,9 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
         fixed_tokenizer, weights = load_tokenizer(pieces["tokenizer_path"]), pieces["model"]
     elif init_from is not None:
         init_pieces = ckpt.read_checkpoint(ckpt.resolve_checkpoint_dir(init_from), with_optimizer=False)
-        cfg = base_config_for_init(cfg, init_pieces["config_toml"])
-        fixed_tokenizer, weights = load_tokenizer(init_pieces["tokenizer_path"]), init_pieces["model"]
+        cfg, weights = config_for_init(cfg, init_pieces["config_toml"], init_pieces["model"], explicit,
+                                       log if env.is_main else (lambda *_: None))
+        fixed_tokenizer = load_tokenizer(init_pieces["tokenizer_path"])
     run = build_run(cfg, env, run_dir, fixed_tokenizer, weights, log)
     if should_tune_malloc:
         tune_malloc()  # after setup, so the corpus tokenizing's peak memory was returned to the OS

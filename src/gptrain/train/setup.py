@@ -128,10 +128,40 @@ def create_run_dir(run: Run, *, should_overwrite: bool) -> None:
     save_tokenizer(run.tokenizer, run.run_dir / "tokenizer.json")
 
 
-def base_config_for_init(cfg: RunConfig, config_toml: str) -> RunConfig:
-    """Fine-tuning keeps the checkpoint's architecture and tokenizer; only dropout may change."""
-    base = from_toml_text(config_toml)
-    return replace(cfg, model=replace(base.model, dropout=cfg.model.dropout), tokenizer=base.tokenizer)
+SHAPE_KEYS = ("n_embd", "n_layer", "n_head", "bias", "tie_weights")
+
+
+def config_for_init(cfg: RunConfig, config_toml: str, weights: dict, explicit: set[str] | None,
+                    log) -> tuple[RunConfig, dict]:
+    """Fine-tuning keeps the checkpoint's shape and tokenizer: a size or tokenizer given on the command
+    line that differs is refused (not silently dropped); a smaller --context crops the position table,
+    with a note. explicit: the keys the command line set (None: those that differ from the defaults)."""
+    base, default = from_toml_text(config_toml), RunConfig()
+
+    def given(section: str, name: str) -> bool:
+        if explicit is not None:
+            return f"{section}.{name}" in explicit
+        return getattr(getattr(cfg, section), name) != getattr(getattr(default, section), name)
+
+    for name in SHAPE_KEYS:
+        if given("model", name) and getattr(cfg.model, name) != getattr(base.model, name):
+            raise UserError(f"--init-from keeps the checkpoint's shape: its model.{name} is "
+                            f"{getattr(base.model, name)}, not {getattr(cfg.model, name)}; drop that flag")
+    tok_now, tok_base = cfg.tokenizer, base.tokenizer
+    if given("tokenizer", "kind") and (tok_now.kind, tok_now.vocab_size) != (tok_base.kind, tok_base.vocab_size):
+        if tok_now.kind != tok_base.kind or tok_now.kind == "bpe":
+            raise UserError(f"--init-from keeps the checkpoint's tokenizer ({tok_base.kind}); a model cannot "
+                            f"change to --tokenizer {tok_now.kind}: drop that flag")
+    block_size = base.model.block_size
+    if given("model", "block_size") and cfg.model.block_size != block_size:
+        if cfg.model.block_size > block_size:
+            raise UserError(f"the checkpoint's position table has {block_size} positions: --context "
+                            f"{cfg.model.block_size} needs more; use --context {block_size} or less")
+        block_size = cfg.model.block_size
+        weights = dict(weights, **{"transformer.wpe.weight": weights["transformer.wpe.weight"][:block_size]})
+        log(f"note: the position table is cropped from {base.model.block_size} to {block_size} positions")
+    model = replace(base.model, dropout=cfg.model.dropout, block_size=block_size)
+    return replace(cfg, model=model, tokenizer=base.tokenizer), weights
 
 
 def checked_sample_prompt(cfg: SamplesConfig, tokenizer: Tokenizer) -> SamplesConfig:
