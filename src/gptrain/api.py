@@ -17,7 +17,7 @@ from gptrain.model.generate import SampleConfig, stream_tokens
 from gptrain.model.gpt import GPT
 from gptrain.tokenizer import Tokenizer, load_tokenizer
 from gptrain.tokenizer.base import prompt_ids
-from gptrain.train.checkpoint import load_model_weights, read_checkpoint, resolve_checkpoint_dir
+from gptrain.train.checkpoint import load_model_weights, read_checkpoint
 from gptrain.train.step import autocast_context
 
 
@@ -31,8 +31,11 @@ class Checkpoint:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> Checkpoint:
-        """A checkpoint folder, or a run directory (its final/, else latest, else best checkpoint)."""
-        folder = resolve_checkpoint_dir(path)
+        """A checkpoint folder, or a run directory (its final/, else latest, else best checkpoint), or a
+        Hugging Face folder or Hub name (gptrain.interop.resolve_model_source)."""
+        from gptrain.interop import resolve_model_source
+
+        folder = resolve_model_source(path)  # a gptrain checkpoint or run; or an HF folder or Hub name, imported
         pieces = read_checkpoint(folder, with_optimizer=False)
         config = from_toml_text(pieces["config_toml"])
         tokenizer = load_tokenizer(pieces["tokenizer_path"])

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from gptrain.cli_eval import EVAL_COMMANDS, add_eval_parsers, dashboard_beside
-from gptrain.errors import RunStopped, UserError, report_crash
+from gptrain.cli_interop import INTEROP_COMMANDS, add_interop_parsers
+from gptrain.errors import RunStopped, UserError, is_lost_peer, report_crash
 
 TRAIN_EPILOG = """\
 Any config field can be set as --section.field=value (or GPTRAIN_SECTION__FIELD=value in the
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
 
     add_eval_parsers(sub)
+    add_interop_parsers(sub)
 
     p = sub.add_parser("check-equivalence", help="check that N ranks (DDP, ZeRO-1, FSDP) and accumulation train "
                        "like one process: a table of the largest differences; exit 0 when all match")
@@ -205,16 +207,12 @@ def _recipe(args: argparse.Namespace) -> Path | None:
             raise UserError("--resume takes the run's own config.toml; pass overrides as flags, not a recipe")
         recipe = Path(args.resume) / "config.toml"
         if not Path(args.resume).exists():
-            raise UserError(f"run directory {args.resume} does not exist: give the folder of the run to continue")
+            raise UserError(f"run directory {args.resume} does not exist: give the folder of the run to continue (a "
+                            "run killed before its folder was made, while its data was prepared, starts again with "
+                            f"its first command; job scripts can use --resume auto --run-dir {args.resume})")
         if not recipe.is_file():
             raise UserError(f"{args.resume} is not a run directory (no config.toml in it)")
     return recipe
-
-
-def _is_lost_peer(e: Exception) -> bool:
-    """A collective that failed because a peer process went away (gloo or NCCL), not this rank's bug."""
-    text = str(e)
-    return "Connection closed by peer" in text or "Connection reset by peer" in text or "NCCL communicator" in text
 
 
 def cmd_train(args: argparse.Namespace, extra: dict[str, str]) -> int:
@@ -364,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command in EVAL_COMMANDS:
             return EVAL_COMMANDS[args.command](args)
+        if args.command in INTEROP_COMMANDS:
+            return INTEROP_COMMANDS[args.command](args)
         if args.command == "check-equivalence":
             return cmd_check_equivalence(args)
         if args.command == "presets":
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Exception as e:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun's summary follows; this names the rank first
-            if _is_lost_peer(e):
+            if is_lost_peer(e):
                 print(f"gptrain: rank {_rank()} stopped: another rank failed or was killed (see torchrun's summary "
                       f"for which one): {str(e).splitlines()[0][:200]}", file=sys.stderr)
                 return 1

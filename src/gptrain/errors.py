@@ -66,3 +66,9 @@ def report_crash(e: Exception) -> int:
     print(f"gptrain: crashed{f' (rank {rank()})' if rank() else ''}: {type(e).__name__}: {first} ({where}; "
           "checkpoints already written are intact: --resume continues from the last one)", file=sys.stderr)
     return 1
+
+
+def is_lost_peer(e: Exception) -> bool:
+    """A collective that failed because a peer process went away (gloo or NCCL), not this rank's bug."""
+    text = str(e)
+    return "Connection closed by peer" in text or "Connection reset by peer" in text or "NCCL communicator" in text

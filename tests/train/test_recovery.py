@@ -81,3 +81,38 @@ def test_giving_up_is_one_line_and_exit_1(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_train", diverge)
     assert cli.main(["train"]) == 1
     assert capsys.readouterr().err == "gptrain: gave up at step 9: ...\n"
+
+
+def test_spike_batches_are_skipped_and_rolled_back_past(tmp_path, corpus_dir, monkeypatch):
+    """Batches whose targets are noise (a corrupt stretch of data): the loss jumps far above its running
+    mean, so with train.spike_factor those updates are skipped, and three of them roll the run back."""
+    real = loop.step_run
+    spiky = {20, 21, 22}
+
+    def step_run(run, *args, **kwargs):
+        if run.state.step not in spiky:
+            return real(run, *args, **kwargs)
+        loader, next_batch = run.train_loader, run.train_loader.next_batch
+        noise = torch.Generator().manual_seed(run.state.step)
+
+        def corrupt():
+            x, y = next_batch()  # the data position moves on: this stretch is not seen again
+            return x, torch.randint(0, int(y.max()) + 1, y.shape, generator=noise)
+
+        loader.next_batch = corrupt
+        try:
+            return real(run, *args, **kwargs)
+        finally:
+            del loader.next_batch
+
+    monkeypatch.setattr(loop, "step_run", step_run)
+    values = _values(tmp_path, corpus_dir, **{"train.spike_factor": 1.3, "steps": 30})
+    train(resolve_config(None, values, environ={}), log=lambda *_: None)
+    run = tmp_path / "run"
+    events = [r["message"] for r in _rows(run, "event")]
+    skipped = [m for m in events if "update skipped" in m]
+    assert [m.split(":")[0] for m in skipped] == ["step 21", "step 22", "step 23"]
+    assert all("limit" in m for m in skipped)
+    assert any(m.startswith("step 23:") and "checkpoint step_000020" in m for m in events if "rolled back" in m)
+    losses = {r["step"]: r["loss"] for r in _rows(run, "train")}
+    assert all(losses[s] > 1.3 * losses[20] for s in (21, 22, 23)) and losses[30] < losses[21]

@@ -4,7 +4,9 @@ config, tokenizer and where they came from, which `--init-from`, `generate` and 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -61,3 +63,29 @@ def pad_vocab(weights: dict[str, torch.Tensor], model_cfg: ModelConfig) -> dict[
             t = out[name][: min(rows, out[name].shape[0])]
             out[name] = torch.cat([t, t.new_zeros(rows - t.shape[0], t.shape[1])]) if t.shape[0] < rows else t
     return out
+
+
+def resolve_model_source(source: str | Path) -> Path:
+    """The gptrain checkpoint folder that `--init-from` and `generate --checkpoint` use for `source`, looked up
+    in this order: a local gptrain checkpoint or run directory; a local Hugging Face folder; a Hub name
+    (through huggingface_hub: its cache, HF_HUB_OFFLINE, HF_ENDPOINT). A Hugging Face model is imported
+    once into $GPTRAIN_CACHE/imported/ and reused from there."""
+    from gptrain.tokenizer.gpt2_assets import cache_dir
+    from gptrain.train.checkpoint import resolve_checkpoint_dir
+
+    path = Path(source)
+    is_hf_folder = (path / "config.json").is_file() and not (path / "state.json").is_file()
+    may_be_hub_name = not path.exists() and re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", str(source))
+    if not (is_hf_folder or may_be_hub_name):
+        return resolve_checkpoint_dir(path)
+    from gptrain.interop.hf import import_hf, resolve_hf
+
+    hf_folder = resolve_hf(source)
+    if hf_folder is None:
+        return resolve_checkpoint_dir(path)  # says it does not exist, or holds no checkpoint
+    key = hashlib.sha256(str(Path(hf_folder).resolve()).encode()).hexdigest()[:12]
+    target = cache_dir() / "imported" / f"{re.sub(r'[^A-Za-z0-9._-]+', '-', str(source)).strip('-')[:60]}-{key}"
+    if not (target / "state.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        import_hf(hf_folder, target)
+    return target

@@ -167,8 +167,13 @@ def named_dir(checkpoints_dir: Path, name: str) -> Path:
 
 
 def prune_periodic(checkpoints_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest keep_last step_* folders; each is renamed to <name>.tmp first, so a kill
+    in the middle of deleting leaves a leftover that no reader takes for a checkpoint."""
     for old in periodic_dirs(checkpoints_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = old.with_name(old.name + ".tmp")
+        shutil.rmtree(doomed, ignore_errors=True)
+        old.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 class CheckpointWriter:
@@ -261,7 +266,7 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     raise UserError(f"{path} holds no checkpoint (no model.safetensors in it or in checkpoints/*)")
 
 
-def _step_of(folder: Path) -> int:
+def step_of(folder: Path) -> int:
     try:
         return int(json.loads((folder / "state.json").read_text())["train"]["step"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
@@ -275,7 +280,7 @@ def latest_checkpoint_dir(run_dir: Path) -> Path:
                   if (p / "state.json").is_file()]
     if not candidates:
         raise UserError(f"{run_dir} has no checkpoint to resume from")
-    return max(candidates, key=_step_of)
+    return max(candidates, key=step_of)
 
 
 def load_model_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
@@ -315,11 +320,12 @@ def read_checkpoint(folder: Path, *, with_optimizer: bool = True) -> dict:
 
 def make_state(train: TrainState, loader: dict, optimizer_meta: dict, rng_per_rank: list[dict],
                dataset_dir: Path | None = None, metrics_offsets: dict[str, int] | None = None,
-               is_complete: bool = False) -> dict:
+               is_complete: bool = False, folders: list[str] | None = None) -> dict:
     """state.json: format 2 keys the optimizer by parameter name and keeps every rank's RNG states;
     dataset_dir (absolute) lets `gptrain eval` find the run's val split from any working directory;
     metrics_offsets are the metric files' sizes at this checkpoint (a resume cuts them back to these);
-    is_complete: the run ended here (its last step, or an early stop), not a stop or a periodic save."""
+    is_complete: the run ended here (its last step, or an early stop), not a stop or a periodic save;
+    folders: every folder this snapshot is written to (a resume completes the ones a kill left behind)."""
     return {"format": 2, "train": asdict(train), "loader": loader, "rng": rng_per_rank, "optimizer": optimizer_meta,
             "dataset_dir": str(dataset_dir.resolve()) if dataset_dir else None,
-            "metrics_offsets": metrics_offsets or {}, "is_complete": is_complete}
+            "metrics_offsets": metrics_offsets or {}, "is_complete": is_complete, "folders": folders or []}

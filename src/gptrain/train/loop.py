@@ -18,6 +18,7 @@ from gptrain.errors import UserError
 from gptrain.eval.hellaswag import evaluate_hellaswag
 from gptrain.eval.val_loss import evaluate_loss
 from gptrain.files import restore_swaps
+from gptrain.interop import resolve_model_source
 from gptrain.metrics.sinks import cut_back
 from gptrain.metrics.system import SystemSampler
 from gptrain.metrics.throughput import estimate_mfu, peak_flops
@@ -35,6 +36,7 @@ from gptrain.train.saving import (
     resume_command,
     resume_from,
     save_checkpoint,
+    settle_checkpoints,
 )
 from gptrain.train.schedule import planned_lr
 from gptrain.train.setup import Run, build_run, config_for_init, configure_device, create_run_dir, step_run
@@ -143,23 +145,26 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
         check_resume_config(cfg, pieces["config_toml"], env.is_main)
         fixed_tokenizer, weights = load_tokenizer(pieces["tokenizer_path"]), pieces["model"]
     elif init_from is not None:
-        init_pieces = ckpt.read_checkpoint(ckpt.resolve_checkpoint_dir(init_from), with_optimizer=False)
+        source = env.on_main(resolve_model_source, init_from)  # a gptrain checkpoint, or an HF model imported
+        init_pieces = ckpt.read_checkpoint(source, with_optimizer=False)
         cfg, weights = config_for_init(cfg, init_pieces["config_toml"], init_pieces["model"], explicit,
                                        log if env.is_main else (lambda *_: None))
         fixed_tokenizer = load_tokenizer(init_pieces["tokenizer_path"])
     run = build_run(cfg, env, run_dir, fixed_tokenizer, weights, log)
     if should_tune_malloc:
         tune_malloc()  # after setup, so the corpus tokenizing's peak memory was returned to the OS
-    offsets = {}
+    offsets, resumed = {}, None
     if pieces is not None:
         resume_from(run, pieces)
-        offsets = pieces["state"].get("metrics_offsets", {})
+        offsets, resumed = pieces["state"].get("metrics_offsets", {}), pieces["tokenizer_path"].parent
     del pieces, weights
     run.state.schedule_steps = run.state.schedule_steps or run.plan.num_steps
     create_run_dir(run, should_overwrite=should_overwrite)
     lock = TrainerLock(run.run_dir)
     env.on_main(lock.acquire)  # before anything is cut back or appended: one trainer per run directory
     env.on_main(restore_swaps, run.run_dir / "checkpoints")  # a folder a crash left as <name>.old gets its name back
+    if resumed is not None:  # and the folders a kill left older than the checkpoint resumed from
+        env.on_main(settle_checkpoints, run.run_dir, resumed, cfg.checkpoint.keep_last)
     if env.is_main and run.state.step < run.plan.num_steps:  # a finished run keeps its closing rows
         cut_back(run.run_dir, offsets)
     if env.is_main:
@@ -173,6 +178,7 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
                        "resumed_from": run.state.step})
             if run.state.step >= run.plan.num_steps:  # a requeued job whose run had already finished
                 emit(run, {"kind": "event", "message": f"the run is already complete ({run.plan.num_steps} steps)"})
+                write_report_card(run)  # a kill after the final checkpoint came before the report card
                 return summarize(run, float("nan"), run.state.best_val_loss, "") | {"is_already_complete": True}
         with stop_on_signals(run):
             return _loop(run)

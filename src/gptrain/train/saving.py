@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -11,6 +13,7 @@ from gptrain.config import RunConfig, from_toml_text, to_dict, to_toml
 from gptrain.distributed import state as dstate
 from gptrain.distributed.env import DistEnv
 from gptrain.errors import UserError
+from gptrain.files import OLD_SUFFIX, fsync_dir, fsync_file, swap_in
 from gptrain.metrics.sinks import file_offsets
 from gptrain.train import checkpoint as ckpt
 from gptrain.train.run_log import emit
@@ -83,7 +86,7 @@ def save_checkpoint(run: Run, names: list[str], *, is_periodic: bool = False) ->
         model=model_sd,
         optimizer=opt_tensors,
         state=ckpt.make_state(run.state, run.train_loader.state_dict(), opt_meta, rngs, run.dataset_dir,
-                              file_offsets(run.run_dir), is_complete="final" in names),
+                              file_offsets(run.run_dir), is_complete="final" in names, folders=names),
         config_toml=to_toml(run.cfg),
         tokenizer_json=run.tokenizer.to_json(),
     )
@@ -100,3 +103,26 @@ def read_resume_checkpoint(run_dir: Path, env: DistEnv) -> dict:
     """The newest checkpoint, chosen by rank 0 (every rank then reads that same folder)."""
     folder = env.on_main(ckpt.latest_checkpoint_dir, run_dir)
     return ckpt.read_checkpoint(folder)
+
+
+def settle_checkpoints(run_dir: Path, resumed: Path, keep_last: int) -> None:
+    """On resume (rank 0, holding the run's lock): finish what a kill interrupted. Leftover `.tmp` folders
+    go; each folder the resumed checkpoint's snapshot was meant for (final/ and best/ at the last step,
+    step_N/ and best/ at a new best) that is missing or older is made a copy of it; periodic folders
+    are pruned to keep_last (a kill may have come between a save and its pruning)."""
+    ckpts = run_dir / "checkpoints"
+    for leftover in ckpts.glob("*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    resumed = ckpts / resumed.name.removesuffix(OLD_SUFFIX)  # restore_swaps gave a `.old` its name back
+    state = json.loads((resumed / "state.json").read_text())
+    for name in state.get("folders", []):
+        target = ckpts / name
+        if target == resumed or ((target / "state.json").is_file() and ckpt.step_of(target) >= state["train"]["step"]):
+            continue
+        tmp = target.with_name(name + ".tmp")
+        shutil.copytree(resumed, tmp)
+        for f in tmp.iterdir():
+            fsync_file(f)
+        fsync_dir(tmp)
+        swap_in(tmp, target)
+    ckpt.prune_periodic(ckpts, keep_last)
