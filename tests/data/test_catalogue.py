@@ -22,14 +22,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fake_hub import FakeHub  # tests/ is on sys.path: conftest.py lives there
 
 from gptrain import cli
 from gptrain.data.catalogue import ENTRIES
-from gptrain.data.prepare import shard_paths
+from gptrain.data.dataset import shard_paths
 from gptrain.data.shards import open_shard
 from gptrain.tokenizer import load_tokenizer
 from gptrain.tokenizer.gpt2_assets import FILE_NAME, encoding_path
-from fake_hub import FakeHub  # tests/ is on sys.path: conftest.py lives there
 
 EOT = 50256
 FINEWEB_VAL_TOKENS = 37  # small, and inside a document: the cut is by tokens, not documents

@@ -6,7 +6,8 @@ import pytest
 from conftest import make_corpus_text
 
 from gptrain.data import encode, prepare, split
-from gptrain.data.prepare import DataConfig, prepare_dataset, shard_paths
+from gptrain.data.dataset import shard_paths
+from gptrain.data.prepare import DataConfig, prepare_dataset
 from gptrain.data.shards import open_shard
 from gptrain.data.sources import load_documents, local_source, shakespeare_source
 from gptrain.data.split import SplitRule, labelled_documents
@@ -261,7 +262,7 @@ def test_fingerprint_does_not_depend_on_how_the_path_is_spelled(corpus_dir, monk
 
 
 def test_a_folder_of_llmc_shards_is_used_as_is(tmp_path):
-    from gptrain.data.prepare import load_dataset_tokenizer
+    from gptrain.data.dataset import load_dataset_tokenizer
     from gptrain.data.shards import write_shard
 
     folder = tmp_path / "fineweb10B"
@@ -301,7 +302,7 @@ def test_bpe_is_fitted_on_at_most_max_train_chars(corpus_dir, tmp_path):
 
 
 def test_training_refuses_shards_of_another_tokenizer(corpus_dir, tmp_path):
-    from gptrain.data.prepare import check_dataset_tokenizer
+    from gptrain.data.dataset import check_dataset_tokenizer
     from gptrain.data.shards import write_shard
     from gptrain.tokenizer.gpt2 import GPT2Tokenizer
 

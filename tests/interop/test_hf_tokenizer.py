@@ -9,6 +9,7 @@ from tokenizers import models, pre_tokenizers
 from gptrain.errors import UserError
 from gptrain.interop.hf_tokenizer import gpt2_vocab_merges, read_hf_tokenizer, write_hf_tokenizer
 from gptrain.tokenizer import TokenizerConfig, build_tokenizer
+from gptrain.tokenizer.char import CharTokenizer
 
 
 def test_gpt2_files_rebuilt_from_the_ranks_are_openais():
@@ -52,3 +53,15 @@ def test_no_tokenizer_files_is_none_and_half_a_pair_is_refused(tmp_path):
     (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
     with pytest.raises(UserError, match="not both vocab.json and merges.txt"):
         read_hf_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("has_unknown", [True, False])
+def test_a_character_tokenizer_comes_back_as_itself(tmp_path, has_unknown):
+    chars = CharTokenizer(list("abc \n\ufffd"), has_unknown=has_unknown)  # "\ufffd" in the alphabet: another unk name
+    write_hf_tokenizer(chars, tmp_path, 16)
+    back = read_hf_tokenizer(tmp_path)
+    assert isinstance(back, CharTokenizer) and back.to_json() == chars.to_json()
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert hf.encode("ab c\n\ufffd", add_special_tokens=False).ids == chars.encode("ab c\n\ufffd")
+    if has_unknown:
+        assert hf.encode("z").ids == [chars.unk_id]

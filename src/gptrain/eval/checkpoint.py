@@ -13,8 +13,9 @@ from pathlib import Path
 from torch import nn
 
 from gptrain.config import RunConfig
+from gptrain.data.dataset import check_dataset_tokenizer, dataset_fingerprint, shard_paths
 from gptrain.data.loader import ShardLoader
-from gptrain.data.prepare import check_dataset_tokenizer, dataset_fingerprint, prepare_dataset, shard_paths
+from gptrain.data.prepare import prepare_dataset
 from gptrain.errors import UserError
 from gptrain.eval.val_loss import evaluate_loss, full_split_windows
 from gptrain.files import write_atomic

@@ -12,16 +12,15 @@ import numpy as np
 import torch
 
 from gptrain.config import RunConfig, from_toml_text, to_toml
-from gptrain.data.loader import ShardLoader
-from gptrain.data.prepare import (
-    DataConfig,
+from gptrain.data.dataset import (
     check_dataset_tokenizer,
     dataset_fingerprint,
     find_shard_folder,
     load_dataset_tokenizer,
-    prepare_dataset,
     shard_paths,
 )
+from gptrain.data.loader import ShardLoader
+from gptrain.data.prepare import DataConfig, prepare_dataset
 from gptrain.data.ranks import failure_marker, wait_for_dataset, write_failure_marker
 from gptrain.distributed import parallel
 from gptrain.distributed.env import DistEnv
