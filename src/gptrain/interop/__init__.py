@@ -75,7 +75,7 @@ def resolve_model_source(source: str | Path) -> Path:
 
     path = Path(source)
     is_hf_folder = (path / "config.json").is_file() and not (path / "state.json").is_file()
-    may_be_hub_name = not path.exists() and re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", str(source))
+    may_be_hub_name = not path.exists() and re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?", str(source))
     if not (is_hf_folder or may_be_hub_name):
         return resolve_checkpoint_dir(path)
     from gptrain.interop.hf import import_hf, resolve_hf
