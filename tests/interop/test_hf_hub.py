@@ -112,3 +112,25 @@ def test_hub_name_downloads_then_imports_offline_from_the_cache(tmp_path, corpus
             diff = (checkpoint.model(ids) - model(ids)).abs().max().item()
         print(f"hub ({name}) -> gptrain: max abs logit diff {diff:.2e}")
         assert diff < 1e-4
+
+
+def test_a_hub_name_works_for_init_from_and_generate_offline(tmp_path, corpus_dir):
+    """What a user types: `--init-from owner/name` and `generate --checkpoint owner/name`, from the HF cache
+    with HF_HUB_OFFLINE=1 (filled first from the local Hub), imported once into $GPTRAIN_CACHE/imported/."""
+    files, _ = hub_files(tmp_path, corpus_dir)
+    hf_home, cache = tmp_path / "hf_home", tmp_path / "hub_cache"
+    extra = {"HF_HUB_CACHE": str(cache), "GPTRAIN_CACHE": str(tmp_path / "gptrain_cache")}
+    with FakeHub(files) as hub:
+        assert run_calls(hub.env(hf_home) | extra, [["resolve_hf", REPO]])[0]["result"]  # fills the HF cache
+        offline = hub.env(hf_home, is_offline=True) | extra
+    gptrain = [sys.executable, "-m", "gptrain"]
+    generated = subprocess.run([*gptrain, "generate", "--checkpoint", REPO, "--prompt", "KING", "--max-tokens", "8",
+                                "--greedy"], env=offline, capture_output=True, text=True, timeout=120)
+    assert generated.returncode == 0 and generated.stdout.startswith("KING"), generated.stderr
+    tuned = subprocess.run([*gptrain, "train", "--init-from", REPO, "--data", str(corpus_dir), "--data.data_dir",
+                            str(tmp_path / "ds"), "--steps", "3", "--batch-size", "4", "--eval.every_steps=0",
+                            "--samples.every_steps=0", "--quiet", "--run-dir", str(tmp_path / "tuned")],
+                           env=offline, capture_output=True, text=True, timeout=180)
+    assert tuned.returncode == 0, tuned.stderr
+    assert len(list((tmp_path / "gptrain_cache" / "imported").iterdir())) == 1  # imported once, reused
+    assert Checkpoint.load(tmp_path / "tuned").tokenizer.name == "bpe300"
