@@ -40,3 +40,24 @@ def test_a_smaller_context_crops_the_position_table_and_conflicts_are_refused(tm
     kept = Checkpoint.load(tmp_path / "same").model.transformer.wpe.weight
     assert kept.shape == base.model.transformer.wpe.weight.shape
     assert torch.allclose(kept, base.model.transformer.wpe.weight, atol=1e-6)  # started from the base weights
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_an_imported_model_s_config_names_its_tokenizer(tmp_path, kind):
+    """So `--init-from IMPORTED --tokenizer KIND` (the README's GPT-2 command, with gpt2) is no conflict."""
+    from gptrain.config import from_toml_text
+    from gptrain.interop import write_model_folder
+    from gptrain.model.gpt import GPT, ModelConfig
+    from gptrain.tokenizer import TokenizerConfig, build_tokenizer
+    from gptrain.train.setup import config_for_init
+
+    text = ["the quick brown fox jumps over the lazy dog " * 20]
+    tokenizer = build_tokenizer(TokenizerConfig(kind=kind, vocab_size=300), text)
+    model_cfg = ModelConfig(n_embd=16, n_layer=1, n_head=2, block_size=8, vocab_size=tokenizer.vocab_size)
+    folder = write_model_folder(tmp_path / "imported", model_cfg, GPT(model_cfg).state_dict(), tokenizer, {})
+    saved = (folder / "config.toml").read_text()
+    assert from_toml_text(saved).tokenizer.kind == kind
+    cfg = resolve_config(None, {"tokenizer.kind": kind, "tokenizer.vocab_size": tokenizer.vocab_size}, environ={})
+    tuned, _ = config_for_init(cfg, saved, {"transformer.wpe.weight": torch.zeros(8, 16)},
+                               {"tokenizer.kind", "tokenizer.vocab_size"}, print)
+    assert tuned.tokenizer.kind == kind

@@ -40,7 +40,11 @@ def write_model_folder(out: Path, model_cfg: ModelConfig, weights: dict[str, tor
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    cfg = replace(RunConfig(), model=model_cfg)
+    kind = json.loads(tokenizer.to_json()).get("gptrain_tokenizer") or "bpe"  # what --tokenizer would say
+    default = RunConfig()
+    tok_cfg = replace(default.tokenizer, kind=kind,
+                      vocab_size=tokenizer.vocab_size if kind == "bpe" else default.tokenizer.vocab_size)
+    cfg = replace(default, model=model_cfg, tokenizer=tok_cfg)
     (tmp / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
     (tmp / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
     state = {"format": 2, "train": TrainState().__dict__, "is_complete": True, "imported_from": provenance}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import hashlib
 import json
 import re
 import shutil
@@ -141,7 +142,11 @@ def write_checkpoint(snapshot: Snapshot, folder: Path) -> None:
     fault_point("checkpoint.model")
     save_file(snapshot.optimizer, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
     fault_point("checkpoint.optimizer")
-    (tmp / "state.json").write_text(json.dumps(snapshot.state, indent=1), encoding="utf-8")
+    checksums = {name: _sha256(tmp / name) for name in ("model.safetensors", "optimizer.safetensors")}
+    checksums |= {"config.toml": hashlib.sha256(snapshot.config_toml.encode()).hexdigest(),
+                  "tokenizer.json": hashlib.sha256(snapshot.tokenizer_json.encode()).hexdigest()}
+    state = snapshot.state | {"checksums": checksums}  # read_checkpoint finds damage a truncation check misses
+    (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
     fault_point("checkpoint.state")
     (tmp / "config.toml").write_text(snapshot.config_toml, encoding="utf-8")
     (tmp / "tokenizer.json").write_text(snapshot.tokenizer_json, encoding="utf-8")
@@ -151,6 +156,21 @@ def write_checkpoint(snapshot: Snapshot, folder: Path) -> None:
     fault_point("checkpoint.swap")
     swap_in(tmp, folder)
     fault_point("checkpoint.swapped")
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify_checksums(folder: Path, state: dict, names: tuple[str, ...]) -> None:
+    """Each named file against the sha256 state.json recorded when it was written (older checkpoints have
+    none: nothing to check)."""
+    recorded = state.get("checksums", {})
+    for name in names:
+        if name in recorded and _sha256(folder / name) != recorded[name]:
+            raise UserError(f"{folder}/{name} is damaged (it does not match the checksum written with it): delete "
+                            f"{folder} and resume again, from the checkpoint before it")
 
 
 def periodic_dirs(checkpoints_dir: Path) -> list[Path]:
@@ -304,6 +324,8 @@ def read_checkpoint(folder: Path, *, with_optimizer: bool = True) -> dict:
     """The raw pieces of a checkpoint: model tensors, optimizer state dict, state.json, config text."""
     try:
         state = json.loads((folder / "state.json").read_text())
+        files = ("model.safetensors", "config.toml", "tokenizer.json")
+        verify_checksums(folder, state, files + ("optimizer.safetensors",) if with_optimizer else files)
         out = {
             "model": load_file(str(folder / "model.safetensors")),
             "state": state,

@@ -130,6 +130,10 @@ def create_run_dir(run: Run, *, should_overwrite: bool) -> None:
 SHAPE_KEYS = ("n_embd", "n_layer", "n_head", "bias", "tie_weights")
 
 
+def _describe(tok: TokenizerConfig) -> str:
+    return f"{tok.kind} with vocabulary {tok.vocab_size}" if tok.kind == "bpe" else tok.kind
+
+
 def config_for_init(cfg: RunConfig, config_toml: str, weights: dict, explicit: set[str] | None,
                     log) -> tuple[RunConfig, dict]:
     """Fine-tuning keeps the checkpoint's shape and tokenizer: a size or tokenizer given on the command
@@ -149,8 +153,8 @@ def config_for_init(cfg: RunConfig, config_toml: str, weights: dict, explicit: s
     tok_now, tok_base = cfg.tokenizer, base.tokenizer
     if given("tokenizer", "kind") and (tok_now.kind, tok_now.vocab_size) != (tok_base.kind, tok_base.vocab_size):
         if tok_now.kind != tok_base.kind or tok_now.kind == "bpe":
-            raise UserError(f"--init-from keeps the checkpoint's tokenizer ({tok_base.kind}); a model cannot "
-                            f"change to --tokenizer {tok_now.kind}: drop that flag")
+            raise UserError(f"--init-from keeps the checkpoint's tokenizer ({_describe(tok_base)}); a model cannot "
+                            f"change to --tokenizer {_describe(tok_now)}: drop that flag")
     block_size = base.model.block_size
     if given("model", "block_size") and cfg.model.block_size != block_size:
         if cfg.model.block_size > block_size:
