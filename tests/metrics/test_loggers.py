@@ -130,7 +130,7 @@ def test_a_resumed_online_wandb_run_takes_only_steps_after_its_last_and_fails_wi
     calls: dict[str, list] = {"init": [], "log": [], "finish": []}
 
     class FakeRun:  # what wandb.init returns for a run W&B already holds up to step 20
-        step = 21
+        step, offline = 21, False
 
         def log(self, data, step):
             calls["log"].append((step, data))

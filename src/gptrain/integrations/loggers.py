@@ -105,7 +105,9 @@ class WandbSink:
             raise UserError(f"W&B did not start ({reason}): run `wandb login`, or set WANDB_MODE=offline") from None
         # A resumed W&B run takes only steps after the last one it holds (its history only grows): the
         # steps a resume redoes keep the values W&B was sent first, instead of a warning per row.
-        self._first_step = self._run.step
+        # Offline, each launch is its own file that `wandb sync` joins; the step W&B reports for it depends on
+        # what the earlier launch's files held when this one started, so every row is sent (no skipping).
+        self._first_step = 0 if self._run.offline else self._run.step
 
     def emit(self, row: dict) -> None:
         kind, step = row["kind"], row["step"]
