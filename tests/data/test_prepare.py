@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import make_corpus_text
 
-from gptrain.data import encode, prepare, split
+from gptrain.data import encode, split
 from gptrain.data.dataset import shard_paths
 from gptrain.data.prepare import DataConfig, prepare_dataset
 from gptrain.data.shards import open_shard
@@ -155,21 +155,6 @@ def test_an_interrupted_preparation_resumes_and_matches_an_uninterrupted_one(cor
         assert path.read_bytes() == (whole / path.name.replace("cut", "whole")).read_bytes()
     assert not list(tmp_path.glob("cut.partial*"))
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
-
-
-def test_every_file_of_a_dataset_and_its_folder_are_fsynced_before_the_swap(corpus_dir, tmp_path, monkeypatch):
-    events = []
-    real_swap_in = prepare.swap_in
-    monkeypatch.setattr(prepare, "fsync_file", lambda path: events.append(("file", path.name)))
-    monkeypatch.setattr(prepare, "fsync_dir", lambda path: events.append(("dir", path.name)))
-    monkeypatch.setattr(prepare, "swap_in", lambda tmp, folder: (events.append(("swap", tmp.name)),
-                                                                 real_swap_in(tmp, folder)))
-    folder = prepare_dataset(DataConfig(source=str(corpus_dir), data_dir=str(tmp_path / "ds"), shard_tokens=2000,
-                                        num_workers=1), TokenizerConfig(kind="gpt2"), **QUIET)
-    *files, synced_dir, swapped = events
-    assert {name for kind, name in files if kind == "file"} == {p.name for p in folder.iterdir()}
-    assert {"meta.json", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
-    assert synced_dir[0] == "dir" and swapped[0] == "swap" and synced_dir[1] == swapped[1]
 
 
 def test_first_tokens_rule_and_an_explicit_val_source(corpus_dir, tmp_path):
