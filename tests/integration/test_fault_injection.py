@@ -3,7 +3,9 @@ bit: a few points of scripts/fault_sweep.py's harness (CI runs the script's full
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import random
 import shutil
 import sys
@@ -63,6 +65,12 @@ def test_the_comparison_sees_a_changed_weight_a_lost_row_and_a_damaged_checkpoin
     name = next(iter(tensors))
     tensors[name] = torch.nextafter(tensors[name], torch.full_like(tensors[name], float("inf")))  # one ulp
     save_file(tensors, str(model), metadata={"format": "pt"})
+    # A consistent checkpoint with other weights (its checksum updated too), so the tensor comparison is what
+    # catches it; a plain edit is refused at load by the checksum (tests/test_bad_inputs.py).
+    state_path = run / "checkpoints" / "final" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["checksums"]["model.safetensors"] = hashlib.sha256(model.read_bytes()).hexdigest()
+    state_path.write_text(json.dumps(state))
     lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
     (run / "metrics.jsonl").write_text("".join(line for line in lines if '"step": 7, ' not in line
                                                or '"kind": "train"' not in line))
