@@ -44,6 +44,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="train.batch_size: sequences per micro batch")
     g.add_argument("--steps", type=int, help="train.num_steps: optimizer steps")
     g.add_argument("--epochs", type=float, help="train.num_epochs: passes over the data (instead of --steps)")
+    g.add_argument("--budget", help="train.budget: a wall-clock time such as 10m, 90s or 1.5h instead of --steps "
+                   "(the steps are planned from the speed measured over the first steps)")
     g.add_argument("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
     g.add_argument("--seed", type=int)
     g.add_argument("--name", help="run name (run directory runs/<name>-<time>)")

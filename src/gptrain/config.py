@@ -48,6 +48,7 @@ ALIASES = {
     "batch-size": "train.batch_size",
     "epochs": "train.num_epochs",
     "steps": "train.num_steps",
+    "budget": "train.budget",
     "model-size": "preset",
     "preset": "preset",
     "device": "device",
@@ -226,6 +227,8 @@ def resolve_config(
     for layer in layers:
         merged |= {ALIASES.get(k, k): v for k, v in layer.items()}
     cli_keys = {ALIASES.get(k, k) for k in (cli or {})}
+    if "train.budget" in cli_keys and cli_keys & {"train.num_steps", "train.num_epochs"}:
+        raise UserError("--budget sets the run's length itself (from its measured speed): drop --steps / --epochs")
     if "train.num_steps" in cli_keys and "train.num_epochs" not in cli_keys:
         merged.pop("train.num_epochs", None)  # --steps on the command line beats EPOCHS from a file
     if "name" not in merged and merged.get("data.source"):  # runs/<corpus>-<time>, not runs/shakespeare-<time>

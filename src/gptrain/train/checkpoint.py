@@ -63,6 +63,7 @@ class TrainState:
     # (schedule.planned_lr); 0 in checkpoints written before it was recorded.
     schedule_steps: int = 0
     schedule_tails: list[dict] = field(default_factory=list)
+    budget_plan: dict | None = None  # a --budget run's measured plan (train/budget.py): a resume keeps it
 
 
 @dataclass

@@ -25,6 +25,7 @@ from gptrain.metrics.throughput import estimate_mfu, peak_flops
 from gptrain.runtime import tune_malloc
 from gptrain.tokenizer import load_tokenizer
 from gptrain.train import checkpoint as ckpt
+from gptrain.train.budget import maybe_plan
 from gptrain.train.control import PAUSE_POLL_SECONDS, ControlReader, TrainerLock
 from gptrain.train.recovery import note_bad_step, recovery_factor
 from gptrain.train.run_dir import check_run_dir, find_auto_resume, is_unstarted_run
@@ -130,6 +131,7 @@ def train(
 
 def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bool, should_tune_malloc: bool,
            explicit: set[str] | None, log) -> dict:
+    launched_at = time.monotonic()  # a --budget counts from here: data preparation included
     if resume is not None:
         cfg = replace(cfg, run_dir=str(resume))
     configure_device(cfg.train, env)
@@ -151,6 +153,7 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
                                        log if env.is_main else (lambda *_: None))
         fixed_tokenizer = load_tokenizer(init_pieces["tokenizer_path"])
     run = build_run(cfg, env, run_dir, fixed_tokenizer, weights, log)
+    run.launched_at = launched_at
     if should_tune_malloc:
         tune_malloc()  # after setup, so the corpus tokenizing's peak memory was returned to the OS
     offsets, resumed = {}, None
@@ -250,6 +253,7 @@ def _loop(run: Run) -> dict:
 
     is_early_stop, last_loss = False, float("nan")
     recent: list[float] = []
+    probe: list[float] = []
     run.model.train()
     while state.step < plan.num_steps and not is_early_stop:
         started = time.perf_counter()
@@ -268,6 +272,8 @@ def _loop(run: Run) -> dict:
         else:
             state.loss_ema = last_loss if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * last_loss
         recent = (recent + [seconds])[-20:]
+        probe.append(seconds)
+        maybe_plan(run, probe)  # a --budget run fixes its length after its first steps
         mean_step_seconds = sum(recent) / len(recent)
         tokens_per_second = plan.tokens_per_step / mean_step_seconds
         mfu = estimate_mfu(run.model.config, tokens_per_second, peak, num_devices=env.world_size)
@@ -278,7 +284,9 @@ def _loop(run: Run) -> dict:
         if run.system is not None and run.system.is_due():
             emit(run, {"kind": "system", **run.system.sample()})
         if result.has_commands:
+            paused_from = time.monotonic()
             steer(run)
+            run.paused_seconds += time.monotonic() - paused_from
         if state.step == plan.num_steps:
             break
         is_early_stop, is_stopping = after_step(run, result.should_stop or run.should_stop)

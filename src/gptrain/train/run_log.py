@@ -54,13 +54,15 @@ def log_layout(run: Run) -> None:
     """The first event rows of every launch: what trains where, how the global batch is made up, and on
     what machine (so the run directory alone holds what its report card needs)."""
     cfg, plan = run.cfg, run.plan
+    is_unplanned = cfg.train.budget and run.state.budget_plan is None
+    length = f"a budget of {cfg.train.budget} (steps planned once timed)" if is_unplanned else f"{plan.num_steps} steps"
     layout = dict(strategy=plan.strategy, world_size=plan.world_size, micro_batch=cfg.train.batch_size,
                   num_micro_steps=plan.num_micro_steps, batch_tokens=plan.tokens_per_step,
                   num_parameters=run.model.num_parameters(), dataset=run.train_loader.fingerprint, val_set=run.val_set)
     emit(run, {"kind": "event", **layout, "message": (
         f"run {run.run_dir} | {run.model.num_parameters():,} parameters | device {run.env.device} | "
         f"{plan.strategy} on {plan.world_size} rank(s) | micro batch {cfg.train.batch_size} x "
-        f"{plan.num_micro_steps} accumulation steps | {plan.num_steps} steps of {plan.tokens_per_step:,} tokens | "
+        f"{plan.num_micro_steps} accumulation steps | {length} of {plan.tokens_per_step:,} tokens | "
         f"{run.train_loader.num_tokens:,} train tokens")})
     machine = describe_machine(run.env.device)
     emit(run, {"kind": "event", "machine": machine, "message": (

@@ -61,6 +61,8 @@ def resume_from(run: Run, pieces: dict) -> None:
     for group, decay in zip(run.optimizer.param_groups, (run.cfg.optim.weight_decay, 0.0), strict=True):
         group.update(weight_decay=decay, betas=(run.cfg.optim.beta1, run.cfg.optim.beta2), eps=run.cfg.optim.eps)
     run.state = ckpt.TrainState(**pieces["state"]["train"])
+    if run.state.budget_plan is not None:  # a --budget run's length was measured once, and is kept
+        run.plan.num_steps = run.state.budget_plan["num_steps"]
     if run.state.schedule_steps:  # a new --steps re-plans nothing silently (schedule.extend_plan)
         run.state.schedule_tails = extend_plan(run.state.step, run.state.schedule_steps, run.state.schedule_tails,
                                                run.plan.num_steps, run.cfg.schedule)

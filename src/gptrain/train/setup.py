@@ -34,6 +34,7 @@ from gptrain.model.gpt import GPT
 from gptrain.tokenizer import Tokenizer, TokenizerConfig
 from gptrain.tokenizer.base import save_tokenizer
 from gptrain.train import checkpoint as ckpt
+from gptrain.train.budget import PROVISIONAL_STEPS
 from gptrain.train.control import ControlReader
 from gptrain.train.optim import build_optimizer
 from gptrain.train.run_dir import is_run_dir
@@ -81,6 +82,8 @@ class Run:
     pending: list[dict] = field(default_factory=list)  # rank 0: commands to apply at this step boundary
     replays: list[dict] = field(default_factory=list)  # rank 0: state commands to apply again after a resume
     is_paused: bool = False
+    launched_at: float = 0.0  # time.monotonic() when train() began: a --budget counts from there
+    paused_seconds: float = 0.0  # spent paused (left out of the budget)
     is_save_requested: bool = False  # a save command: checkpoint at this step boundary
 
 
@@ -88,7 +91,7 @@ def check_before_data(cfg: RunConfig, world_size: int) -> None:
     """What can be refused before any data is prepared (so a refused run has changed no file): the batch
     layout, and the warmup against a run given in steps. Checks that need the data come after it."""
     global_batch_tokens(cfg, world_size)
-    if cfg.train.num_epochs <= 0:
+    if cfg.train.num_epochs <= 0 and not cfg.train.budget:
         resolve_warmup(cfg.schedule, cfg.train.num_steps)
 
 
@@ -109,7 +112,9 @@ def derive_plan(cfg: RunConfig, loader: ShardLoader, world_size: int) -> Plan:
     batch_tokens = global_batch_tokens(cfg, world_size)
     num_micro_steps = batch_tokens // micro_tokens
     num_steps = cfg.train.num_steps
-    if cfg.train.num_epochs > 0:
+    if cfg.train.budget:  # fixed after the first steps are timed (train/budget.py)
+        num_steps = PROVISIONAL_STEPS
+    elif cfg.train.num_epochs > 0:
         sequences_per_step = batch_tokens // cfg.model.block_size
         num_steps = max(1, math.ceil(cfg.train.num_epochs * loader.windows_per_epoch / sequences_per_step))
     return Plan(num_steps=num_steps, num_micro_steps=num_micro_steps, tokens_per_step=batch_tokens,

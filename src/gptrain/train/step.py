@@ -24,6 +24,7 @@ class TrainConfig:
     batch_tokens: int = 0  # global batch in tokens; 0: one micro batch per device (no accumulation)
     num_steps: int = 1500
     num_epochs: float = 0.0  # > 0: train this many passes over the train split instead of num_steps
+    budget: str = ""  # a wall-clock time (90s, 10m, 1.5h) instead of num_steps/num_epochs: see train/budget.py
     precision: str = "auto"  # auto: bf16 autocast on GPUs that have it, fp32 elsewhere
     compile: str = "auto"  # auto: torch.compile on CUDA only
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation, for checks)
@@ -42,6 +43,10 @@ class TrainConfig:
             raise UserError(f"train.batch_size must be at least 1 (got {self.batch_size})")
         if self.num_steps < 1 and self.num_epochs <= 0:
             raise UserError("train.num_steps must be at least 1 (or set train.num_epochs)")
+        if self.budget:
+            from gptrain.train.budget import parse_duration
+
+            parse_duration(self.budget)
         if self.precision not in PRECISIONS:
             raise UserError(f"train.precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
         if self.compile not in COMPILE_MODES:

@@ -1,0 +1,72 @@
+"""`--budget 10m`: train for a wall-clock time instead of a step count. The run measures its own step
+time over its first PROBE_STEPS steps (inside the warmup, whose lr does not depend on the step count),
+then fixes the number of steps so that the run, its evaluations and its final save end within the
+budget, and plans the schedule over those steps. The plan is kept in TrainState (budget_plan): a
+resume finishes it and never measures again. The clock starts when train() is called (data
+preparation included) and leaves out time spent paused."""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+
+from gptrain.errors import UserError
+
+PROBE_STEPS = 10  # steps timed before the plan is made (the first SKIP_STEPS are warm-up, not timed)
+SKIP_STEPS = 2
+PROVISIONAL_STEPS = 10**9  # the plan's length until it is made: only the warmup's lr is used meanwhile
+SAFETY = 0.97  # of the time left, planned; the estimates of evaluation and save time are rough
+SAVE_BYTES_PER_SECOND = 200e6
+UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of "90", "90s", "10m", "1.5h"; a UserError for anything else."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|min|h)?\s*", text or "")
+    if not found or float(found.group(1)) <= 0:
+        raise UserError(f"train.budget must be a positive time such as 90s, 10m or 1.5h (got {text!r})")
+    return float(found.group(1)) * UNITS[found.group(2) or ""]
+
+
+def planned_steps(budget_seconds: float, elapsed_seconds: float, step_seconds: float, done_steps: int,
+                  eval_every: int, eval_seconds: float, save_seconds: float) -> int:
+    """The run's total steps: what the time left holds after the final evaluation and save, each step
+    also paying its share of the periodic evaluations (never fewer than the steps already done)."""
+    left = SAFETY * (budget_seconds - elapsed_seconds) - eval_seconds - save_seconds
+    per_step = step_seconds + (eval_seconds / eval_every if eval_every else 0.0)
+    return max(done_steps, done_steps + int(left / per_step))
+
+
+def make_plan(run, step_seconds: list[float], now: float | None = None) -> dict:
+    """Rank 0's plan from the probe's step times (every rank then uses rank 0's, see maybe_plan)."""
+    cfg, plan = run.cfg, run.plan
+    measured = statistics.median(step_seconds[SKIP_STEPS:] or step_seconds)
+    # An evaluation is forward passes only (about a third of a training step's work per token).
+    eval_seconds = cfg.eval.num_tokens / plan.tokens_per_step * measured / 3 if cfg.eval.every_steps else 0.0
+    save_seconds = 1.0 + 16 * run.model.num_parameters() / SAVE_BYTES_PER_SECOND  # weights + AdamW moments
+    elapsed = (time.monotonic() if now is None else now) - run.launched_at - run.paused_seconds
+    budget = parse_duration(cfg.train.budget)
+    num_steps = planned_steps(budget, elapsed, measured, run.state.step, cfg.eval.every_steps, eval_seconds,
+                              save_seconds)
+    return {"num_steps": num_steps, "step_seconds": measured, "measured_steps": len(step_seconds),
+            "elapsed_seconds": elapsed, "budget_seconds": budget}
+
+
+def maybe_plan(run, step_seconds: list[float]) -> None:
+    """After the probe's last step: fix the run's length (the same on every rank) and log the plan."""
+    from gptrain.train.run_log import emit
+
+    if not run.cfg.train.budget or run.state.budget_plan is not None or run.state.step < PROBE_STEPS:
+        return
+    budget_plan = run.env.broadcast_object(make_plan(run, step_seconds) if run.env.is_main else None)
+    run.state.budget_plan, run.plan.num_steps = budget_plan, budget_plan["num_steps"]
+    run.state.schedule_steps = budget_plan["num_steps"]
+    note = ""
+    if budget_plan["num_steps"] <= run.cfg.schedule.num_warmup_steps:
+        note = (f"; the warmup ({run.cfg.schedule.num_warmup_steps} steps) is longer, so the lr stays below peak_lr "
+                "(raise the budget or lower --schedule.num_warmup_steps)")
+    emit(run, {"kind": "event", "budget_plan": budget_plan, "message": (
+        f"budget {run.cfg.train.budget}: {budget_plan['step_seconds']:.3f}s per step measured over the first "
+        f"{budget_plan['measured_steps']} steps, {budget_plan['elapsed_seconds']:.0f}s used: planned "
+        f"{budget_plan['num_steps']} steps{note}")})

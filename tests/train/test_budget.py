@@ -1,0 +1,86 @@
+"""--budget: the number of steps is planned from the step time measured over the first steps (here a
+fake clock and fake step times: no timed test), refused beside --steps, and kept by a resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptrain import resolve_config, train
+from gptrain.cli import main
+from gptrain.errors import UserError
+from gptrain.train import budget
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90.0), ("90s", 90.0), ("10m", 600.0), ("1.5h", 5400.0)])
+def test_durations(text, seconds):
+    assert budget.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "ten minutes", "-5m", "0s", "3d"])
+def test_bad_durations_are_user_errors(text):
+    with pytest.raises(UserError, match="train.budget must be a positive time"):
+        budget.parse_duration(text)
+
+
+def test_the_plan_fits_steps_evaluations_and_the_final_save_in_the_time_left():
+    # 600 s budget, 60 s used, 0.5 s steps, an evaluation (2 s) every 100 steps, a 10 s final save.
+    steps = budget.planned_steps(600, 60, 0.5, 10, eval_every=100, eval_seconds=2.0, save_seconds=10.0)
+    per_step = 0.5 + 2.0 / 100
+    assert steps == 10 + int((0.97 * 540 - 2.0 - 10.0) / per_step)
+    total = 60 + (steps - 10) * per_step + 2.0 + 10.0
+    assert 0.95 * 600 < total <= 600  # ends within the budget, without wasting much of it
+    assert budget.planned_steps(600, 700, 0.5, 10, 100, 2.0, 10.0) == 10  # already over: stop now
+
+
+def test_make_plan_reads_the_run_and_leaves_paused_time_out():
+    run = SimpleNamespace(
+        cfg=SimpleNamespace(train=SimpleNamespace(budget="10m"), eval=SimpleNamespace(num_tokens=0, every_steps=0)),
+        plan=SimpleNamespace(tokens_per_step=1024), model=SimpleNamespace(num_parameters=lambda: 1_000_000),
+        state=SimpleNamespace(step=10), launched_at=1000.0, paused_seconds=300.0)
+    plan = budget.make_plan(run, [9.0, 9.0] + [0.5] * 8, now=1000.0 + 360.0)  # 60 s of it spent training
+    assert plan["step_seconds"] == 0.5 and plan["elapsed_seconds"] == 60.0
+    save = 1.0 + 16e6 / budget.SAVE_BYTES_PER_SECOND
+    assert plan["num_steps"] == 10 + int((0.97 * 540 - save) / 0.5)
+
+
+def test_budget_beside_steps_is_refused(capsys):
+    assert main(["train", "--budget", "10m", "--steps", "100"]) == 2
+    assert "--budget sets the run's length itself" in capsys.readouterr().err
+
+
+def _values(tmp_path, corpus_dir, run):
+    return {"data.source": str(corpus_dir), "data.data_dir": str(tmp_path / "ds"), "tokenizer.kind": "char",
+            "embd": 16, "layers": 1, "heads": 2, "context": 16, "batch-size": 4, "train.budget": "1h",
+            "schedule.num_warmup_steps": 5, "eval.every_steps": 0, "samples.every_steps": 0,
+            "checkpoint.every_steps": 20, "checkpoint.keep_last": 10, "log.live": "off", "log.is_quiet": True,
+            "run_dir": str(tmp_path / run)}
+
+
+def test_a_budget_run_plans_once_and_a_resume_keeps_the_plan_bitwise(tmp_path, corpus_dir, monkeypatch):
+    real = budget.make_plan
+    # As if each step took 40 s and 3,000 s of the hour had gone: about 14 steps are left after the probe.
+    monkeypatch.setattr(budget, "make_plan", lambda run, times: real(run, [40.0] * 10, now=run.launched_at + 3000))
+    train(resolve_config(None, _values(tmp_path, corpus_dir, "full"), environ={}), log=lambda *_: None)
+    full = tmp_path / "full"
+    rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    (plan,) = [r["budget_plan"] for r in rows if "budget_plan" in r]
+    assert plan["num_steps"] == 10 + 14  # (0.97 x 600 s left - a ~1 s save) / 40 s per step, after the 10 timed
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, plan["num_steps"] + 1))
+    lrs = [r["lr"] for r in rows if r["kind"] == "train"]
+    assert lrs[-1] < lrs[9]  # the schedule decays over the planned steps
+    # A resume from step 20 finishes the same plan without measuring again, bit for bit.
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copy(full / "config.toml", cut / "config.toml")
+    shutil.copytree(full / "checkpoints" / "step_000020", cut / "checkpoints" / "step_000020")
+    monkeypatch.setattr(budget, "make_plan", lambda run, times: pytest.fail("a resume measured again"))
+    train(resolve_config(cut / "config.toml", {}, environ={}), resume=cut, log=lambda *_: None)
+    a = load_file(str(full / "checkpoints" / "final" / "model.safetensors"))
+    b = load_file(str(cut / "checkpoints" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
