@@ -119,7 +119,7 @@ def settle_checkpoints(run_dir: Path, resumed: Path, keep_last: int) -> None:
     state = json.loads((resumed / "state.json").read_text())
     for name in state.get("folders", []):
         target = ckpts / name
-        if target == resumed or ((target / "state.json").is_file() and ckpt.step_of(target) >= state["train"]["step"]):
+        if target == resumed or _holds_step(target, state["train"]["step"]):
             continue
         tmp = target.with_name(name + ".tmp")
         shutil.copytree(resumed, tmp)
@@ -128,3 +128,11 @@ def settle_checkpoints(run_dir: Path, resumed: Path, keep_last: int) -> None:
         fsync_dir(tmp)
         swap_in(tmp, target)
     ckpt.prune_periodic(ckpts, keep_last)
+
+
+def _holds_step(folder: Path, step: int) -> bool:
+    """Whether folder is a readable checkpoint of this step or a later one (a damaged one is not)."""
+    try:
+        return (folder / "state.json").is_file() and ckpt.step_of(folder) >= step
+    except UserError:
+        return False
