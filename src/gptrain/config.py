@@ -37,6 +37,10 @@ ENV_PREFIX = "GPTRAIN_"
 NON_CONFIG_ENV = {"GPTRAIN_CACHE", "GPTRAIN_GPT2_URL", "GPTRAIN_TORCH_SPEC", "GPTRAIN_ONEDNN_LINEAR",
                   "GPTRAIN_OFFLINE", "GPTRAIN_HELLASWAG_URL", FAULT_ENV, MARKER_ENV}
 
+# A run given no length (no steps, epochs or budget in any layer) trains this long: the default job
+# ends in about the same time on any machine (train/budget.py plans its steps).
+DEFAULT_BUDGET = "10m"
+
 # Flags people know from nanoGPT, llm.c and friends, as aliases of config fields.
 ALIASES = {
     "embd": "model.n_embd",
@@ -231,6 +235,10 @@ def resolve_config(
         raise UserError("--budget sets the run's length itself (from its measured speed): drop --steps / --epochs")
     if "train.num_steps" in cli_keys and "train.num_epochs" not in cli_keys:
         merged.pop("train.num_epochs", None)  # --steps on the command line beats EPOCHS from a file
+    if cli_keys & {"train.num_steps", "train.num_epochs"} and "train.budget" not in cli_keys:
+        merged.pop("train.budget", None)  # and a budget from a file
+    if not merged.keys() & {"train.num_steps", "train.num_epochs", "train.budget"}:
+        merged["train.budget"] = DEFAULT_BUDGET  # no length given anywhere: the default job's time
     if "name" not in merged and merged.get("data.source"):  # runs/<corpus>-<time>, not runs/shakespeare-<time>
         merged["name"] = source_slug(str(merged["data.source"]))
     cfg = RunConfig()

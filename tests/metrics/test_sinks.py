@@ -82,3 +82,15 @@ def test_live_view_shows_a_paused_run_until_it_resumes():
     sink.emit({"kind": "event", "step": 3, "command": "resume", "message": "resumed after step 3"})
     assert "PAUSED" not in shown()
     sink.close()
+
+
+def test_plain_lines_of_a_budget_run_show_its_length_once_planned(capsys):
+    sink = PlainConsoleSink(num_steps=0, log_every_steps=1)  # 0: a --budget run before its plan
+    train = {"kind": "train", "loss": 2.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_second": 100.0,
+             "eta_seconds": None}
+    sink.emit(train | {"step": 1})
+    sink.emit({"kind": "event", "step": 10, "message": "budget 10m: planned 50 steps", "budget_plan": {"num_steps": 50}})
+    sink.emit(train | {"step": 11, "eta_seconds": 39.0})
+    first, plan, later = capsys.readouterr().out.splitlines()
+    assert first.startswith("step 1/? |") and first.endswith("ETA ?")
+    assert later.startswith("step 11/50 |") and later.endswith("ETA 0m39s")

@@ -64,11 +64,13 @@ def sparkline(values: list[float], width: int = 60) -> str:
 
 
 def describe_train(row: dict, num_steps: int) -> str:
-    parts = [f"step {row['step']:>{len(str(num_steps))}}/{num_steps}", f"loss {row['loss']:.4f}",
+    """One line for a train row; num_steps 0: not planned yet (a --budget run's first steps)."""
+    total = str(num_steps) if num_steps else "?"
+    parts = [f"step {row['step']:>{len(total)}}/{total}", f"loss {row['loss']:.4f}",
              f"lr {row['lr']:.2e}", f"norm {row['grad_norm']:.2f}", f"{row['tokens_per_second']:,.0f} tok/s"]
     if row.get("mfu") is not None:
         parts.append(f"mfu {100 * row['mfu']:.1f}%")
-    parts.append(f"ETA {format_seconds(row['eta_seconds'])}")
+    parts.append(f"ETA {format_seconds(row['eta_seconds'])}" if num_steps else "ETA ?")
     return " | ".join(parts)
 
 
@@ -90,6 +92,8 @@ class PlainConsoleSink:
         self._stream = stream
 
     def emit(self, row: dict) -> None:
+        if "budget_plan" in row:  # a --budget run's length, fixed after its first steps
+            self.num_steps = row["budget_plan"]["num_steps"]
         if self.is_quiet:
             return
         kind = row["kind"]
@@ -155,12 +159,13 @@ class LiveConsoleSink:
 
         row = self.last_train
         step = row["step"] if row else 0
-        filled = int(40 * step / max(1, self.num_steps))
+        filled = int(40 * step / self.num_steps) if self.num_steps else 0
         progress = Text.assemble(("━" * filled, "green"), ("━" * (40 - filled), "grey37"),
-                                 f" {step}/{self.num_steps} ({100 * step / max(1, self.num_steps):.0f}%)")
+                                 f" {step}/{self.num_steps or '?'}"
+                                 + (f" ({100 * step / self.num_steps:.0f}%)" if self.num_steps else ""))
         if self.is_paused:
             progress.append("  PAUSED (resume: gptrain control RUN_DIR resume)", style="bold yellow")
-        elif row:
+        elif row and self.num_steps:
             progress.append(f"  ETA {format_seconds(row['eta_seconds'])}")
         lines = [progress]
         if row:
@@ -177,6 +182,8 @@ class LiveConsoleSink:
 
     def emit(self, row: dict) -> None:
         kind = row["kind"]
+        if "budget_plan" in row:
+            self.num_steps = row["budget_plan"]["num_steps"]
         if kind == "train":
             self.last_train = row
             self.losses.append(row["loss"])

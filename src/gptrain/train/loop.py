@@ -25,7 +25,7 @@ from gptrain.metrics.throughput import estimate_mfu, peak_flops
 from gptrain.runtime import tune_malloc
 from gptrain.tokenizer import load_tokenizer
 from gptrain.train import checkpoint as ckpt
-from gptrain.train.budget import maybe_plan
+from gptrain.train.budget import PROVISIONAL_STEPS, maybe_plan
 from gptrain.train.control import PAUSE_POLL_SECONDS, ControlReader, TrainerLock
 from gptrain.train.recovery import note_bad_step, recovery_factor
 from gptrain.train.run_dir import check_run_dir, find_auto_resume, is_unstarted_run
@@ -280,7 +280,8 @@ def _loop(run: Run) -> dict:
         emit(run, {"kind": "train", "loss": last_loss, "lr": lr, "grad_norm": result.grad_norm,
                    "tokens_per_second": tokens_per_second, "mfu": mfu, "mfu_basis": mfu_basis,
                    "tokens_seen": state.tokens_seen, "epoch": run.train_loader.epochs_done,
-                   "eta_seconds": (plan.num_steps - state.step) * mean_step_seconds})
+                   "eta_seconds": None if plan.num_steps >= PROVISIONAL_STEPS  # a budget not planned yet
+                   else (plan.num_steps - state.step) * mean_step_seconds})
         if run.system is not None and run.system.is_due():
             emit(run, {"kind": "system", **run.system.sample()})
         if result.has_commands:

@@ -23,9 +23,10 @@ def build_sinks(run: Run) -> list[MetricSink]:
     if not run.env.is_main:
         return []
     optional = build_optional_sinks(run)  # first: when one cannot start, nothing else is open yet
-    console = build_console_sink(run.cfg.log, run.plan.num_steps, run.cfg.train.log_every_steps,
+    num_steps = 0 if run.cfg.train.budget and run.state.budget_plan is None else run.plan.num_steps  # 0: not yet
+    console = build_console_sink(run.cfg.log, num_steps, run.cfg.train.log_every_steps,
                                  title=f"gptrain · {run.run_dir}")
-    log_file = log_file_sink(run.run_dir / "train.log", run.plan.num_steps, run.cfg.train.log_every_steps)
+    log_file = log_file_sink(run.run_dir / "train.log", num_steps, run.cfg.train.log_every_steps)
     return [JsonlSink(run.run_dir / "metrics.jsonl"), CsvSink(run.run_dir / "metrics.csv"),
             SamplesSink(run.run_dir / "samples.txt"), log_file, *optional, console]
 

@@ -24,7 +24,8 @@ class TrainConfig:
     batch_tokens: int = 0  # global batch in tokens; 0: one micro batch per device (no accumulation)
     num_steps: int = 1500
     num_epochs: float = 0.0  # > 0: train this many passes over the train split instead of num_steps
-    budget: str = ""  # a wall-clock time (90s, 10m, 1.5h) instead of num_steps/num_epochs: see train/budget.py
+    budget: str = ""  # a wall-clock time (90s, 10m, 1.5h) instead of num_steps/num_epochs (train/budget.py);
+    # a run given no steps, epochs or budget at all gets config.DEFAULT_BUDGET (10m)
     precision: str = "auto"  # auto: bf16 autocast on GPUs that have it, fp32 elsewhere
     compile: str = "auto"  # auto: torch.compile on CUDA only
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation, for checks)
