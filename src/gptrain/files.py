@@ -39,6 +39,13 @@ def fsync_file(path: Path) -> None:
 fsync_dir = fsync_file  # the same call on a folder
 
 
+def sync_folder(folder: Path) -> None:
+    """fsync every file in a finished folder, then the folder: what swap_in will name is on disk."""
+    for path in folder.iterdir():
+        fsync_file(path)
+    fsync_dir(folder)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` (one per process and thread) to write to, by any library; when the

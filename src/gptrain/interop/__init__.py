@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from gptrain.config import RunConfig, to_toml
 from gptrain.errors import UserError
-from gptrain.files import fsync_dir, fsync_file, swap_in
+from gptrain.files import swap_in, sync_folder
 from gptrain.model.gpt import GPT, ModelConfig
 from gptrain.tokenizer.base import Tokenizer
 from gptrain.train.checkpoint import TrainState, load_model_weights
@@ -49,9 +49,7 @@ def write_model_folder(out: Path, model_cfg: ModelConfig, weights: dict[str, tor
     (tmp / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
     state = {"format": 2, "train": TrainState().__dict__, "is_complete": True, "imported_from": provenance}
     (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str), encoding="utf-8")
-    for f in tmp.iterdir():
-        fsync_file(f)
-    fsync_dir(tmp)
+    sync_folder(tmp)
     if out.exists():
         out.rmdir()
     swap_in(tmp, out)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from gptrain.distributed.state import find_tied_names
 from gptrain.errors import OutOfSpace, UserError
 from gptrain.faults import fault_point
-from gptrain.files import OLD_SUFFIX, fsync_dir, fsync_file, swap_in, whole_folder
+from gptrain.files import OLD_SUFFIX, swap_in, sync_folder, whole_folder
 
 STEP_PREFIX = "step_"
 STEP_NAME = re.compile(r"step_\d+")
@@ -151,9 +151,7 @@ def write_checkpoint(snapshot: Snapshot, folder: Path) -> None:
     fault_point("checkpoint.state")
     (tmp / "config.toml").write_text(snapshot.config_toml, encoding="utf-8")
     (tmp / "tokenizer.json").write_text(snapshot.tokenizer_json, encoding="utf-8")
-    for f in tmp.iterdir():
-        fsync_file(f)
-    fsync_dir(tmp)
+    sync_folder(tmp)
     fault_point("checkpoint.swap")
     swap_in(tmp, folder)
     fault_point("checkpoint.swapped")

@@ -13,7 +13,7 @@ from gptrain.config import RunConfig, from_toml_text, to_dict, to_toml
 from gptrain.distributed import state as dstate
 from gptrain.distributed.env import DistEnv
 from gptrain.errors import UserError
-from gptrain.files import OLD_SUFFIX, fsync_dir, fsync_file, swap_in
+from gptrain.files import OLD_SUFFIX, swap_in, sync_folder
 from gptrain.metrics.sinks import file_offsets
 from gptrain.train import checkpoint as ckpt
 from gptrain.train.run_log import emit
@@ -123,9 +123,7 @@ def settle_checkpoints(run_dir: Path, resumed: Path, keep_last: int) -> None:
             continue
         tmp = target.with_name(name + ".tmp")
         shutil.copytree(resumed, tmp)
-        for f in tmp.iterdir():
-            fsync_file(f)
-        fsync_dir(tmp)
+        sync_folder(tmp)
         swap_in(tmp, target)
     ckpt.prune_periodic(ckpts, keep_last)
 
