@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from gptrain.cli_bench import BENCH_COMMANDS, add_bench_parser
 from gptrain.cli_eval import EVAL_COMMANDS, add_eval_parsers, dashboard_beside
 from gptrain.cli_interop import INTEROP_COMMANDS, add_interop_parsers
 from gptrain.errors import RunStopped, UserError, is_lost_peer, report_crash
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", metavar="CHECKPOINT", help="start from these weights (fine-tuning)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --run-dir")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA only)")
+    p.add_argument("--compile", choices=["auto", "on", "off"],
+                   help="torch.compile (auto: on CUDA; on the CPU when `gptrain bench --compile` measured it pays)")
     p.add_argument("--dashboard", "--serve-metrics", dest="dashboard", action="store_true",
                    help="also serve the web dashboard for this run (a separate process; needs gptrain[dashboard])")
     p.add_argument("--metrics-addr", metavar="HOST:PORT", help="where --dashboard listens (default 127.0.0.1:8765)")
@@ -127,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parsers(sub)
     add_interop_parsers(sub)
+    add_bench_parser(sub)
 
     p = sub.add_parser("check-equivalence", help="check that N ranks (DDP, ZeRO-1, FSDP) and accumulation train "
                        "like one process: a table of the largest differences; exit 0 when all match")
@@ -366,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             return EVAL_COMMANDS[args.command](args)
         if args.command in INTEROP_COMMANDS:
             return INTEROP_COMMANDS[args.command](args)
+        if args.command in BENCH_COMMANDS:
+            return BENCH_COMMANDS[args.command](args)
         if args.command == "check-equivalence":
             return cmd_check_equivalence(args)
         if args.command == "presets":

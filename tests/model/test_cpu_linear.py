@@ -1,17 +1,24 @@
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from gptrain.errors import UserError
 from gptrain.model import cpu_linear
+from gptrain.model.cpu_linear import KERNELS, PASSES, LinearPlan
+
+ALL_PLANS = [LinearPlan(*kernels) for kernels in itertools.product(KERNELS, repeat=3)]
 
 
+@pytest.mark.parametrize("plan", ALL_PLANS, ids=lambda p: p.to_text())
 @pytest.mark.parametrize("has_bias", [True, False])
-def test_onednn_linear_matches_f_linear_values_and_gradients(has_bias):
-    # Whichever path this PyTorch takes (oneDNN, or F.linear where the op is missing), results must agree.
+def test_every_plan_matches_f_linear_values_and_gradients(plan, has_bias):
+    # Whichever kernel each pass takes (oneDNN, or F.linear where the op is missing), results must agree.
     x = torch.randn(3, 7, 48, requires_grad=True)
     w = torch.randn(80, 48, requires_grad=True)
     b = torch.randn(80, requires_grad=True) if has_bias else None
-    out = cpu_linear.linear(x, w, b)
+    out = cpu_linear.linear(x, w, b, plan)
     ref = F.linear(x, w, b)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(ref)
@@ -21,16 +28,30 @@ def test_onednn_linear_matches_f_linear_values_and_gradients(has_bias):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
 
+def test_plan_text_round_trips_and_bad_text_is_a_user_error():
+    for plan in ALL_PLANS:
+        assert LinearPlan.parse(plan.to_text()) == plan
+    assert LinearPlan.parse("onednn") == LinearPlan("onednn", "onednn", "onednn")
+    assert LinearPlan.parse("forward=onednn") == LinearPlan(forward="onednn")
+    with pytest.raises(UserError, match="PASS=KERNEL"):
+        LinearPlan.parse("backward=onednn")
+    with pytest.raises(UserError, match="must be one of onednn, aten"):
+        LinearPlan.parse("forward=mkl")
+
+
 def test_falls_back_to_f_linear_off_fp32():
     x = torch.randn(2, 8, dtype=torch.float64)
     w = torch.randn(4, 8, dtype=torch.float64)
     assert not cpu_linear.is_onednn_usable(x, w)
-    torch.testing.assert_close(cpu_linear.linear(x, w), F.linear(x, w))
+    torch.testing.assert_close(cpu_linear.linear(x, w, plan=LinearPlan.parse("onednn")), F.linear(x, w))
 
 
-def test_linear_module_keeps_nn_linear_state_dict():
-    layer = cpu_linear.Linear(8, 4)
-    assert isinstance(layer, torch.nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
+def test_linear_module_keeps_nn_linear_state_dict_and_takes_a_plan():
+    model = torch.nn.Sequential(cpu_linear.Linear(8, 4), torch.nn.ReLU(), cpu_linear.Linear(4, 2))
+    assert set(model[0].state_dict()) == {"weight", "bias"}
+    plan = LinearPlan(grad_weight="onednn")
+    cpu_linear.set_linear_plan(model, plan)
+    assert model[0].plan == plan and model[2].plan == plan
 
 
 def test_onednn_path_is_active_on_x86_linux():
@@ -40,3 +61,7 @@ def test_onednn_path_is_active_on_x86_linux():
     if sys.platform.startswith("linux") and platform.machine() == "x86_64":
         assert cpu_linear.is_onednn_usable(torch.zeros(2, 2), torch.zeros(2, 2))
     assert not cpu_linear.is_onednn_usable(torch.zeros(2, 2, dtype=torch.float16), torch.zeros(2, 2))
+
+
+def test_passes_are_the_three_matmuls():
+    assert PASSES == ("forward", "grad_input", "grad_weight")

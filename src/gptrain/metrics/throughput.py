@@ -149,12 +149,12 @@ def probe_peak(device: str, name: str, dtype: str) -> float:
     """Best measured square-matmul FLOP/s in dtype, cached by device name, dtype, torch and threads."""
     key = f"{name} | {dtype} | torch {torch.__version__} | {torch.get_num_threads()} threads"
     path = cache_dir() / CACHE_FILE_NAME
-    cached = _read_cache(path)
+    cached = read_cache(path)
     value = cached.get(key)
     if isinstance(value, (int, float)) and value > 0:
         return float(value)
     measured = measure_matmul_flops(device, dtype)
-    _write_cache(path, {**cached, key: measured})
+    write_cache(path, {**cached, key: measured})
     return measured
 
 
@@ -195,7 +195,7 @@ def _synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def _read_cache(path: Path) -> dict:
+def read_cache(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -203,7 +203,7 @@ def _read_cache(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _write_cache(path: Path, data: dict) -> None:
+def write_cache(path: Path, data: dict) -> None:
     """Write atomically (files.write_atomic); a cache that cannot be written is skipped."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,53 +1,110 @@
-"""Linear layers whose fp32 CPU matmuls run on oneDNN (AVX-512 brgemm) instead of MKL sgemm.
+"""Linear layers whose fp32 CPU matmuls run on oneDNN or on ATen (MKL sgemm on x86), chosen per pass.
 
-On AMD CPUs MKL's sgemm takes an AVX2 path at about half the speed oneDNN reaches for the same
-fp32 math (measured on a 2-core EPYC: GPT-2 124M forward 0.36 -> 0.17 s, backward 0.72 -> 0.37 s).
-Everywhere else (CUDA, MPS, autocast, other dtypes, a PyTorch without the op) this is F.linear.
-Parameters and state_dict keys are nn.Linear's, so checkpoints do not know the difference.
+Which is faster depends on the CPU and the shapes: on AVX-512 AMD parts oneDNN's brgemm runs about
+twice MKL's AVX2 path (2-core EPYC, GPT-2 124M: forward 0.36 -> 0.17 s), on an AVX2-only Zen 3 its
+backward is 1.4x slower, and at small shapes MKL wins on Intel. So every Linear carries a LinearPlan,
+a kernel for each of the three matmuls (forward, grad_input, grad_weight), which the trainer picks
+by measuring (train/fast_paths.py) and keeps in its checkpoint. Everywhere else (CUDA, MPS,
+autocast, other dtypes, a PyTorch without the op) it is F.linear. Parameters and state_dict keys are
+nn.Linear's, so checkpoints do not know the difference.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gptrain.errors import UserError
+
 # A private op that inductor itself uses; looked up once, with F.linear as the fallback.
 _LINEAR_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-_IS_ENABLED = os.environ.get("GPTRAIN_ONEDNN_LINEAR", "1") != "0" and _LINEAR_POINTWISE is not None
+KERNELS = ("onednn", "aten")
+PASSES = ("forward", "grad_input", "grad_weight")
 
 
-def _matmul_t(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
-    """a @ b.T (+ bias) on oneDNN; a is (..., K), b is (N, K)."""
-    return _LINEAR_POINTWISE(a, b, bias, "none", [], "")
+@dataclass(frozen=True)
+class LinearPlan:
+    """The kernel of each matmul of a linear layer: y = x W^T, dX = dY W, dW = dY^T X."""
+
+    forward: str = "aten"
+    grad_input: str = "aten"
+    grad_weight: str = "aten"
+
+    def __post_init__(self) -> None:
+        for name in PASSES:
+            if getattr(self, name) not in KERNELS:
+                raise UserError(f"linear kernel for {name} must be one of {', '.join(KERNELS)} "
+                                f"(got {getattr(self, name)!r})")
+
+    @property
+    def is_all_aten(self) -> bool:
+        return all(getattr(self, f.name) == "aten" for f in fields(self))
+
+    def to_text(self) -> str:
+        """"aten", "onednn", or "forward=onednn,grad_input=aten,grad_weight=aten" (parse() reads it back)."""
+        kernels = {getattr(self, name) for name in PASSES}
+        if len(kernels) == 1:
+            return kernels.pop()
+        return ",".join(f"{name}={getattr(self, name)}" for name in PASSES)
+
+    @classmethod
+    def parse(cls, text: str) -> LinearPlan:
+        """One kernel for all three passes ("onednn", "aten") or pass=kernel pairs; missing passes are aten."""
+        text = text.strip()
+        if text in KERNELS:
+            return cls(**dict.fromkeys(PASSES, text))
+        pairs = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, _, kernel = item.partition("=")
+            if name.strip() not in PASSES:
+                raise UserError(f"train.cpu_linear: {item!r} is not PASS=KERNEL with PASS one of {', '.join(PASSES)} "
+                                f"(or give one of auto, {', '.join(KERNELS)})")
+            pairs[name.strip()] = kernel.strip()
+        return cls(**pairs)
 
 
-class _OneDNNLinear(torch.autograd.Function):
+def default_plan() -> LinearPlan:
+    """Before (or without) a probe: oneDNN everywhere, as before plans existed; GPTRAIN_ONEDNN_LINEAR=0: ATen."""
+    is_off = os.environ.get("GPTRAIN_ONEDNN_LINEAR", "1") == "0" or _LINEAR_POINTWISE is None
+    return LinearPlan.parse("aten" if is_off else "onednn")
+
+
+def matmul_t(a: Tensor, b: Tensor, kernel: str, bias: Tensor | None = None) -> Tensor:
+    """a @ b.T (+ bias) with the given kernel; a is (..., K), b is (N, K)."""
+    if kernel == "onednn":
+        return _LINEAR_POINTWISE(a, b, bias, "none", [], "")
+    return F.linear(a, b, bias)
+
+
+class _PlannedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, plan: LinearPlan) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _matmul_t(x, weight, bias)
+        ctx.has_bias, ctx.plan = bias is not None, plan
+        return matmul_t(x, weight, plan.forward, bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, weight = ctx.saved_tensors
+        plan = ctx.plan
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _matmul_t(g2, weight.t()).view(x.shape)  # dX = dY @ W
+            grad_x = matmul_t(g2, weight.t(), plan.grad_input).view(x.shape)  # dX = dY @ W
         if ctx.needs_input_grad[1]:
-            grad_w = _matmul_t(g2.t(), x.reshape(-1, x.shape[-1]).t())  # dW = dY^T @ X
+            grad_w = matmul_t(g2.t(), x.reshape(-1, x.shape[-1]).t(), plan.grad_weight)  # dW = dY^T @ X
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
 def is_onednn_usable(x: Tensor, weight: Tensor) -> bool:
     return (
-        _IS_ENABLED
+        _LINEAR_POINTWISE is not None
         # Inductor lowers this op only for frozen (constant) weights; compiled graphs use F.linear.
         # Checked first: dynamo cannot trace mkldnn.is_available() and would break the graph here.
         and not torch.compiler.is_compiling()
@@ -59,15 +116,24 @@ def is_onednn_usable(x: Tensor, weight: Tensor) -> bool:
     )
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear, through oneDNN for fp32 CPU tensors."""
-    if is_onednn_usable(x, weight):
-        return _OneDNNLinear.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, plan: LinearPlan | None = None) -> Tensor:
+    """F.linear, with each matmul on the plan's kernel for fp32 CPU tensors (an all-ATen plan is F.linear)."""
+    plan = plan or default_plan()
+    if plan.is_all_aten or not is_onednn_usable(x, weight):
+        return F.linear(x, weight, bias)
+    return _PlannedLinear.apply(x, weight, bias, plan)
 
 
 class Linear(nn.Linear):
-    """nn.Linear with the oneDNN CPU path (same parameters, same state_dict)."""
+    """nn.Linear with a per-pass choice of CPU kernel (same parameters, same state_dict)."""
+
+    plan: LinearPlan | None = None  # None: default_plan(); set_linear_plan() gives a model its probed plan
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.plan)
+
+
+def set_linear_plan(model: nn.Module, plan: LinearPlan) -> None:
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.plan = plan

@@ -64,6 +64,7 @@ class TrainState:
     schedule_steps: int = 0
     schedule_tails: list[dict] = field(default_factory=list)
     budget_plan: dict | None = None  # a --budget run's measured plan (train/budget.py): a resume keeps it
+    fast_paths: dict | None = None  # the CPU linear kernels and compile, chosen once (train/fast_paths.py)
 
 
 @dataclass

@@ -152,7 +152,8 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
         cfg, weights = config_for_init(cfg, init_pieces["config_toml"], init_pieces["model"], explicit,
                                        log if env.is_main else (lambda *_: None))
         fixed_tokenizer = load_tokenizer(init_pieces["tokenizer_path"])
-    run = build_run(cfg, env, run_dir, fixed_tokenizer, weights, log)
+    saved_fast_paths = pieces["state"]["train"].get("fast_paths") if pieces is not None else None
+    run = build_run(cfg, env, run_dir, fixed_tokenizer, weights, log, saved_fast_paths)
     run.launched_at = launched_at
     if should_tune_malloc:
         tune_malloc()  # after setup, so the corpus tokenizing's peak memory was returned to the OS
@@ -176,6 +177,7 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
     run.sinks = build_sinks(run)
     try:
         log_layout(run)  # the first event row of every launch, a resumed one too
+        emit(run, {"kind": "event", "message": run.fast_paths_note, "fast_paths": run.state.fast_paths})
         if resume is not None:
             emit(run, {"kind": "event", "message": f"resumed from step {run.state.step}",
                        "resumed_from": run.state.step})

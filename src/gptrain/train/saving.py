@@ -60,7 +60,9 @@ def resume_from(run: Run, pieces: dict) -> None:
     # The stored param groups carry the old hyperparameters; the (possibly overridden) config wins.
     for group, decay in zip(run.optimizer.param_groups, (run.cfg.optim.weight_decay, 0.0), strict=True):
         group.update(weight_decay=decay, betas=(run.cfg.optim.beta1, run.cfg.optim.beta2), eps=run.cfg.optim.eps)
+    fast_paths = run.state.fast_paths  # build_run applied the checkpoint's (or, from an older one, new ones)
     run.state = ckpt.TrainState(**pieces["state"]["train"])
+    run.state.fast_paths = fast_paths
     if run.state.budget_plan is not None:  # a --budget run's length was measured once, and is kept
         run.plan.num_steps = run.state.budget_plan["num_steps"]
     if run.state.schedule_steps:  # a new --steps re-plans nothing silently (schedule.extend_plan)

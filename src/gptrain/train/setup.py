@@ -36,6 +36,7 @@ from gptrain.tokenizer.base import save_tokenizer
 from gptrain.train import checkpoint as ckpt
 from gptrain.train.budget import PROVISIONAL_STEPS
 from gptrain.train.control import ControlReader
+from gptrain.train.fast_paths import apply_fast_paths
 from gptrain.train.optim import build_optimizer
 from gptrain.train.run_dir import is_run_dir
 from gptrain.train.samples import SamplesConfig
@@ -78,6 +79,7 @@ class Run:
     byte_lengths: list[int] = field(default_factory=list)  # UTF-8 bytes of each token id, for bits per byte
     hellaswag_items: list[Item] = field(default_factory=list)  # scored with validations when eval.hellaswag_*
     control: ControlReader | None = None  # rank 0: control.jsonl, read at step boundaries
+    fast_paths_note: str = ""  # how the linear kernels and compile were chosen (logged once sinks exist)
     system: SystemSampler | None = None  # rank 0: system-use rows every few seconds
     pending: list[dict] = field(default_factory=list)  # rank 0: commands to apply at this step boundary
     replays: list[dict] = field(default_factory=list)  # rank 0: state commands to apply again after a resume
@@ -224,11 +226,12 @@ def configure_device(train: TrainConfig, env: DistEnv) -> None:
 
 
 def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Tokenizer | None,
-              weights: dict | None, log) -> Run:
+              weights: dict | None, log, saved_fast_paths: dict | None = None) -> Run:
     """Data (prepared if needed), tokenizer, model (with the given weights), its parallel wrapping,
     optimizer and loaders. Writes nothing in run_dir.
 
-    fixed_tokenizer: the tokenizer a resumed run or a fine-tuned checkpoint already uses.
+    fixed_tokenizer: the tokenizer a resumed run or a fine-tuned checkpoint already uses;
+    saved_fast_paths: a resumed run's linear kernels and compile choice (train/fast_paths.py).
     """
     try:
         check_before_data(cfg, env.world_size)
@@ -238,7 +241,7 @@ def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Toke
     dataset = prepare_data(cfg.data, cfg.tokenizer, env, fixed_tokenizer, log)
     items = read_hellaswag(cfg.eval, env, log)
     try:
-        run = _build_on(dataset, cfg, env, run_dir, fixed_tokenizer, weights)
+        run = _build_on(dataset, cfg, env, run_dir, fixed_tokenizer, weights, saved_fast_paths)
     except UserError as e:  # from here on, the same inputs give every rank the same mistake: rank 0 says it
         e.is_echo = not env.is_main
         raise
@@ -255,7 +258,7 @@ def read_hellaswag(cfg: EvalConfig, env: DistEnv, log) -> list[Item]:
 
 
 def _build_on(dataset: Path, cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Tokenizer | None,
-              weights: dict | None) -> Run:
+              weights: dict | None, saved_fast_paths: dict | None) -> Run:
     tokenizer = fixed_tokenizer or load_dataset_tokenizer(dataset, cfg.tokenizer)
     check_dataset_tokenizer(dataset, tokenizer)
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=tokenizer.vocab_size))
@@ -287,12 +290,12 @@ def _build_on(dataset: Path, cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_
     wrapped = parallel.wrap_model(model, plan.strategy, cfg.parallel, env, use_bf16=is_bf16)
     optimizer = build_optimizer(model, cfg.optim, lr_at(0, plan.num_steps, cfg.schedule),
                                 shard_state=plan.strategy == "zero1")
-    use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and env.device.startswith("cuda"))
-    step_model = torch.compile(wrapped, backend=cfg.train.compile_backend) if use_compile else wrapped
-    return Run(cfg=cfg, env=env, run_dir=run_dir, tokenizer=tokenizer, model=model, step_model=step_model,
-               optimizer=optimizer, train_loader=train_loader, val_loader=val_loader, plan=plan, dataset_dir=dataset,
-               val_windows=val_windows, val_set=val_set_id(train_loader.fingerprint, val_windows, cfg.model.block_size),
-               byte_lengths=tokenizer.byte_lengths())
+    run = Run(cfg=cfg, env=env, run_dir=run_dir, tokenizer=tokenizer, model=model, step_model=wrapped,
+              optimizer=optimizer, train_loader=train_loader, val_loader=val_loader, plan=plan, dataset_dir=dataset,
+              val_windows=val_windows, val_set=val_set_id(train_loader.fingerprint, val_windows, cfg.model.block_size),
+              byte_lengths=tokenizer.byte_lengths())
+    run.fast_paths_note = apply_fast_paths(run, saved_fast_paths or {})  # the linear kernels and compile
+    return run
 
 
 def step_run(run: Run, lr: float, max_loss: float = float("inf"), has_commands=lambda: False) -> StepResult:

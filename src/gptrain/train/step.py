@@ -27,8 +27,11 @@ class TrainConfig:
     budget: str = ""  # a wall-clock time (90s, 10m, 1.5h) instead of num_steps/num_epochs (train/budget.py);
     # a run given no steps, epochs or budget at all gets config.DEFAULT_BUDGET (10m)
     precision: str = "auto"  # auto: bf16 autocast on GPUs that have it, fp32 elsewhere
-    compile: str = "auto"  # auto: torch.compile on CUDA only
+    compile: str = "auto"  # auto: on CUDA; on the CPU when a measured saving pays for it (train/fast_paths.py)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation, for checks)
+    # CPU fp32 linear kernels per pass (model/cpu_linear.py): auto (probed once per machine and shape),
+    # aten, onednn, or forward=K,grad_input=K,grad_weight=K; a resume keeps the run's choice
+    cpu_linear: str = "auto"
     use_tf32: bool = True  # fp32 matmuls on TF32 tensor cores (CUDA)
     spike_factor: float = 0.0  # skip an update whose loss exceeds this times the running mean; 0: off
     max_bad_steps: int = 10  # skipped steps (non-finite, or spikes) within bad_step_window: then a rollback
@@ -52,6 +55,10 @@ class TrainConfig:
             raise UserError(f"train.precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
         if self.compile not in COMPILE_MODES:
             raise UserError(f"train.compile must be one of {', '.join(COMPILE_MODES)} (got {self.compile!r})")
+        if self.cpu_linear != "auto":
+            from gptrain.model.cpu_linear import LinearPlan
+
+            LinearPlan.parse(self.cpu_linear)
         if self.spike_factor < 0 or (0 < self.spike_factor <= 1):
             raise UserError(f"train.spike_factor must be 0 (off) or above 1 (got {self.spike_factor})")
         if self.max_bad_steps < 1 or self.bad_step_window < self.max_bad_steps:

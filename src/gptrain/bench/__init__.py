@@ -1,0 +1,1 @@
+"""`gptrain bench`: step timing against the plain PyTorch reference and llm.c."""

@@ -1,0 +1,141 @@
+"""`gptrain bench`: one model shape's training step, timed by phase, against the reference and llm.c.
+
+The figures (all from the same process and the same run): forward/backward/optimizer/step medians,
+tokens/s, achieved FLOP/s (metrics.throughput.flops_per_token), the fp32 (or bf16) matmul rate this
+machine measures for large matrices now, MFU against the device's peak, and two ratios:
+  step_time_ratio        gptrain's step time / the reference's (lower is faster);
+  matmul_limit_fraction  step FLOP / (gptrain's step time x the measured matmul rate): how close the
+                         step comes to doing nothing but large matmuls.
+--compile also times both models under torch.compile, with and without the compile time, and
+records the measurement for the training's compile rule (train/fast_paths.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from gptrain.bench.timing import autocast_for, build_pair, make_batches, run_alternating, synchronize
+from gptrain.errors import UserError
+from gptrain.metrics.machine import describe_machine
+from gptrain.metrics.throughput import device_name, flops_per_token, measure_matmul_flops, peak_flops
+from gptrain.model.gpt import GPT, ModelConfig, count_parameters
+from gptrain.train.fast_paths import compile_key, record_compile_times, resolve_linear
+
+
+@dataclass(kw_only=True)
+class BenchOptions:
+    model: ModelConfig  # block_size is the context benchmarked
+    batch_size: int = 4
+    device: str = "cpu"
+    dtype: str = "fp32"  # fp32, or bf16 autocast (CUDA)
+    steps: int = 6  # timed steps per model
+    warmup: int = 2  # steps per model before timing
+    compare: str = ""  # "reference": time the plain PyTorch GPT-2 too
+    llmc: str = ""  # path of an llm.c train_gpt2 binary to time
+    compile: bool = False  # also time both under torch.compile
+    compile_backend: str = "inductor"  # aot_eager: no code generation (for checks)
+    cpu_linear: str = "auto"  # as train.cpu_linear
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.warmup < 0 or self.batch_size < 1:
+            raise UserError("bench needs --steps >= 1, --warmup >= 0 and --batch-size >= 1")
+        if self.compare not in ("", "reference"):
+            raise UserError(f"--compare takes 'reference' (got {self.compare!r})")
+        if self.dtype == "bf16" and not self.device.startswith("cuda"):
+            raise UserError("bench --dtype bf16 needs a CUDA GPU; CPU paths are measured in fp32")
+
+
+def run_bench(opts: BenchOptions, log=print) -> dict:
+    """Time the step(s) and return the result dict (what `gptrain bench` prints and writes as JSON)."""
+    cfg, device = opts.model, opts.device
+    rows = opts.batch_size * cfg.block_size
+    plan, plan_why = resolve_linear(opts.cpu_linear, {}, cfg, rows, device)
+    log(f"linear kernels: {plan.to_text()} ({plan_why})")
+    batches = make_batches(cfg.vocab_size, opts.batch_size, cfg.block_size, device)
+    autocast = autocast_for(device, opts.dtype)
+    torch.manual_seed(0)
+    pair = build_pair(GPT(cfg).to(device), device, plan, autocast, with_reference=opts.compare == "reference")
+    log(f"timing {', '.join(pair)}: {opts.warmup} warmup + {opts.steps} timed steps each, alternating")
+    run_alternating(pair, batches, opts.warmup + opts.steps)
+    step_flop = flops_per_token(cfg) * rows
+    matmul_rate = measure_matmul_flops(device, "bf16" if opts.dtype == "bf16" else "fp32")
+    peak, peak_basis = peak_flops(device, "bf16" if opts.dtype == "bf16" else "fp32")
+    runs = {name: summarize(timed.medians(opts.warmup), rows, step_flop, peak) for name, timed in pair.items()}
+    result = {
+        "title": title(cfg, opts),
+        "machine": describe_machine(device),
+        "shape": {"n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "vocab_size": cfg.vocab_size,
+                  "context": cfg.block_size, "batch_size": opts.batch_size, "bias": cfg.bias,
+                  "parameters": count_parameters(cfg)},
+        "device": device, "dtype": opts.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "timed_steps": opts.steps, "warmup_steps": opts.warmup,
+        "cpu_linear": plan.to_text(), "cpu_linear_why": plan_why,
+        "step_flop": step_flop, "matmul_flops_per_s": matmul_rate, "peak_flops_per_s": peak, "peak_basis": peak_basis,
+        "runs": runs, "first_step_loss": {name: timed.losses[0] for name, timed in pair.items()},
+        "matmul_limit_fraction": runs["gptrain"]["flops_per_s"] / matmul_rate,
+    }
+    if "reference" in runs:
+        result["step_time_ratio"] = runs["gptrain"]["step_s"] / runs["reference"]["step_s"]
+        result["steps_per_s_ratio"] = 1 / result["step_time_ratio"]
+    if opts.llmc:
+        result |= bench_llmc(opts.llmc, opts.warmup + opts.steps, runs, rows, step_flop, peak, log)
+    if opts.compile:
+        result["compiled"] = bench_compiled(opts, plan, batches, autocast, rows, step_flop, peak, runs, log)
+    return result
+
+
+def bench_llmc(binary: str, num_steps: int, runs: dict, rows: int, step_flop: float, peak, log) -> dict:
+    """Time llm.c's train_gpt2 (after gptrain, so they do not share the cores) at its own fixed shape."""
+    from gptrain.bench.llmc import run_llmc
+
+    log(f"timing llm.c: {binary} ({num_steps} steps; step 0 is left out of the median)")
+    timed = run_llmc(binary, steps=min(num_steps + 1, 41), num_threads=torch.get_num_threads())
+    step_s = timed.median_step_s
+    runs["llmc"] = {"step_s": step_s, "tokens_per_s": rows / step_s, "flops_per_s": step_flop / step_s,
+                    "mfu": step_flop / step_s / peak if peak else None, "steps": timed.num_steps,
+                    "first_loss": timed.losses[0] if timed.losses else None}
+    return {"llmc_step_time_ratio": runs["gptrain"]["step_s"] / step_s}
+
+
+def summarize(medians: dict[str, float], rows: int, step_flop: float, peak: float | None) -> dict:
+    step_s = medians["step_s"]
+    flops = step_flop / step_s
+    return {**medians, "tokens_per_s": rows / step_s, "flops_per_s": flops, "mfu": flops / peak if peak else None}
+
+
+def bench_compiled(opts: BenchOptions, plan, batches, autocast, rows: int, step_flop: float, peak, eager_runs: dict,
+                   log) -> dict:
+    """Both models again under torch.compile: the first step (compile included) apart, then medians."""
+    log("compiling (the first step of each model includes its compile time)")
+    torch.manual_seed(0)
+    pair = build_pair(GPT(opts.model).to(opts.device), opts.device, plan, autocast,
+                      with_reference=opts.compare == "reference", compile_backend=opts.compile_backend)
+    run_alternating(pair, batches, 1 + opts.warmup + opts.steps)
+    synchronize(opts.device)
+    out = {}
+    for name, timed in pair.items():
+        first_s = timed.times[0][-1]
+        summary = summarize(timed.medians(1 + opts.warmup), rows, step_flop, peak)
+        compile_s = max(0.0, first_s - summary["step_s"])
+        saving_s = eager_runs[name]["step_s"] - summary["step_s"]
+        out[name] = {**summary, "compile_s": compile_s, "first_step_s": first_s,
+                     "break_even_steps": math.ceil(compile_s / saving_s) if saving_s > 0 else None}
+    ours = out["gptrain"]
+    if opts.compile_backend != "inductor":  # the training's rule is about inductor
+        return out
+    record_compile_times(compile_key(opts.model, opts.batch_size, opts.device), compile_seconds=ours["compile_s"],
+                         eager_step_seconds=eager_runs["gptrain"]["step_s"], compiled_step_seconds=ours["step_s"])
+    return out
+
+
+def title(cfg: ModelConfig, opts: BenchOptions) -> str:
+    shape = f"{cfg.n_layer}L {cfg.n_embd}w {cfg.n_head}h vocab {cfg.vocab_size}"
+    return f"{shape}, B={opts.batch_size}, T={cfg.block_size}, {opts.dtype}, {device_name(opts.device)}"
+
+
+def with_llmc_shape(cfg: ModelConfig) -> ModelConfig:
+    """GPT-2 124M at T=64: the shape llm.c's train_gpt2 fixes (B=4 is set by the caller)."""
+    return replace(cfg, n_embd=768, n_layer=12, n_head=12, block_size=64, vocab_size=50257, bias=True)

@@ -1,0 +1,143 @@
+"""Training-step timing of gptrain against the plain PyTorch reference, in one process, alternating.
+
+gptrain's step is what train/step.py does for one micro batch: forward, backward, then clip (foreach)
+with one host sync for the loss and norm, the fused AdamW step and zero_grad, through the linear
+kernels the trainer's probe picks. The reference (bench/reference.py) runs nanoGPT's step. Both start
+from the same weights, see the same batches and the same AdamW hyperparameters; steps alternate so
+that load on the machine hits both alike. Each phase is timed separately (medians).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from gptrain.bench.reference import reference_like
+from gptrain.model.cpu_linear import LinearPlan, set_linear_plan
+from gptrain.model.gpt import GPT
+from gptrain.train.optim import OptimConfig, build_optimizer
+
+PHASES = ("forward", "backward", "optimizer", "step")
+LR = 6e-4
+
+
+@dataclass
+class Timed:
+    """One model's step function and the seconds of each phase of each step it ran."""
+
+    step: Callable[[Tensor, Tensor], list[float]]  # returns [forward, backward, optimizer] seconds
+    times: list[list[float]] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+    def medians(self, warmup: int) -> dict[str, float]:
+        kept = self.times[warmup:] or self.times
+        return {f"{name}_s": statistics.median(t[i] for t in kept) for i, name in enumerate(PHASES)}
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def gptrain_step(model: nn.Module, optimizer: torch.optim.Optimizer, device: str, autocast, timed: Timed):
+    """train_step's work for one micro batch, timed by phase."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(x: Tensor, y: Tensor) -> list[float]:
+        t0 = time.perf_counter()
+        with autocast:
+            loss = model(x, y)
+        synchronize(device)
+        t1 = time.perf_counter()
+        loss.backward()
+        synchronize(device)
+        t2 = time.perf_counter()
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        value, _ = torch.stack([loss.detach().float(), norm.float()]).tolist()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        t3 = time.perf_counter()
+        timed.losses.append(value)
+        return [t1 - t0, t2 - t1, t3 - t2]
+
+    return step
+
+
+def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, device: str, autocast, timed: Timed):
+    """nanoGPT's train.py step with log_interval=1: forward, backward, clip_grad_norm_, step, loss.item()."""
+
+    def step(x: Tensor, y: Tensor) -> list[float]:
+        t0 = time.perf_counter()
+        with autocast:
+            loss = model(x, y)
+        synchronize(device)
+        t1 = time.perf_counter()
+        loss.backward()
+        synchronize(device)
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        timed.losses.append(loss.item())
+        t3 = time.perf_counter()
+        return [t1 - t0, t2 - t1, t3 - t2]
+
+    return step
+
+
+def reference_adamw(model: nn.Module, optim: OptimConfig, device: str) -> torch.optim.Optimizer:
+    """nanoGPT's configure_optimizers: decay on 2-D tensors, fused on CUDA, PyTorch's default elsewhere."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    extra = {"fused": True} if device.startswith("cuda") else {}
+    return torch.optim.AdamW(groups, lr=LR, betas=(optim.beta1, optim.beta2), eps=optim.eps, **extra)
+
+
+def build_pair(model: GPT, device: str, plan: LinearPlan, autocast, *, with_reference: bool,
+               compile_backend: str = "") -> dict[str, Timed]:
+    """gptrain's model (its plan applied; compiled with compile_backend if given) and, if asked, the
+    reference beside it (compiled too: nanoGPT's --compile=True)."""
+    optim = OptimConfig()
+    set_linear_plan(model, plan)
+    ours = Timed(step=lambda x, y: [])
+    step_model = torch.compile(model, backend=compile_backend) if compile_backend else model
+    ours.step = gptrain_step(step_model, build_optimizer(model, optim, lr=LR), device, autocast, ours)
+    pair = {"gptrain": ours}
+    if with_reference:
+        ref = reference_like(model)
+        if compile_backend:
+            ref = torch.compile(ref, backend=compile_backend)
+        theirs = Timed(step=lambda x, y: [])
+        theirs.step = reference_step(ref, reference_adamw(ref, optim, device), device, autocast, theirs)
+        pair["reference"] = theirs
+    return pair
+
+
+def run_alternating(pair: dict[str, Timed], batches: list[Tensor], num_steps: int) -> None:
+    """num_steps steps of each model, in turns, on the same batches."""
+    for i in range(num_steps):
+        batch = batches[i % len(batches)]
+        x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        for timed in pair.values():
+            phases = timed.step(x, y)
+            timed.times.append([*phases, sum(phases)])
+
+
+def make_batches(vocab_size: int, batch_size: int, context: int, device: str, count: int = 4) -> list[Tensor]:
+    generator = torch.Generator().manual_seed(42)
+    return [torch.randint(0, vocab_size, (batch_size, context + 1), generator=generator).to(device)
+            for _ in range(count)]
+
+
+def autocast_for(device: str, dtype: str):
+    if dtype == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

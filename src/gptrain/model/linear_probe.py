@@ -1,0 +1,110 @@
+"""Pick the CPU linear kernels (cpu_linear.LinearPlan) for a model by timing its own matmuls.
+
+For each of a layer's three matmuls (forward, grad_input, grad_weight) both kernels are timed at
+every linear shape the model has (the four of a block and the head), weighted by how often each
+occurs, alternating so that machine load hits both alike; each pass gets the faster kernel. When
+oneDNN saves less than MIN_GAIN of the matmul time, the plan is all ATen: plain F.linear, which
+also skips the autograd.Function's Python overhead. The result is cached per CPU model, torch
+version, thread count and shapes in $GPTRAIN_CACHE, so a machine probes a shape once.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from gptrain.metrics.throughput import device_name, read_cache, write_cache
+from gptrain.model import cpu_linear
+from gptrain.model.cpu_linear import KERNELS, PASSES, LinearPlan
+from gptrain.model.gpt import ModelConfig
+from gptrain.tokenizer.gpt2_assets import cache_dir
+
+CACHE_FILE_NAME = "linear_plans.json"
+MIN_GAIN = 0.03  # oneDNN must save this fraction of the all-ATen matmul time to be used at all
+REPEATS = 3  # timed measurements per kernel, pass and shape (the median counts)
+MIN_MEASURE_SECONDS = 0.002  # small matmuls are repeated until one measurement lasts this long
+
+
+def linear_shapes(cfg: ModelConfig, rows: int) -> list[tuple[int, int, int]]:
+    """(in, out, count) of every linear layer the model runs on `rows` rows (B * T) per micro batch."""
+    d = cfg.n_embd
+    block = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]
+    return [(k, n, cfg.n_layer) for k, n in block] + [(d, cfg.padded_vocab_size, 1)]
+
+
+def cache_key(cfg: ModelConfig, rows: int) -> str:
+    shapes = ";".join(f"{k}x{n}" for k, n, _ in linear_shapes(cfg, rows))
+    return (f"{device_name('cpu')} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+            f"rows {rows} | bias {cfg.bias} | {shapes}")
+
+
+def choose_linear_plan(cfg: ModelConfig, rows: int) -> tuple[LinearPlan, dict]:
+    """The plan for this model on this machine (cached), and how it was found: {"source", "seconds"}."""
+    if cpu_linear.default_plan().is_all_aten:  # no oneDNN op here (or GPTRAIN_ONEDNN_LINEAR=0): nothing to probe
+        return LinearPlan(), {"source": "no oneDNN"}
+    path, key = cache_dir() / CACHE_FILE_NAME, cache_key(cfg, rows)
+    cached = read_cache(path)
+    entry = cached.get(key)
+    if isinstance(entry, dict) and "plan" in entry:
+        try:
+            return LinearPlan.parse(entry["plan"]), {**entry, "source": "cache"}
+        except Exception:
+            pass  # an unreadable entry is measured again
+    seconds = time_passes(cfg, rows)
+    plan = plan_from_times(seconds)
+    entry = {"plan": plan.to_text(), "seconds": seconds}
+    write_cache(path, {**cached, key: entry})
+    return plan, {**entry, "source": "probe"}
+
+
+def plan_from_times(seconds: dict[str, dict[str, float]]) -> LinearPlan:
+    """seconds[pass][kernel] -> the faster kernel per pass, or all ATen when oneDNN gains < MIN_GAIN."""
+    best = {name: min(KERNELS, key=lambda k: seconds[name][k]) for name in PASSES}
+    aten_total = sum(seconds[name]["aten"] for name in PASSES)
+    best_total = sum(seconds[name][best[name]] for name in PASSES)
+    if aten_total - best_total < MIN_GAIN * aten_total:
+        return LinearPlan()
+    return LinearPlan(**best)
+
+
+def time_passes(cfg: ModelConfig, rows: int) -> dict[str, dict[str, float]]:
+    """Seconds per micro batch spent in each pass's matmuls with each kernel (count-weighted medians)."""
+    totals = {name: dict.fromkeys(KERNELS, 0.0) for name in PASSES}
+    generator = torch.Generator().manual_seed(0)
+    for k, n, count in linear_shapes(cfg, rows):
+        x = torch.randn(rows, k, generator=generator)
+        w = torch.randn(n, k, generator=generator)
+        g = torch.randn(rows, n, generator=generator)
+        bias = torch.randn(n, generator=generator) if cfg.bias else None
+        operands = {  # each pass's matmul as cpu_linear runs it: a @ b.T (+ bias)
+            "forward": (x, w, bias),
+            "grad_input": (g, w.t(), None),
+            "grad_weight": (g.t(), x.t(), None),
+        }
+        for name, (a, b, c) in operands.items():
+            for kernel, seconds in _time_alternating(a, b, c).items():
+                totals[name][kernel] += count * seconds
+    return totals
+
+
+def _time_alternating(a, b, bias) -> dict[str, float]:
+    """Median seconds of a @ b.T (+ bias) on each kernel, measured in turns."""
+
+    def call(kernel: str) -> None:
+        cpu_linear.matmul_t(a, b, kernel, bias)
+
+    for kernel in KERNELS:
+        call(kernel)  # warm-up: oneDNN builds its primitive, MKL its thread pool
+    started = time.perf_counter()
+    call(KERNELS[0])
+    loops = max(1, int(MIN_MEASURE_SECONDS / max(time.perf_counter() - started, 1e-7)))
+    times = {kernel: [] for kernel in KERNELS}
+    for _ in range(REPEATS):
+        for kernel in KERNELS:
+            started = time.perf_counter()
+            for _ in range(loops):
+                call(kernel)
+            times[kernel].append((time.perf_counter() - started) / loops)
+    return {kernel: statistics.median(values) for kernel, values in times.items()}

@@ -1,0 +1,127 @@
+"""The run's automatic speed choices, made once and kept: the CPU linear kernels and torch.compile.
+
+Both change the floating-point order of the math, so a resume must make the same choices to stay
+bitwise: they are decided when a run first starts (on rank 0, then sent to every rank), stored in
+TrainState.fast_paths, and a resume reuses them. An explicit setting (train.cpu_linear=aten,
+train.compile=on) always wins.
+
+The compile rule on the CPU (where inductor generates C++ and the first step waits for it): compile
+when the projected saving, (eager - compiled step time) x the run's steps, exceeds twice the compile
+time, both taken from a measurement of this shape on this machine that `gptrain bench --compile`
+records; without one, or without a C++ compiler, the run stays eager. On CUDA auto compiles.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+
+from gptrain.metrics.throughput import device_name, read_cache, write_cache
+from gptrain.model.cpu_linear import LinearPlan, default_plan, set_linear_plan
+from gptrain.model.gpt import ModelConfig
+from gptrain.tokenizer.gpt2_assets import cache_dir
+from gptrain.train.budget import parse_duration
+
+COMPILE_CACHE_FILE_NAME = "compile_times.json"
+COMPILE_PAYBACK = 2.0  # the projected saving must exceed this many compile times
+
+
+def resolve_linear(setting: str, saved: dict, cfg: ModelConfig, rows: int, device: str) -> tuple[LinearPlan, str]:
+    """The linear plan and where it came from: the setting, the checkpoint, or the probe (or its cache)."""
+    if setting != "auto":
+        return LinearPlan.parse(setting), "set"
+    if saved.get("cpu_linear"):
+        return LinearPlan.parse(saved["cpu_linear"]), "kept from the checkpoint"
+    if device != "cpu":
+        return LinearPlan(), f"{device}: F.linear"
+    if default_plan().is_all_aten:
+        return LinearPlan(), "no oneDNN here (or GPTRAIN_ONEDNN_LINEAR=0)"
+    from gptrain.model.linear_probe import choose_linear_plan
+
+    plan, found = choose_linear_plan(cfg, rows)
+    return plan, "probed" if found["source"] == "probe" else "probed earlier on this machine (cached)"
+
+
+def resolve_compile(setting: str, saved: dict, backend: str, device: str, key: str, num_steps: int,
+                    budget_seconds: float | None = None) -> tuple[bool, str]:
+    """Whether to torch.compile the step model, and why."""
+    if setting == "off":
+        return False, "set"
+    is_cpu_inductor = device == "cpu" and backend == "inductor"
+    if is_cpu_inductor and not has_cpp_compiler():
+        return False, "no C++ compiler found (inductor needs one on the CPU: install g++); running eager"
+    if setting == "on":
+        return True, "set"
+    if "compile" in saved:
+        return saved["compile"] == "on", "kept from the checkpoint"
+    if device.startswith("cuda"):
+        return True, "auto: CUDA"
+    if device != "cpu":
+        return False, f"auto: {device}"
+    record = read_cache(cache_dir() / COMPILE_CACHE_FILE_NAME).get(key)
+    if not isinstance(record, dict):
+        return False, "auto: not measured for this shape on this machine (`gptrain bench --compile` measures it)"
+    return compile_pays(record, num_steps, budget_seconds)
+
+
+def compile_pays(record: dict, num_steps: int, budget_seconds: float | None = None) -> tuple[bool, str]:
+    """The rule: (eager - compiled) seconds per step x steps > COMPILE_PAYBACK x compile seconds.
+    A --budget run's steps are projected from the budget at the compiled speed."""
+    projected_steps = num_steps if budget_seconds is None else budget_seconds / record["compiled_step_seconds"]
+    saving = (record["eager_step_seconds"] - record["compiled_step_seconds"]) * projected_steps
+    cost = COMPILE_PAYBACK * record["compile_seconds"]
+    verdict = "on" if saving > cost else "off"
+    return saving > cost, (f"auto: {verdict}, projected saving {saving:.0f}s over {projected_steps:.0f} steps vs "
+                           f"{COMPILE_PAYBACK:g} x {record['compile_seconds']:.0f}s compile (measured)")
+
+
+def compile_key(cfg: ModelConfig, batch_size: int, device: str) -> str:
+    return (f"{device_name(device)} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+            f"{cfg.n_layer}L {cfg.n_embd}w {cfg.n_head}h ctx {cfg.block_size} vocab {cfg.padded_vocab_size} "
+            f"bias {cfg.bias} | batch {batch_size}")
+
+
+def record_compile_times(key: str, *, compile_seconds: float, eager_step_seconds: float,
+                         compiled_step_seconds: float) -> None:
+    """What `gptrain bench --compile` measured, for the auto rule of later runs on this machine."""
+    path = cache_dir() / COMPILE_CACHE_FILE_NAME
+    write_cache(path, {**read_cache(path), key: {"compile_seconds": compile_seconds,
+                                                 "eager_step_seconds": eager_step_seconds,
+                                                 "compiled_step_seconds": compiled_step_seconds}})
+
+
+def has_cpp_compiler() -> bool:
+    """Whether inductor's CPU backend can find a C++ compiler (its configured one, or the usual names)."""
+    try:
+        from torch._inductor import config as inductor_config
+
+        configured = inductor_config.cpp.cxx
+    except Exception:  # an inductor without this setting: look for the usual names
+        configured = (None, "g++")
+    names = [name for name in (configured if isinstance(configured, tuple) else (configured,)) if name]
+    return any(shutil.which(name) for name in [*names, "g++", "clang++", "c++"])
+
+
+def apply_fast_paths(run, saved: dict) -> str:
+    """Decide (rank 0, sent to all) or reuse (saved: a resumed checkpoint's) the run's fast paths, apply
+    them to run.model and run.step_model, keep them in run.state, and return a log line."""
+    cfg, env = run.cfg, run.env
+    budget_seconds = parse_duration(cfg.train.budget) if cfg.train.budget else None
+
+    def decide() -> dict:
+        rows = cfg.train.batch_size * cfg.model.block_size
+        plan, linear_why = resolve_linear(cfg.train.cpu_linear, saved, cfg.model, rows, env.device)
+        key = compile_key(cfg.model, cfg.train.batch_size, env.device)
+        is_compiled, compile_why = resolve_compile(cfg.train.compile, saved, cfg.train.compile_backend, env.device,
+                                                   key, run.plan.num_steps, budget_seconds)
+        return {"cpu_linear": plan.to_text(), "cpu_linear_why": linear_why,
+                "compile": "on" if is_compiled else "off", "compile_why": compile_why}
+
+    chosen = env.broadcast_object(decide() if env.is_main else None)
+    run.state.fast_paths = chosen
+    set_linear_plan(run.model, LinearPlan.parse(chosen["cpu_linear"]))
+    if chosen["compile"] == "on":
+        run.step_model = torch.compile(run.step_model, backend=cfg.train.compile_backend)
+    return (f"fast paths: cpu linear {chosen['cpu_linear']} ({chosen['cpu_linear_why']}); "
+            f"compile {chosen['compile']} ({chosen['compile_why']})")

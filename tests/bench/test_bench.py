@@ -1,0 +1,86 @@
+"""`gptrain bench`: the JSON result (ratios, phases, MFU), its chart, the reference being the same model,
+compiled timings, and llm.c at its fixed shape through a stand-in binary. No timed assertions."""
+
+from __future__ import annotations
+
+import json
+import stat
+import sys
+
+import pytest
+
+from gptrain.bench.reference import reference_like
+from gptrain.bench.run import BenchOptions, run_bench
+from gptrain.cli import main
+from gptrain.model.gpt import GPT, ModelConfig
+
+TINY = ["--layers", "1", "--embd", "32", "--heads", "2", "--context", "16", "--vocab", "70", "--batch-size", "2"]
+
+
+def test_bench_compares_with_the_reference_and_writes_json_and_png(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", *TINY, "--compare", "reference", "--steps", "3", "--warmup", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["runs"]) == {"gptrain", "reference"}
+    for run in result["runs"].values():
+        assert all(run[f"{phase}_s"] > 0 for phase in ("forward", "backward", "optimizer", "step"))
+        assert run["tokens_per_s"] == pytest.approx(2 * 16 / run["step_s"])
+    ours, ref = result["runs"]["gptrain"], result["runs"]["reference"]
+    assert result["step_time_ratio"] == pytest.approx(ours["step_s"] / ref["step_s"])
+    limit = result["step_flop"] / (ours["step_s"] * result["matmul_flops_per_s"])
+    assert result["matmul_limit_fraction"] == pytest.approx(limit)
+    assert 0 < ours["mfu"] and result["shape"]["n_layer"] == 1 and result["shape"]["vocab_size"] == 70
+    # Same weights, same batch: the first losses agree, so the reference is the same model.
+    assert result["first_step_loss"]["gptrain"] == pytest.approx(result["first_step_loss"]["reference"], abs=1e-5)
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+    printed = capsys.readouterr().out
+    assert "step_time_ratio" in printed and "matmul_limit_fraction" in printed
+
+
+def test_reference_is_gptrains_math():
+    import torch
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_embd=32, n_layer=2, n_head=4, block_size=16, vocab_size=70, bias=False))
+    ref = reference_like(model)
+    x, y = torch.randint(0, 70, (3, 16)), torch.randint(0, 70, (3, 16))
+    torch.testing.assert_close(model(x, y), ref(x, y), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_timings_say_when_compile_pays(tmp_path):
+    cfg = ModelConfig(n_embd=32, n_layer=1, n_head=2, block_size=16, vocab_size=70)
+    result = run_bench(BenchOptions(model=cfg, batch_size=2, steps=2, warmup=0, compare="reference", compile=True,
+                                    compile_backend="aot_eager"), log=lambda *_: None)
+    for name in ("gptrain", "reference"):
+        compiled = result["compiled"][name]
+        assert compiled["first_step_s"] >= compiled["compile_s"] >= 0 and compiled["step_s"] > 0
+
+
+def test_llmc_runs_gptrain_at_its_shape_and_reports_the_ratio(tmp_path, capsys):
+    binary = tmp_path / "train_gpt2"
+    lines = [f"step {i}: train loss {5 - i * 0.1:f} (took {ms:f} ms)" for i, ms in enumerate([900.0, 500.0, 700.0])]
+    binary.write_text(f"#!{sys.executable}\nprint('[GPT-2]\\nnum_layers: 12')\n"
+                      + "".join(f"print({line!r}, flush=True)\n" for line in lines))
+    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    out = tmp_path / "b.json"
+    assert main(["bench", "--llmc", str(binary), "--steps", "2", "--warmup", "0", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert "gptrain runs GPT-2 124M at B=4, T=64" not in capsys.readouterr().out  # the defaults are llm.c's shape
+    assert (result["shape"]["n_layer"], result["shape"]["context"], result["shape"]["batch_size"]) == (12, 64, 4)
+    assert result["runs"]["llmc"]["step_s"] == pytest.approx(0.6)  # median of 500 and 700 ms; step 0 left out
+    assert result["llmc_step_time_ratio"] == pytest.approx(result["runs"]["gptrain"]["step_s"] / 0.6)
+
+
+def test_a_missing_llmc_binary_is_refused_before_any_timing(tmp_path, capsys):
+    assert main(["bench", "--llmc", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "make train_gpt2" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, message", [(["--steps", "0"], "--steps >= 1"), (["--threads", "-1"], "--threads"),
+                                            (["--dtype", "bf16"], "needs a CUDA GPU"),
+                                            (["--heads", "5"], "not divisible")])
+def test_bad_bench_flags_are_one_line_errors(flags, message, capsys):
+    assert main(["bench", *TINY[:-2], *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

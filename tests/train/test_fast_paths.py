@@ -1,0 +1,93 @@
+"""The run's fast paths (linear kernels, compile): an explicit setting wins, then the checkpoint's choice,
+then the probe or the measured compile rule; a resume keeps them, so it stays bitwise."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptrain import resolve_config, train
+from gptrain.model import linear_probe
+from gptrain.model.cpu_linear import LinearPlan
+from gptrain.model.gpt import ModelConfig
+from gptrain.train import fast_paths
+
+CFG = ModelConfig(n_embd=16, n_layer=1, n_head=2, block_size=8, vocab_size=40)
+
+
+def test_linear_setting_beats_checkpoint_beats_probe(monkeypatch):
+    probed = (LinearPlan("onednn"), {"source": "probe"})
+    monkeypatch.setattr(linear_probe, "choose_linear_plan", lambda cfg, rows: probed)
+    saved = {"cpu_linear": "grad_weight=onednn"}
+    assert fast_paths.resolve_linear("aten", saved, CFG, 8, "cpu") == (LinearPlan(), "set")
+    assert fast_paths.resolve_linear("auto", saved, CFG, 8, "cpu")[0] == LinearPlan(grad_weight="onednn")
+    plan, why = fast_paths.resolve_linear("auto", {}, CFG, 8, "cpu")
+    if fast_paths.default_plan().is_all_aten:  # no oneDNN op in this PyTorch
+        assert plan.is_all_aten
+    else:
+        assert (plan, why) == (LinearPlan("onednn"), "probed")
+    assert fast_paths.resolve_linear("auto", {}, CFG, 8, "cuda")[0].is_all_aten
+
+
+def test_compile_rule_needs_a_saving_over_twice_the_compile_time():
+    record = {"compile_seconds": 30.0, "eager_step_seconds": 0.10, "compiled_step_seconds": 0.08}
+    assert fast_paths.compile_pays(record, 3001)[0]  # 0.02 s x 3001 steps = 60.02 s > 2 x 30 s
+    assert not fast_paths.compile_pays(record, 2999)[0]
+    assert fast_paths.compile_pays(record, 0, budget_seconds=600)[0]  # 7,500 compiled steps fit in 10 minutes
+    slower = {**record, "compiled_step_seconds": 0.11}
+    assert not fast_paths.compile_pays(slower, 10**6)[0]
+
+
+def test_compile_auto_on_the_cpu_uses_the_measured_record(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(fast_paths, "has_cpp_compiler", lambda: True)
+    key = fast_paths.compile_key(CFG, 4, "cpu")
+    is_on, why = fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 10**6)
+    assert not is_on and "gptrain bench --compile" in why
+    fast_paths.record_compile_times(key, compile_seconds=10.0, eager_step_seconds=0.2, compiled_step_seconds=0.1)
+    assert fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 10**6)[0]
+    assert not fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 100)[0]
+    assert not fast_paths.resolve_compile("auto", {"compile": "off"}, "inductor", "cpu", key, 10**6)[0]
+    assert fast_paths.resolve_compile("auto", {}, "inductor", "cuda", key, 1)[0]
+
+
+def test_without_a_cpp_compiler_the_cpu_runs_eager(monkeypatch):
+    monkeypatch.setattr(fast_paths, "has_cpp_compiler", lambda: False)
+    is_on, why = fast_paths.resolve_compile("on", {}, "inductor", "cpu", "key", 10**6)
+    assert not is_on and "no C++ compiler" in why
+    assert fast_paths.resolve_compile("on", {}, "aot_eager", "cpu", "key", 1)[0]  # no code generation
+
+
+def _values(tmp_path, corpus_dir, run, **extra):
+    return {"data.source": str(corpus_dir), "data.data_dir": str(tmp_path / "ds"), "tokenizer.kind": "char",
+            "embd": 16, "layers": 1, "heads": 2, "context": 16, "batch-size": 4, "steps": 12,
+            "eval.every_steps": 0, "samples.every_steps": 0, "checkpoint.every_steps": 6, "log.live": "off",
+            "log.is_quiet": True, "run_dir": str(tmp_path / run), **extra}
+
+
+def test_the_probed_plan_is_logged_saved_and_kept_by_a_resume(tmp_path, corpus_dir, monkeypatch):
+    probed = LinearPlan(forward="onednn", grad_weight="onednn")
+    # A PyTorch without the oneDNN op runs F.linear, probing nothing; the resume still keeps that choice.
+    expected = LinearPlan() if fast_paths.default_plan().is_all_aten else probed
+    monkeypatch.setattr(linear_probe, "choose_linear_plan", lambda cfg, rows: (probed, {"source": "probe"}))
+    train(resolve_config(None, _values(tmp_path, corpus_dir, "full"), environ={}), log=lambda *_: None)
+    full = tmp_path / "full"
+    rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    (chosen,) = [r["fast_paths"] for r in rows if "fast_paths" in r]
+    assert chosen["cpu_linear"] == expected.to_text() and chosen["compile"] == "off"
+    state = json.loads((full / "checkpoints" / "step_000006" / "state.json").read_text())
+    assert state["train"]["fast_paths"]["cpu_linear"] == expected.to_text()
+    # The machine would now probe otherwise: the resume keeps the checkpoint's kernels, bit for bit.
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copy(full / "config.toml", cut / "config.toml")
+    shutil.copytree(full / "checkpoints" / "step_000006", cut / "checkpoints" / "step_000006")
+    monkeypatch.setattr(linear_probe, "choose_linear_plan", lambda cfg, rows: pytest.fail("a resume probed again"))
+    train(resolve_config(cut / "config.toml", {}, environ={}), resume=cut, log=lambda *_: None)
+    a = load_file(str(full / "checkpoints" / "final" / "model.safetensors"))
+    b = load_file(str(cut / "checkpoints" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
