@@ -1,8 +1,8 @@
 """Training-step timing of gptrain against the plain PyTorch reference, in one process, alternating.
 
-gptrain's step is what train/step.py does for one micro batch: forward, backward, then clip (foreach)
-with one host sync for the loss and norm, the fused AdamW step and zero_grad, through the linear
-kernels the trainer's probe picks. The reference (bench/reference.py) runs nanoGPT's step. Both start
+gptrain's step is what train/step.py does for one micro batch: forward, backward, the gradient norm
+with one host sync for the loss and norm, the fused AdamW step (the clipping inside it) and zero_grad,
+through the linear kernels the trainer's probe picks. The reference (bench/reference.py) runs nanoGPT's step. Both start
 from the same weights, see the same batches and the same AdamW hyperparameters; steps alternate so
 that load on the machine hits both alike. Each phase is timed separately (medians).
 """
@@ -22,6 +22,7 @@ from gptrain.bench.reference import reference_like
 from gptrain.model.cpu_linear import LinearPlan, set_linear_plan
 from gptrain.model.gpt import GPT
 from gptrain.train.optim import OptimConfig, build_optimizer
+from gptrain.train.step import clip_gradients, step_optimizer
 
 PHASES = ("forward", "backward", "optimizer", "step")
 LR = 6e-4
@@ -58,9 +59,9 @@ def gptrain_step(model: nn.Module, optimizer: torch.optim.Optimizer, device: str
         loss.backward()
         synchronize(device)
         t2 = time.perf_counter()
-        norm = torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        norm, unscale = clip_gradients(params, 1.0, optimizer)
         value, _ = torch.stack([loss.detach().float(), norm.float()]).tolist()
-        optimizer.step()
+        step_optimizer(optimizer, unscale)
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         t3 = time.perf_counter()

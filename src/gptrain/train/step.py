@@ -140,8 +140,7 @@ def train_step(
             loss.backward()
         loss_sum += loss.detach()
     params = [p for p in model.parameters() if p.grad is not None]
-    max_norm = grad_clip if grad_clip > 0 else float("inf")
-    grad_norm = gather_norm(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+    grad_norm, unscale = clip_gradients(params, grad_clip, optimizer)
     # The gradients are already reduced (the norm is the same on every rank); the loss and the stop
     # request are summed here. One host sync per step: everything comes back together.
     flags = torch.tensor([float(is_stop_requested()), float(has_commands())], device=device)
@@ -150,7 +149,41 @@ def train_step(
     loss /= world_size
     is_applied = math.isfinite(loss) and math.isfinite(norm) and loss <= max_loss
     if is_applied:
-        optimizer.step()
+        step_optimizer(optimizer, unscale)
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss, grad_norm=norm, is_applied=is_applied, should_stop=stops > 0,
                       has_commands=commands > 0)
+
+
+def clip_gradients(params: list[Tensor], grad_clip: float,
+                   optimizer: torch.optim.Optimizer) -> tuple[Tensor, Tensor | None]:
+    """The global gradient norm (before clipping), and the clipping as a divisor for a fused AdamW to apply
+    inside its kernel (None: the gradients were clipped here, the usual way). Folding the clip into the
+    update saves a read and write of every gradient (GPT-2 124M on a 2-core CPU: 20 ms of a 0.8 s step);
+    the math is the same up to fp32 rounding: g / (1 / c) instead of g * c."""
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    if not can_unscale_in_optimizer(optimizer, params):
+        return gather_norm(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)), None
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # clip_grad_norm_'s
+    return norm, coefficient.reciprocal().float()
+
+
+def can_unscale_in_optimizer(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> bool:
+    """A fused torch AdamW over plain tensors: its kernel divides the gradients by `grad_scale` (the hook
+    GradScaler uses). Not ZeRO-1's wrapper, not FSDP's DTensors, not a PyTorch before get_total_norm."""
+    return (type(optimizer) is torch.optim.AdamW and hasattr(torch.nn.utils, "get_total_norm")
+            and all(group.get("fused") for group in optimizer.param_groups)
+            and all(type(p.grad) is Tensor for p in params))
+
+
+def step_optimizer(optimizer: torch.optim.Optimizer, unscale: Tensor | None) -> None:
+    """optimizer.step(), dividing the gradients by `unscale` inside the fused kernel when given."""
+    if unscale is None:
+        optimizer.step()
+        return
+    optimizer.grad_scale, optimizer.found_inf = unscale, torch.zeros_like(unscale)
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
