@@ -84,3 +84,14 @@ def test_bad_bench_flags_are_one_line_errors(flags, message, capsys):
     assert main(["bench", *TINY[:-2], *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_step_time_script_still_runs_at_any_shape():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "benchmarks" / "step_time.py"
+    done = subprocess.run([sys.executable, str(script), "--layers", "1", "--embd", "32", "--heads", "2", "--vocab", "70",
+                           "--context", "16", "--steps", "2", "--warmup", "1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "step_time_ratio" in done.stdout and "first-step loss" in done.stdout

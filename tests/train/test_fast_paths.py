@@ -29,7 +29,7 @@ def test_linear_setting_beats_checkpoint_beats_probe(monkeypatch):
     if fast_paths.default_plan().is_all_aten:  # no oneDNN op in this PyTorch
         assert plan.is_all_aten
     else:
-        assert (plan, why) == (LinearPlan("onednn"), "probed")
+        assert (plan, why) == (LinearPlan("onednn"), "probed now")
     assert fast_paths.resolve_linear("auto", {}, CFG, 8, "cuda")[0].is_all_aten
 
 

@@ -65,3 +65,36 @@ def test_loss_spike_above_the_limit_is_skipped(tiny_model, shard_dir):
     assert torch.equal(tiny_model.transformer.wpe.weight, before)
     assert train_step(tiny_model, opt, loader, max_loss=100.0, **args).is_applied
     assert not torch.equal(tiny_model.transformer.wpe.weight, before)
+
+
+def test_clipping_inside_fused_adamw_equals_clip_grad_norm(tiny_config):
+    """The fused path (the clip handed to AdamW's kernel as grad_scale) gives clip_grad_norm_'s update and
+    leaves the clipped gradients behind, within fp32 rounding; other optimizers clip the usual way."""
+    import copy
+
+    from gptrain.train.step import can_unscale_in_optimizer, clip_gradients, step_optimizer
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    twin = copy.deepcopy(model)
+    x = torch.randint(0, tiny_config.vocab_size, (4, 16))
+    results = []
+    for m in (model, twin):
+        opt = build_optimizer(m, OptimConfig(), lr=1e-3)
+        (m(x, x) * 50).backward()  # a norm far above 1: the clip matters
+        params = [p for p in m.parameters() if p.grad is not None]
+        if m is model:
+            assert can_unscale_in_optimizer(opt, params) == hasattr(torch.nn.utils, "get_total_norm")
+            norm, unscale = clip_gradients(params, 1.0, opt)
+            step_optimizer(opt, unscale)
+            assert not hasattr(opt, "grad_scale")  # nothing left behind for the next step
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            opt.step()
+        results.append((float(norm), [p.grad.clone() for p in params], [p.detach().clone() for p in m.parameters()]))
+    (norm_a, grads_a, weights_a), (norm_b, grads_b, weights_b) = results
+    assert norm_a > 10 and abs(norm_a - norm_b) <= 1e-4 * norm_b
+    for a, b in zip(grads_a + weights_a, grads_b + weights_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert not can_unscale_in_optimizer(sgd, [p for p in model.parameters() if p.grad is not None])

@@ -40,7 +40,7 @@ def resolve_linear(setting: str, saved: dict, cfg: ModelConfig, rows: int, devic
     from gptrain.model.linear_probe import choose_linear_plan
 
     plan, found = choose_linear_plan(cfg, rows)
-    return plan, "probed" if found["source"] == "probe" else "probed earlier on this machine (cached)"
+    return plan, "probed now" if found["source"] == "probe" else "probed before on this machine, cached"
 
 
 def resolve_compile(setting: str, saved: dict, backend: str, device: str, key: str, num_steps: int,
