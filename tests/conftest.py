@@ -73,3 +73,21 @@ def shard_dir(tmp_path) -> Path:
     write_shard(folder / "synth_train_000001.bin", rng.integers(0, 64, 3000), 64)
     write_shard(folder / "synth_val_000000.bin", rng.integers(0, 64, 1000), 64)
     return folder
+
+
+def copy_run_at(run_dir: Path, checkpoint: str, out: Path) -> Path:
+    """A run directory holding only run_dir's config and one of its checkpoints: as if killed there."""
+    import shutil
+
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copy(run_dir / "config.toml", out / "config.toml")
+    shutil.copytree(run_dir / "checkpoints" / checkpoint, out / "checkpoints" / checkpoint)
+    return out
+
+
+def have_equal_final_weights(run_a: Path, run_b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    a = load_file(str(run_a / "checkpoints" / "final" / "model.safetensors"))
+    b = load_file(str(run_b / "checkpoints" / "final" / "model.safetensors"))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -4,12 +4,10 @@ fake clock and fake step times: no timed test), refused beside --steps, and kept
 from __future__ import annotations
 
 import json
-import shutil
 from types import SimpleNamespace
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from conftest import copy_run_at, have_equal_final_weights
 
 from gptrain import resolve_config, train
 from gptrain.cli import main
@@ -75,12 +73,7 @@ def test_a_budget_run_plans_once_and_a_resume_keeps_the_plan_bitwise(tmp_path, c
     lrs = [r["lr"] for r in rows if r["kind"] == "train"]
     assert lrs[-1] < lrs[9]  # the schedule decays over the planned steps
     # A resume from step 20 finishes the same plan without measuring again, bit for bit.
-    cut = tmp_path / "cut"
-    (cut / "checkpoints").mkdir(parents=True)
-    shutil.copy(full / "config.toml", cut / "config.toml")
-    shutil.copytree(full / "checkpoints" / "step_000020", cut / "checkpoints" / "step_000020")
+    cut = copy_run_at(full, "step_000020", tmp_path / "cut")
     monkeypatch.setattr(budget, "make_plan", lambda run, times: pytest.fail("a resume measured again"))
     train(resolve_config(cut / "config.toml", {}, environ={}), resume=cut, log=lambda *_: None)
-    a = load_file(str(full / "checkpoints" / "final" / "model.safetensors"))
-    b = load_file(str(cut / "checkpoints" / "final" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert have_equal_final_weights(full, cut)

@@ -4,11 +4,9 @@ then the probe or the measured compile rule; a resume keeps them, so it stays bi
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from conftest import copy_run_at, have_equal_final_weights
 
 from gptrain import resolve_config, train
 from gptrain.model import linear_probe
@@ -82,12 +80,7 @@ def test_the_probed_plan_is_logged_saved_and_kept_by_a_resume(tmp_path, corpus_d
     state = json.loads((full / "checkpoints" / "step_000006" / "state.json").read_text())
     assert state["train"]["fast_paths"]["cpu_linear"] == expected.to_text()
     # The machine would now probe otherwise: the resume keeps the checkpoint's kernels, bit for bit.
-    cut = tmp_path / "cut"
-    (cut / "checkpoints").mkdir(parents=True)
-    shutil.copy(full / "config.toml", cut / "config.toml")
-    shutil.copytree(full / "checkpoints" / "step_000006", cut / "checkpoints" / "step_000006")
+    cut = copy_run_at(full, "step_000006", tmp_path / "cut")
     monkeypatch.setattr(linear_probe, "choose_linear_plan", lambda cfg, rows: pytest.fail("a resume probed again"))
     train(resolve_config(cut / "config.toml", {}, environ={}), resume=cut, log=lambda *_: None)
-    a = load_file(str(full / "checkpoints" / "final" / "model.safetensors"))
-    b = load_file(str(cut / "checkpoints" / "final" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert have_equal_final_weights(full, cut)

@@ -1,6 +1,6 @@
 """The plain PyTorch GPT-2 that gptrain is measured against: what nanoGPT and most tutorials write.
 
-Eager nn.Linear / LayerNorm, F.scaled_dot_product_attention, tanh GELU, tied embeddings, no vocab
+Eager nn.Linear / nn.LayerNorm, F.scaled_dot_product_attention, tanh GELU, tied embeddings, no vocab
 padding, torch.optim.AdamW with its defaults (foreach on CPU), and nanoGPT's training step: forward,
 backward, clip the global norm at 1.0, step, zero the gradients, read the loss (``loss.item()``).
 Any shape: it takes gptrain's ModelConfig, so both models can start from the same weights.
@@ -16,27 +16,15 @@ from torch import Tensor
 from gptrain.model.gpt import GPT, ModelConfig
 
 
-class RefLayerNorm(nn.Module):
-    """nanoGPT's LayerNorm: the bias is optional."""
-
-    def __init__(self, dim: int, bias: bool) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
 class RefBlock(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         d, bias = cfg.n_embd, cfg.bias
         self.n_head = cfg.n_head
         # Defined in the order of gptrain's parameters, so weights can be copied one to one.
-        self.ln_1 = RefLayerNorm(d, bias)
+        self.ln_1 = nn.LayerNorm(d, bias=bias)
         self.c_attn, self.attn_proj = nn.Linear(d, 3 * d, bias=bias), nn.Linear(d, d, bias=bias)
-        self.ln_2 = RefLayerNorm(d, bias)
+        self.ln_2 = nn.LayerNorm(d, bias=bias)
         self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d, bias=bias), nn.Linear(4 * d, d, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -53,7 +41,7 @@ class RefGPT(nn.Module):
         super().__init__()
         self.wte, self.wpe = nn.Embedding(cfg.vocab_size, cfg.n_embd), nn.Embedding(cfg.block_size, cfg.n_embd)
         self.h = nn.ModuleList(RefBlock(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = RefLayerNorm(cfg.n_embd, cfg.bias)
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
 

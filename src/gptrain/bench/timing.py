@@ -46,27 +46,32 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def forward_backward(model: nn.Module, x: Tensor, y: Tensor, device: str, autocast) -> tuple[Tensor, list[float]]:
+    """The loss, and the seconds of its forward and of its backward pass (the device waited for)."""
+    started = time.perf_counter()
+    with autocast:
+        loss = model(x, y)
+    synchronize(device)
+    forward_done = time.perf_counter()
+    loss.backward()
+    synchronize(device)
+    return loss, [forward_done - started, time.perf_counter() - forward_done]
+
+
 def gptrain_step(model: nn.Module, optimizer: torch.optim.Optimizer, device: str, autocast, timed: Timed):
     """train_step's work for one micro batch, timed by phase."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(x: Tensor, y: Tensor) -> list[float]:
-        t0 = time.perf_counter()
-        with autocast:
-            loss = model(x, y)
-        synchronize(device)
-        t1 = time.perf_counter()
-        loss.backward()
-        synchronize(device)
-        t2 = time.perf_counter()
+        loss, seconds = forward_backward(model, x, y, device, autocast)
+        started = time.perf_counter()
         norm, unscale = clip_gradients(params, 1.0, optimizer)
         value, _ = torch.stack([loss.detach().float(), norm.float()]).tolist()
         step_optimizer(optimizer, unscale)
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
-        t3 = time.perf_counter()
         timed.losses.append(value)
-        return [t1 - t0, t2 - t1, t3 - t2]
+        return [*seconds, time.perf_counter() - started]
 
     return step
 
@@ -75,20 +80,13 @@ def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, device: s
     """nanoGPT's train.py step with log_interval=1: forward, backward, clip_grad_norm_, step, loss.item()."""
 
     def step(x: Tensor, y: Tensor) -> list[float]:
-        t0 = time.perf_counter()
-        with autocast:
-            loss = model(x, y)
-        synchronize(device)
-        t1 = time.perf_counter()
-        loss.backward()
-        synchronize(device)
-        t2 = time.perf_counter()
+        loss, seconds = forward_backward(model, x, y, device, autocast)
+        started = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         timed.losses.append(loss.item())
-        t3 = time.perf_counter()
-        return [t1 - t0, t2 - t1, t3 - t2]
+        return [*seconds, time.perf_counter() - started]
 
     return step
 
