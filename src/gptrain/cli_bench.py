@@ -124,7 +124,8 @@ def format_result(result: dict) -> str:
         lines.append(f"llmc_step_time_ratio {result['llmc_step_time_ratio']:.3f}  (gptrain / llm.c)")
     for name, run in result.get("compiled", {}).items():
         even = run["break_even_steps"]
-        lines.append(f"{name} compiled: compile {run['compile_s']:.1f}s, first step {run['first_step_s']:.1f}s; "
+        lines.append(f"{name} compiled: compile {run['compile_s']:.1f}s, first step {run['first_step_s']:.1f}s, "
+                     f"{run['tokens_per_s_with_compile']:,.0f} tokens/s over these steps with it; "
                      + (f"pays for itself after {even} steps" if even else "no faster than eager: never pays"))
     return "\n".join(lines)
 
