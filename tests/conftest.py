@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +21,11 @@ WORDS = ("thou art the king of all that doth lie before thee and thine own heart
 
 # Tiny models run fastest on one thread, and CI machines have few cores.
 torch.set_num_threads(1)
+
+# The linear probe's and compile rule's measurements go to a folder of this session (subprocesses too):
+# a test never reads what an earlier run measured on this machine, nor leaves its one-thread timings.
+if not os.environ.get("GPTRAIN_SPEED_CACHE"):
+    os.environ["GPTRAIN_SPEED_CACHE"] = tempfile.mkdtemp(prefix="gptrain-speed-cache-")
 
 
 @pytest.fixture(autouse=True)

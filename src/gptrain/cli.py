@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", metavar="CHECKPOINT", help="start from these weights (fine-tuning)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --run-dir")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--compile", choices=["auto", "on", "off"],
-                   help="torch.compile (auto: on CUDA; on the CPU when `gptrain bench --compile` measured it pays)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA; on the CPU when "
+                   "`gptrain bench --compile` measured it pays)")
     p.add_argument("--dashboard", "--serve-metrics", dest="dashboard", action="store_true",
                    help="also serve the web dashboard for this run (a separate process; needs gptrain[dashboard])")
     p.add_argument("--metrics-addr", metavar="HOST:PORT", help="where --dashboard listens (default 127.0.0.1:8765)")
@@ -365,14 +365,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{args.command} takes no config keys (got --{next(iter(extra))})")
         if args.command in ("generate", "sample"):
             return cmd_generate(args)
-        if args.command in EVAL_COMMANDS:
-            return EVAL_COMMANDS[args.command](args)
-        if args.command in INTEROP_COMMANDS:
-            return INTEROP_COMMANDS[args.command](args)
-        if args.command in BENCH_COMMANDS:
-            return BENCH_COMMANDS[args.command](args)
-        if args.command == "check-equivalence":
-            return cmd_check_equivalence(args)
+        others = {**EVAL_COMMANDS, **INTEROP_COMMANDS, **BENCH_COMMANDS, "check-equivalence": cmd_check_equivalence}
+        if args.command in others:
+            return others[args.command](args)
         if args.command == "presets":
             return cmd_presets()
         if args.command == "config":

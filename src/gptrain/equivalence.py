@@ -76,7 +76,9 @@ def case_values(case: Case, out: Path, corpus: Path, num_steps: int, device: str
         "parallel": case.strategy, "device": device, "train.compile": "on" if case.compile_backend else "off",
         "train.compile_backend": case.compile_backend or "inductor", "log.is_quiet": True,
         "log.live": "off", "run_dir": str(out / case.folder), "seed": 7,
-        "train.precision": "fp32", "train.use_tf32": False,  # plain fp32 everywhere: differences mean bugs
+        # Plain fp32 and the same kernels everywhere (micro batches differ, and so would probed kernels):
+        # differences mean bugs.
+        "train.precision": "fp32", "train.use_tf32": False, "train.cpu_linear": "aten",
     }
 
 

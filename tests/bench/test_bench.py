@@ -58,6 +58,7 @@ def test_compiled_timings_say_when_compile_pays(tmp_path):
         assert compiled["tokens_per_s_with_compile"] <= compiled["tokens_per_s"]
 
 
+@pytest.mark.slow  # two steps of GPT-2 124M on the CPU: about 10 s
 def test_llmc_runs_gptrain_at_its_shape_and_reports_the_ratio(tmp_path, capsys):
     binary = tmp_path / "train_gpt2"
     lines = [f"step {i}: train loss {5 - i * 0.1:f} (took {ms:f} ms)" for i, ms in enumerate([900.0, 500.0, 700.0])]
@@ -93,7 +94,8 @@ def test_step_time_script_still_runs_at_any_shape():
     from pathlib import Path
 
     script = Path(__file__).parents[2] / "benchmarks" / "step_time.py"
-    done = subprocess.run([sys.executable, str(script), "--layers", "1", "--embd", "32", "--heads", "2", "--vocab", "70",
-                           "--context", "16", "--steps", "2", "--warmup", "1"], capture_output=True, text=True, timeout=120)
+    flags = ["--layers", "1", "--embd", "32", "--heads", "2", "--vocab", "70", "--context", "16", "--steps", "2"]
+    done = subprocess.run([sys.executable, str(script), *flags, "--warmup", "1"], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr
     assert "step_time_ratio" in done.stdout and "first-step loss" in done.stdout

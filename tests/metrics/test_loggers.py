@@ -11,6 +11,7 @@ import types
 from html import escape
 
 import pytest
+from conftest import wait_for
 from tensorboard.backend.event_processing import event_accumulator, plugin_event_accumulator
 
 from gptrain import resolve_config, train
@@ -190,6 +191,13 @@ def test_wandb_offline_run_is_continued_by_a_resume_and_gets_no_secrets(tmp_path
     assert (run / "wandb_id").read_text().strip() == run_id
     launches = list((run / "wandb").glob("offline-run-*"))
     assert len(launches) == 2
+    # W&B's service process may still be writing a launch's transaction log when finish() returns (seen
+    # as a launch with no history yet, 1 run in 3 here): wait until both hold their last step, 20.
+    def last_step(folder):
+        history = read_wandb_log(next(folder.glob("run-*.wandb")))["history"]
+        return history[-1][0] if history else None
+
+    wait_for(lambda: all(last_step(folder) == 20 for folder in launches), seconds=20)
     logged = sorted((read_wandb_log(next(folder.glob("run-*.wandb"))) | {"folder": folder} for folder in launches),
                     key=lambda launch: launch["history"][0][0])  # by first step: the first launch first
     assert [launch["run_id"] for launch in logged] == [run_id, run_id]

@@ -27,13 +27,16 @@ def test_a_small_gain_keeps_plain_f_linear():
     assert plan.is_all_aten  # 1% of the matmul time is not worth the autograd.Function's overhead
 
 
-def test_shapes_are_the_blocks_four_and_the_head():
+def test_shapes_are_the_blocks_four_and_the_head_unless_the_loss_chunks_it():
     cfg = ModelConfig(n_embd=32, n_layer=3, n_head=2, vocab_size=100)
     assert linear_probe.linear_shapes(cfg, 64) == [(32, 96, 3), (32, 32, 3), (32, 128, 3), (128, 32, 3), (32, 128, 1)]
+    gpt2 = ModelConfig(n_embd=768, n_layer=12, n_head=12, vocab_size=50257)
+    assert (768, 50304, 1) in linear_probe.linear_shapes(gpt2, 4 * 64)
+    assert (768, 50304, 1) not in linear_probe.linear_shapes(gpt2, 16 * 1024)  # chunked_loss takes the head
 
 
 def test_probe_times_real_matmuls_and_caches_the_choice(tmp_path, monkeypatch):
-    monkeypatch.setenv("GPTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setenv("GPTRAIN_SPEED_CACHE", str(tmp_path))
     cfg = ModelConfig(n_embd=16, n_layer=1, n_head=2, block_size=8, vocab_size=40)
     plan, found = linear_probe.choose_linear_plan(cfg, 32)
     if found["source"] == "no oneDNN":  # a PyTorch without the op: F.linear, nothing to measure

@@ -4,12 +4,14 @@ then the probe or the measured compile rule; a resume keeps them, so it stays bi
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import copy_run_at, have_equal_final_weights
 
 from gptrain import resolve_config, train
-from gptrain.model import linear_probe
+from gptrain.errors import UserError
 from gptrain.model.cpu_linear import LinearPlan
 from gptrain.model.gpt import ModelConfig
 from gptrain.train import fast_paths
@@ -19,7 +21,7 @@ CFG = ModelConfig(n_embd=16, n_layer=1, n_head=2, block_size=8, vocab_size=40)
 
 def test_linear_setting_beats_checkpoint_beats_probe(monkeypatch):
     probed = (LinearPlan("onednn"), {"source": "probe"})
-    monkeypatch.setattr(linear_probe, "choose_linear_plan", lambda cfg, rows: probed)
+    monkeypatch.setattr(fast_paths, "choose_linear_plan", lambda cfg, rows: probed)
     saved = {"cpu_linear": "grad_weight=onednn"}
     assert fast_paths.resolve_linear("aten", saved, CFG, 8, "cpu") == (LinearPlan(), "set")
     assert fast_paths.resolve_linear("auto", saved, CFG, 8, "cpu")[0] == LinearPlan(grad_weight="onednn")
@@ -41,7 +43,7 @@ def test_compile_rule_needs_a_saving_over_twice_the_compile_time():
 
 
 def test_compile_auto_on_the_cpu_uses_the_measured_record(tmp_path, monkeypatch):
-    monkeypatch.setenv("GPTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setenv("GPTRAIN_SPEED_CACHE", str(tmp_path))
     monkeypatch.setattr(fast_paths, "has_cpp_compiler", lambda: True)
     key = fast_paths.compile_key(CFG, 4, "cpu")
     is_on, why = fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 10**6)
@@ -53,11 +55,28 @@ def test_compile_auto_on_the_cpu_uses_the_measured_record(tmp_path, monkeypatch)
     assert fast_paths.resolve_compile("auto", {}, "inductor", "cuda", key, 1)[0]
 
 
-def test_without_a_cpp_compiler_the_cpu_runs_eager(monkeypatch):
+def test_without_a_cpp_compiler_the_cpu_runs_eager_or_says_why_it_cannot_compile(monkeypatch):
     monkeypatch.setattr(fast_paths, "has_cpp_compiler", lambda: False)
-    is_on, why = fast_paths.resolve_compile("on", {}, "inductor", "cpu", "key", 10**6)
+    is_on, why = fast_paths.resolve_compile("auto", {"compile": "on"}, "inductor", "cpu", "key", 10**6)
     assert not is_on and "no C++ compiler" in why
+    with pytest.raises(UserError, match="train.compile=on needs a C\\+\\+ compiler"):
+        fast_paths.resolve_compile("on", {}, "inductor", "cpu", "key", 10**6)
     assert fast_paths.resolve_compile("on", {}, "aot_eager", "cpu", "key", 1)[0]  # no code generation
+
+
+def test_a_resume_on_another_machine_decides_again_and_an_old_checkpoint_keeps_the_old_kernels():
+    run = SimpleNamespace(cfg=resolve_config(None, {"train.cpu_linear": "auto", "steps": 10}, environ={}),
+                          env=SimpleNamespace(device="cpu", on_main=lambda fn: fn()),
+                          plan=SimpleNamespace(num_steps=10, num_micro_steps=1), state=SimpleNamespace(fast_paths=None),
+                          model=torch.nn.Linear(2, 2), step_model=None)
+    run.cfg.model.vocab_size = 64
+    elsewhere = {"cpu_linear": "grad_weight=onednn", "compile": "off", "machine": "cpu: some other CPU | torch 0"}
+    note = fast_paths.apply_fast_paths(run, elsewhere)
+    assert "decided again" in note and run.state.fast_paths["machine"] == fast_paths.machine_key("cpu")
+    legacy = fast_paths.legacy_choices("cpu")
+    fast_paths.apply_fast_paths(run, legacy)
+    assert run.state.fast_paths["cpu_linear"] == fast_paths.default_plan().to_text()  # what gptrain did then
+    assert run.state.fast_paths["cpu_linear_why"] == "kept from the checkpoint"
 
 
 def _values(tmp_path, corpus_dir, run, **extra):
@@ -71,7 +90,7 @@ def test_the_probed_plan_is_logged_saved_and_kept_by_a_resume(tmp_path, corpus_d
     probed = LinearPlan(forward="onednn", grad_weight="onednn")
     # A PyTorch without the oneDNN op runs F.linear, probing nothing; the resume still keeps that choice.
     expected = LinearPlan() if fast_paths.default_plan().is_all_aten else probed
-    monkeypatch.setattr(linear_probe, "choose_linear_plan", lambda cfg, rows: (probed, {"source": "probe"}))
+    monkeypatch.setattr(fast_paths, "choose_linear_plan", lambda cfg, rows: (probed, {"source": "probe"}))
     train(resolve_config(None, _values(tmp_path, corpus_dir, "full"), environ={}), log=lambda *_: None)
     full = tmp_path / "full"
     rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
@@ -81,6 +100,6 @@ def test_the_probed_plan_is_logged_saved_and_kept_by_a_resume(tmp_path, corpus_d
     assert state["train"]["fast_paths"]["cpu_linear"] == expected.to_text()
     # The machine would now probe otherwise: the resume keeps the checkpoint's kernels, bit for bit.
     cut = copy_run_at(full, "step_000006", tmp_path / "cut")
-    monkeypatch.setattr(linear_probe, "choose_linear_plan", lambda cfg, rows: pytest.fail("a resume probed again"))
+    monkeypatch.setattr(fast_paths, "choose_linear_plan", lambda cfg, rows: pytest.fail("a resume probed again"))
     train(resolve_config(cut / "config.toml", {}, environ={}), resume=cut, log=lambda *_: None)
     assert have_equal_final_weights(full, cut)

@@ -62,6 +62,3 @@ def reference_like(model: GPT) -> RefGPT:
             dst.copy_(src[: dst.shape[0]])
     return ref
 
-
-def reference_optimizer(ref: RefGPT, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(ref.parameters(), lr=lr)

@@ -22,7 +22,7 @@ from gptrain.errors import UserError
 from gptrain.metrics.machine import describe_machine
 from gptrain.metrics.throughput import device_name, flops_per_token, measure_matmul_flops, peak_flops
 from gptrain.model.gpt import GPT, ModelConfig, count_parameters
-from gptrain.train.fast_paths import compile_key, record_compile_times, resolve_linear
+from gptrain.train.fast_paths import compile_key, has_cpp_compiler, record_compile_times, resolve_linear
 
 
 @dataclass(kw_only=True)
@@ -46,11 +46,15 @@ class BenchOptions:
             raise UserError(f"--compare takes 'reference' (got {self.compare!r})")
         if self.dtype == "bf16" and not self.device.startswith("cuda"):
             raise UserError("bench --dtype bf16 needs a CUDA GPU; CPU paths are measured in fp32")
+        if self.compile and self.device == "cpu" and self.compile_backend == "inductor" and not has_cpp_compiler():
+            raise UserError("bench --compile needs a C++ compiler for inductor on the CPU: install g++")
 
 
 def run_bench(opts: BenchOptions, log=print) -> dict:
     """Time the step(s) and return the result dict (what `gptrain bench` prints and writes as JSON)."""
     cfg, device = opts.model, opts.device
+    if device.startswith("cuda"):  # as training does (train.use_tf32): fp32 matmuls on TF32 tensor cores
+        torch.set_float32_matmul_precision("high")
     rows = opts.batch_size * cfg.block_size
     plan, plan_why = resolve_linear(opts.cpu_linear, {}, cfg, rows, device)
     log(f"linear kernels: {plan.to_text()} ({plan_why})")
@@ -70,7 +74,8 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
         "shape": {"n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "vocab_size": cfg.vocab_size,
                   "context": cfg.block_size, "batch_size": opts.batch_size, "bias": cfg.bias,
                   "parameters": count_parameters(cfg)},
-        "device": device, "dtype": opts.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "device": device, "dtype": opts.dtype, "tf32": device.startswith("cuda"), "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
         "timed_steps": opts.steps, "warmup_steps": opts.warmup,
         "cpu_linear": plan.to_text(), "cpu_linear_why": plan_why,
         "step_flop": step_flop, "matmul_flops_per_s": matmul_rate, "peak_flops_per_s": peak, "peak_basis": peak_basis,

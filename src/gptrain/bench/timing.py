@@ -121,11 +121,12 @@ def build_pair(model: GPT, device: str, plan: LinearPlan, autocast, *, with_refe
 
 
 def run_alternating(pair: dict[str, Timed], batches: list[Tensor], num_steps: int) -> None:
-    """num_steps steps of each model, in turns, on the same batches."""
+    """num_steps steps of each model, in turns (which goes first alternates too), on the same batches."""
     for i in range(num_steps):
         batch = batches[i % len(batches)]
         x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-        for timed in pair.values():
+        order = list(pair.values())
+        for timed in order if i % 2 == 0 else order[::-1]:
             phases = timed.step(x, y)
             timed.times.append([*phases, sum(phases)])
 

@@ -11,6 +11,7 @@ nn.Linear's, so checkpoints do not know the difference.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, fields
 
@@ -22,6 +23,7 @@ from gptrain.errors import UserError
 
 # A private op that inductor itself uses; looked up once, with F.linear as the fallback.
 _LINEAR_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+_IS_ENABLED = os.environ.get("GPTRAIN_ONEDNN_LINEAR", "1") != "0" and _LINEAR_POINTWISE is not None
 KERNELS = ("onednn", "aten")
 PASSES = ("forward", "grad_input", "grad_weight")
 
@@ -37,7 +39,7 @@ class LinearPlan:
     def __post_init__(self) -> None:
         for name in PASSES:
             if getattr(self, name) not in KERNELS:
-                raise UserError(f"linear kernel for {name} must be one of {', '.join(KERNELS)} "
+                raise UserError(f"train.cpu_linear: the kernel for {name} must be one of {', '.join(KERNELS)} "
                                 f"(got {getattr(self, name)!r})")
 
     @property
@@ -52,25 +54,26 @@ class LinearPlan:
         return ",".join(f"{name}={getattr(self, name)}" for name in PASSES)
 
     @classmethod
-    def parse(cls, text: str) -> LinearPlan:
+    def parse(cls, text: str, name: str = "train.cpu_linear") -> LinearPlan:
         """One kernel for all three passes ("onednn", "aten") or pass=kernel pairs; missing passes are aten."""
         text = text.strip()
         if text in KERNELS:
             return cls(**dict.fromkeys(PASSES, text))
         pairs = {}
-        for item in filter(None, (part.strip() for part in text.split(","))):
-            name, _, kernel = item.partition("=")
-            if name.strip() not in PASSES:
-                raise UserError(f"train.cpu_linear: {item!r} is not PASS=KERNEL with PASS one of {', '.join(PASSES)} "
-                                f"(or give one of auto, {', '.join(KERNELS)})")
-            pairs[name.strip()] = kernel.strip()
+        for item in (part.strip() for part in text.split(",")):
+            pass_name, _, kernel = (piece.strip() for piece in item.partition("="))
+            if pass_name not in PASSES or pass_name in pairs:
+                problem = "is given twice" if pass_name in pairs else "is not PASS=KERNEL"
+                raise UserError(f"{name}: {item!r} {problem}; give auto, {' or '.join(KERNELS)}, or PASS=KERNEL "
+                                f"pairs with PASS one of {', '.join(PASSES)}")
+            pairs[pass_name] = kernel
         return cls(**pairs)
 
 
+@functools.cache
 def default_plan() -> LinearPlan:
     """Before (or without) a probe: oneDNN everywhere, as before plans existed; GPTRAIN_ONEDNN_LINEAR=0: ATen."""
-    is_off = os.environ.get("GPTRAIN_ONEDNN_LINEAR", "1") == "0" or _LINEAR_POINTWISE is None
-    return LinearPlan.parse("aten" if is_off else "onednn")
+    return LinearPlan.parse("onednn" if _IS_ENABLED else "aten")
 
 
 def matmul_t(a: Tensor, b: Tensor, kernel: str, bias: Tensor | None = None) -> Tensor:
@@ -104,7 +107,7 @@ class _PlannedLinear(torch.autograd.Function):
 
 def is_onednn_usable(x: Tensor, weight: Tensor) -> bool:
     return (
-        _LINEAR_POINTWISE is not None
+        _IS_ENABLED  # GPTRAIN_ONEDNN_LINEAR=0 turns oneDNN off whatever a plan says
         # Inductor lowers this op only for frozen (constant) weights; compiled graphs use F.linear.
         # Checked first: dynamo cannot trace mkldnn.is_available() and would break the graph here.
         and not torch.compiler.is_compiling()

@@ -10,13 +10,16 @@ version, thread count and shapes in $GPTRAIN_CACHE, so a machine probes a shape 
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from gptrain.metrics.throughput import device_name, read_cache, write_cache
 from gptrain.model import cpu_linear
+from gptrain.model.chunked_loss import CHUNKED_MIN_CPU_LOGITS
 from gptrain.model.cpu_linear import KERNELS, PASSES, LinearPlan
 from gptrain.model.gpt import ModelConfig
 from gptrain.tokenizer.gpt2_assets import cache_dir
@@ -25,13 +28,24 @@ CACHE_FILE_NAME = "linear_plans.json"
 MIN_GAIN = 0.03  # oneDNN must save this fraction of the all-ATen matmul time to be used at all
 REPEATS = 3  # timed measurements per kernel, pass and shape (the median counts)
 MIN_MEASURE_SECONDS = 0.002  # small matmuls are repeated until one measurement lasts this long
+SPEED_CACHE_ENV = "GPTRAIN_SPEED_CACHE"
+MAX_PROBE_ROWS = 4096  # bigger micro batches are timed at this many rows (matmul time grows with rows)
+
+
+def speed_cache_dir() -> Path:
+    """The folder of the linear probe's and the compile rule's measurements: $GPTRAIN_SPEED_CACHE, else the
+    asset cache (tests point it at a folder of their own)."""
+    return Path(os.environ[SPEED_CACHE_ENV]) if os.environ.get(SPEED_CACHE_ENV) else cache_dir()
 
 
 def linear_shapes(cfg: ModelConfig, rows: int) -> list[tuple[int, int, int]]:
-    """(in, out, count) of every linear layer the model runs on `rows` rows (B * T) per micro batch."""
+    """(in, out, count) of every linear layer that runs on `rows` rows (B * T) per micro batch through the
+    plan: the four of each block, and the head unless the loss takes it in chunks (chunked_loss.py)."""
     d = cfg.n_embd
-    block = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]
-    return [(k, n, cfg.n_layer) for k, n in block] + [(d, cfg.padded_vocab_size, 1)]
+    block = [(k, n, cfg.n_layer) for k, n in [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]]
+    if rows * cfg.padded_vocab_size >= CHUNKED_MIN_CPU_LOGITS:
+        return block
+    return block + [(d, cfg.padded_vocab_size, 1)]
 
 
 def cache_key(cfg: ModelConfig, rows: int) -> str:
@@ -44,7 +58,7 @@ def choose_linear_plan(cfg: ModelConfig, rows: int) -> tuple[LinearPlan, dict]:
     """The plan for this model on this machine (cached), and how it was found: {"source", "seconds"}."""
     if cpu_linear.default_plan().is_all_aten:  # no oneDNN op here (or GPTRAIN_ONEDNN_LINEAR=0): nothing to probe
         return LinearPlan(), {"source": "no oneDNN"}
-    path, key = cache_dir() / CACHE_FILE_NAME, cache_key(cfg, rows)
+    path, key = speed_cache_dir() / CACHE_FILE_NAME, cache_key(cfg, rows)
     cached = read_cache(path)
     entry = cached.get(key)
     if isinstance(entry, dict) and "plan" in entry:
@@ -73,7 +87,9 @@ def time_passes(cfg: ModelConfig, rows: int) -> dict[str, dict[str, float]]:
     """Seconds per micro batch spent in each pass's matmuls with each kernel (count-weighted medians)."""
     totals = {name: dict.fromkeys(KERNELS, 0.0) for name in PASSES}
     generator = torch.Generator().manual_seed(0)
-    for k, n, count in linear_shapes(cfg, rows):
+    shapes = linear_shapes(cfg, rows)
+    rows = min(rows, MAX_PROBE_ROWS)
+    for k, n, count in shapes:
         x = torch.randn(rows, k, generator=generator)
         w = torch.randn(n, k, generator=generator)
         g = torch.randn(rows, n, generator=generator)

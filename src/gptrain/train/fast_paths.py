@@ -2,13 +2,16 @@
 
 Both change the floating-point order of the math, so a resume must make the same choices to stay
 bitwise: they are decided when a run first starts (on rank 0, then sent to every rank), stored in
-TrainState.fast_paths, and a resume reuses them. An explicit setting (train.cpu_linear=aten,
-train.compile=on) always wins.
+TrainState.fast_paths with the machine they were made on, and a resume on the same kind of machine
+(device name, torch version, threads) reuses them; on another machine it decides again, since its
+results cannot be bitwise anyway. An explicit setting (train.cpu_linear=aten, train.compile=on)
+always wins. A checkpoint from before fast paths were recorded resumes with what gptrain did then
+(oneDNN for every pass on the CPU; compile on CUDA only).
 
 The compile rule on the CPU (where inductor generates C++ and the first step waits for it): compile
-when the projected saving, (eager - compiled step time) x the run's steps, exceeds twice the compile
-time, both taken from a measurement of this shape on this machine that `gptrain bench --compile`
-records; without one, or without a C++ compiler, the run stays eager. On CUDA auto compiles.
+when the projected saving, (eager - compiled micro-batch time) x the run's micro batches, exceeds
+twice the compile time, both taken from a measurement of this shape on this machine that
+`gptrain bench --compile` records; without one the run stays eager. On CUDA auto compiles.
 """
 
 from __future__ import annotations
@@ -17,40 +20,51 @@ import shutil
 
 import torch
 
+from gptrain.errors import UserError
 from gptrain.metrics.throughput import device_name, read_cache, write_cache
 from gptrain.model.cpu_linear import LinearPlan, default_plan, set_linear_plan
 from gptrain.model.gpt import ModelConfig
-from gptrain.tokenizer.gpt2_assets import cache_dir
+from gptrain.model.linear_probe import choose_linear_plan, speed_cache_dir
 from gptrain.train.budget import parse_duration
 
 COMPILE_CACHE_FILE_NAME = "compile_times.json"
 COMPILE_PAYBACK = 2.0  # the projected saving must exceed this many compile times
 
 
+def machine_key(device: str) -> str:
+    return f"{device_name(device)} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def legacy_choices(device: str) -> dict:
+    """What gptrain did before it recorded fast paths: a resume of such a checkpoint stays bitwise."""
+    return {"cpu_linear": default_plan().to_text() if device == "cpu" else "aten",
+            "compile": "on" if device.startswith("cuda") else "off", "machine": machine_key(device)}
+
+
 def resolve_linear(setting: str, saved: dict, cfg: ModelConfig, rows: int, device: str) -> tuple[LinearPlan, str]:
     """The linear plan and where it came from: the setting, the checkpoint, or the probe (or its cache)."""
     if setting != "auto":
-        return LinearPlan.parse(setting), "set"
+        return LinearPlan.parse(setting, name="train.cpu_linear"), "set"
     if saved.get("cpu_linear"):
         return LinearPlan.parse(saved["cpu_linear"]), "kept from the checkpoint"
     if device != "cpu":
         return LinearPlan(), f"{device}: F.linear"
     if default_plan().is_all_aten:
         return LinearPlan(), "no oneDNN here (or GPTRAIN_ONEDNN_LINEAR=0)"
-    from gptrain.model.linear_probe import choose_linear_plan
-
     plan, found = choose_linear_plan(cfg, rows)
     return plan, "probed now" if found["source"] == "probe" else "probed before on this machine, cached"
 
 
-def resolve_compile(setting: str, saved: dict, backend: str, device: str, key: str, num_steps: int,
+def resolve_compile(setting: str, saved: dict, backend: str, device: str, key: str, num_micro_batches: int,
                     budget_seconds: float | None = None) -> tuple[bool, str]:
     """Whether to torch.compile the step model, and why."""
     if setting == "off":
         return False, "set"
-    is_cpu_inductor = device == "cpu" and backend == "inductor"
-    if is_cpu_inductor and not has_cpp_compiler():
-        return False, "no C++ compiler found (inductor needs one on the CPU: install g++); running eager"
+    if device == "cpu" and backend == "inductor" and not has_cpp_compiler():
+        if setting == "on":
+            raise UserError("train.compile=on needs a C++ compiler for inductor on the CPU: install g++, or use "
+                            "train.compile_backend=aot_eager, or train.compile=off")
+        return False, "auto: no C++ compiler found (inductor needs one on the CPU); running eager"
     if setting == "on":
         return True, "set"
     if "compile" in saved:
@@ -59,33 +73,32 @@ def resolve_compile(setting: str, saved: dict, backend: str, device: str, key: s
         return True, "auto: CUDA"
     if device != "cpu":
         return False, f"auto: {device}"
-    record = read_cache(cache_dir() / COMPILE_CACHE_FILE_NAME).get(key)
+    record = read_cache(speed_cache_dir() / COMPILE_CACHE_FILE_NAME).get(key)
     if not isinstance(record, dict):
         return False, "auto: not measured for this shape on this machine (`gptrain bench --compile` measures it)"
-    return compile_pays(record, num_steps, budget_seconds)
+    return compile_pays(record, num_micro_batches, budget_seconds)
 
 
-def compile_pays(record: dict, num_steps: int, budget_seconds: float | None = None) -> tuple[bool, str]:
-    """The rule: (eager - compiled) seconds per step x steps > COMPILE_PAYBACK x compile seconds.
-    A --budget run's steps are projected from the budget at the compiled speed."""
-    projected_steps = num_steps if budget_seconds is None else budget_seconds / record["compiled_step_seconds"]
-    saving = (record["eager_step_seconds"] - record["compiled_step_seconds"]) * projected_steps
+def compile_pays(record: dict, num_micro_batches: int, budget_seconds: float | None = None) -> tuple[bool, str]:
+    """The rule: (eager - compiled) seconds per micro batch x micro batches > COMPILE_PAYBACK x compile seconds.
+    A --budget run's micro batches are projected from the budget at the compiled speed."""
+    count = num_micro_batches if budget_seconds is None else budget_seconds / record["compiled_step_seconds"]
+    saving = (record["eager_step_seconds"] - record["compiled_step_seconds"]) * count
     cost = COMPILE_PAYBACK * record["compile_seconds"]
     verdict = "on" if saving > cost else "off"
-    return saving > cost, (f"auto: {verdict}, projected saving {saving:.0f}s over {projected_steps:.0f} steps vs "
+    return saving > cost, (f"auto: {verdict}, projected saving {saving:.0f}s over {count:.0f} micro batches vs "
                            f"{COMPILE_PAYBACK:g} x {record['compile_seconds']:.0f}s compile (measured)")
 
 
 def compile_key(cfg: ModelConfig, batch_size: int, device: str) -> str:
-    return (f"{device_name(device)} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
-            f"{cfg.n_layer}L {cfg.n_embd}w {cfg.n_head}h ctx {cfg.block_size} vocab {cfg.padded_vocab_size} "
-            f"bias {cfg.bias} | batch {batch_size}")
+    return (f"{machine_key(device)} | {cfg.n_layer}L {cfg.n_embd}w {cfg.n_head}h ctx {cfg.block_size} "
+            f"vocab {cfg.padded_vocab_size} bias {cfg.bias} | batch {batch_size}")
 
 
 def record_compile_times(key: str, *, compile_seconds: float, eager_step_seconds: float,
                          compiled_step_seconds: float) -> None:
-    """What `gptrain bench --compile` measured, for the auto rule of later runs on this machine."""
-    path = cache_dir() / COMPILE_CACHE_FILE_NAME
+    """What `gptrain bench --compile` measured (per micro batch), for the auto rule of later runs here."""
+    path = speed_cache_dir() / COMPILE_CACHE_FILE_NAME
     write_cache(path, {**read_cache(path), key: {"compile_seconds": compile_seconds,
                                                  "eager_step_seconds": eager_step_seconds,
                                                  "compiled_step_seconds": compiled_step_seconds}})
@@ -103,25 +116,30 @@ def has_cpp_compiler() -> bool:
     return any(shutil.which(name) for name in [*names, "g++", "clang++", "c++"])
 
 
-def apply_fast_paths(run, saved: dict) -> str:
-    """Decide (rank 0, sent to all) or reuse (saved: a resumed checkpoint's) the run's fast paths, apply
-    them to run.model and run.step_model, keep them in run.state, and return a log line."""
+def apply_fast_paths(run, saved: dict | None) -> str:
+    """Decide (rank 0, sent to all) or reuse (saved: a resumed checkpoint's; None: not a resume) the run's
+    fast paths, apply them to run.model and run.step_model, keep them in run.state, return a log line."""
     cfg, env = run.cfg, run.env
     budget_seconds = parse_duration(cfg.train.budget) if cfg.train.budget else None
+    note = ""
+    if saved and saved.get("machine") != machine_key(env.device):
+        note = f" (the checkpoint's were made on {saved.get('machine', 'another machine')}: decided again)"
+        saved = {}
 
     def decide() -> dict:
         rows = cfg.train.batch_size * cfg.model.block_size
-        plan, linear_why = resolve_linear(cfg.train.cpu_linear, saved, cfg.model, rows, env.device)
+        plan, linear_why = resolve_linear(cfg.train.cpu_linear, saved or {}, cfg.model, rows, env.device)
         key = compile_key(cfg.model, cfg.train.batch_size, env.device)
-        is_compiled, compile_why = resolve_compile(cfg.train.compile, saved, cfg.train.compile_backend, env.device,
-                                                   key, run.plan.num_steps, budget_seconds)
-        return {"cpu_linear": plan.to_text(), "cpu_linear_why": linear_why,
-                "compile": "on" if is_compiled else "off", "compile_why": compile_why}
+        is_compiled, compile_why = resolve_compile(cfg.train.compile, saved or {}, cfg.train.compile_backend,
+                                                   env.device, key, run.plan.num_steps * run.plan.num_micro_steps,
+                                                   budget_seconds)
+        return {"cpu_linear": plan.to_text(), "cpu_linear_why": linear_why, "compile": "on" if is_compiled else "off",
+                "compile_why": compile_why, "machine": machine_key(env.device)}
 
-    chosen = env.broadcast_object(decide() if env.is_main else None)
+    chosen = env.on_main(decide)
     run.state.fast_paths = chosen
     set_linear_plan(run.model, LinearPlan.parse(chosen["cpu_linear"]))
     if chosen["compile"] == "on":
         run.step_model = torch.compile(run.step_model, backend=cfg.train.compile_backend)
     return (f"fast paths: cpu linear {chosen['cpu_linear']} ({chosen['cpu_linear_why']}); "
-            f"compile {chosen['compile']} ({chosen['compile_why']})")
+            f"compile {chosen['compile']} ({chosen['compile_why']}){note}")

@@ -27,6 +27,7 @@ from gptrain.tokenizer import load_tokenizer
 from gptrain.train import checkpoint as ckpt
 from gptrain.train.budget import PROVISIONAL_STEPS, maybe_plan
 from gptrain.train.control import PAUSE_POLL_SECONDS, ControlReader, TrainerLock
+from gptrain.train.fast_paths import legacy_choices
 from gptrain.train.recovery import note_bad_step, recovery_factor
 from gptrain.train.run_dir import check_run_dir, find_auto_resume, is_unstarted_run
 from gptrain.train.run_log import build_sinks, emit, log_layout, write_report_card
@@ -152,7 +153,9 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
         cfg, weights = config_for_init(cfg, init_pieces["config_toml"], init_pieces["model"], explicit,
                                        log if env.is_main else (lambda *_: None))
         fixed_tokenizer = load_tokenizer(init_pieces["tokenizer_path"])
-    saved_fast_paths = pieces["state"]["train"].get("fast_paths") if pieces is not None else None
+    # A resume keeps the run's linear kernels and compile choice (legacy_choices: from before they were kept).
+    saved_fast_paths = None if pieces is None else (pieces["state"]["train"].get("fast_paths")
+                                                    or legacy_choices(env.device))
     run = build_run(cfg, env, run_dir, fixed_tokenizer, weights, log, saved_fast_paths)
     run.launched_at = launched_at
     if should_tune_malloc:

@@ -294,7 +294,7 @@ def _build_on(dataset: Path, cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_
               optimizer=optimizer, train_loader=train_loader, val_loader=val_loader, plan=plan, dataset_dir=dataset,
               val_windows=val_windows, val_set=val_set_id(train_loader.fingerprint, val_windows, cfg.model.block_size),
               byte_lengths=tokenizer.byte_lengths())
-    run.fast_paths_note = apply_fast_paths(run, saved_fast_paths or {})  # the linear kernels and compile
+    run.fast_paths_note = apply_fast_paths(run, saved_fast_paths)  # the linear kernels and compile
     return run
 
 
