@@ -6,6 +6,7 @@ torchrun (`WORLD_SIZE` > 1) `DistEnv.start()` joins the process group: NCCL on C
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ def stop_with_launcher() -> None:
     its workers training on, orphaned; SIGTERM makes them save together and stop."""
     if "TORCHELASTIC_RUN_ID" in os.environ:
         die_with_parent(signal.SIGTERM)
+
+
+_meshes: list[Any] = []  # the device meshes made by DistEnv.device_mesh, released by close()
 
 
 @dataclass(frozen=True)
@@ -93,9 +97,28 @@ class DistEnv:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds))
         return env
 
+    def device_mesh(self) -> Any:
+        """A 1-D device mesh over every rank (FSDP2's); close() lets go of it with the process group."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(self.device.split(":")[0], (self.world_size,))
+        _meshes.append(mesh)
+        return mesh
+
     def close(self) -> None:
         if self.is_distributed and dist.is_initialized():
             dist.destroy_process_group()
+        # The group must be gone before the interpreter finalizes. FSDP2's DeviceMesh holds it (_pg_registry;
+        # torch's DTensor caches hold the mesh to exit) and so does the model's FSDP state (a reference cycle,
+        # garbage once the run is over): destroy_process_group left the gloo group alive. Its worker threads,
+        # each keeping the last work it ran, then met Python's finalization, which frees the group: a worker
+        # freeing that work's tensor must take the GIL and is ended by Python (pthread_exit through a noexcept
+        # destructor: "terminate called without an active exception", SIGABRT, no traceback). Dropping the
+        # mesh's references and collecting the cycle tear the group down here, its threads joined while
+        # Python runs (a DDP group is, by destroy_process_group).
+        while _meshes:
+            getattr(_meshes.pop(), "_pg_registry", {}).clear()
+            gc.collect()
 
     def barrier(self) -> None:
         if self.is_distributed:

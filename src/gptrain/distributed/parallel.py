@@ -75,13 +75,11 @@ def wrap_model(model: nn.Module, strategy: str, cfg: ParallelConfig, env: DistEn
         device_ids = [env.local_rank] if env.device.startswith("cuda") else None
         return DistributedDataParallel(model, device_ids=device_ids)
     if strategy == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-
         fully_shard, MixedPrecisionPolicy = import_fully_shard()
         # Gradients are reduced in fp32 whatever the compute dtype, so sums over ranks do not lose bits.
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if use_bf16 else None, reduce_dtype=torch.float32)
         # The mesh names the device: each block's weights move there as they are sharded (model on the CPU).
-        mesh = init_device_mesh(env.device.split(":")[0], (env.world_size,))
+        mesh = env.device_mesh()
         options = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.should_fsdp_reshard_after_forward)
         for block in model.transformer.h:
             fully_shard(block, **options)
