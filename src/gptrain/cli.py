@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --run-dir")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA; on the CPU when "
-                   "`gptrain bench --compile` measured it pays)")
+                   "measured to pay for itself, see README: Speed)")
     p.add_argument("--dashboard", "--serve-metrics", dest="dashboard", action="store_true",
                    help="also serve the web dashboard for this run (a separate process; needs gptrain[dashboard])")
     p.add_argument("--metrics-addr", metavar="HOST:PORT", help="where --dashboard listens (default 127.0.0.1:8765)")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gptrain.errors import UserError
-from gptrain.model.gpt import GPT, KVCache, ModelConfig, count_parameters
+from gptrain.model.gpt import GPT, KVCache, ModelConfig, count_parameters, gelu_tanh_by_sigmoid
 
 
 def test_logits_shape_and_vocab_cut(tiny_config):
@@ -82,3 +82,38 @@ def test_invalid_sizes_are_user_errors():
         ModelConfig(n_embd=100, n_head=3)
     with pytest.raises(UserError, match="at least 1"):
         ModelConfig(n_layer=0)
+
+
+def test_gelu_by_sigmoid_is_the_tanh_gelu_within_fp32_rounding():
+    x = torch.cat([torch.linspace(-60, 60, 10001), torch.randn(10000) * 3]).double()
+    exact = torch.nn.functional.gelu(x, approximate="tanh")
+    by_sigmoid = gelu_tanh_by_sigmoid(x.float()).double()
+    aten = torch.nn.functional.gelu(x.float(), approximate="tanh").double()
+    assert torch.isfinite(by_sigmoid).all()
+    # No further from the float64 truth than ATen's own fp32 kernel, up to a few ulps.
+    assert (by_sigmoid - exact).abs().max() <= (aten - exact).abs().max() + 4 * 2**-23 * exact.abs().max()
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad(torch.nn.functional.gelu(x, approximate="tanh").sum(), x)
+    xf = x.detach().float().requires_grad_(True)
+    (grad_by_sigmoid,) = torch.autograd.grad(gelu_tanh_by_sigmoid(xf).sum(), xf)
+    torch.testing.assert_close(grad_by_sigmoid.double(), grad, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_model_uses_the_sigmoid_gelu_and_keeps_the_math(tiny_config, monkeypatch):
+    """Under torch.compile on the CPU the MLP takes the sigmoid form; losses and gradients stay eager's."""
+    import gptrain.model.gpt as gpt
+
+    calls = []
+    monkeypatch.setattr(gpt, "gelu_tanh_by_sigmoid", lambda x: calls.append(1) or gelu_tanh_by_sigmoid(x))
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    x, y = torch.randint(0, tiny_config.vocab_size, (2, 8)), torch.randint(0, tiny_config.vocab_size, (2, 8))
+    eager_loss = model(x, y)
+    eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+    torch._dynamo.reset()
+    compiled_loss = torch.compile(model, backend="aot_eager")(x, y)
+    compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
+    assert calls  # traced through the sigmoid form
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for compiled, eager in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)

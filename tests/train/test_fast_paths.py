@@ -47,12 +47,47 @@ def test_compile_auto_on_the_cpu_uses_the_measured_record(tmp_path, monkeypatch)
     monkeypatch.setattr(fast_paths, "has_cpp_compiler", lambda: True)
     key = fast_paths.compile_key(CFG, 4, "cpu")
     is_on, why = fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 10**6)
-    assert not is_on and "gptrain bench --compile" in why
+    assert not is_on and "short run" not in why and "no measurement" in why  # no probe given: stays eager
     fast_paths.record_compile_times(key, compile_seconds=10.0, eager_step_seconds=0.2, compiled_step_seconds=0.1)
     assert fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 10**6)[0]
     assert not fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 100)[0]
     assert not fast_paths.resolve_compile("auto", {"compile": "off"}, "inductor", "cpu", key, 10**6)[0]
     assert fast_paths.resolve_compile("auto", {}, "inductor", "cuda", key, 1)[0]
+
+
+def test_a_long_unmeasured_run_probes_compile_once_and_a_short_one_does_not(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTRAIN_SPEED_CACHE", str(tmp_path))
+    monkeypatch.setattr(fast_paths, "has_cpp_compiler", lambda: True)
+    key = fast_paths.compile_key(CFG, 4, "cpu")
+    probes = []
+
+    def probe() -> dict:
+        probes.append(1)
+        return {"compile_seconds": 5.0, "eager_step_seconds": 0.025, "compiled_step_seconds": 0.01}
+
+    is_on, why = fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 999, probe=probe)
+    assert not is_on and "short run" in why and not probes
+    assert not fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 0, budget_seconds=299, probe=probe)[0]
+    assert not probes
+    is_on, why = fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 1000, probe=probe)
+    assert is_on and "measured now" in why and probes == [1]  # 0.015 s x 1000 = 15 s > 2 x 5 s
+    is_on, why = fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 600, probe=probe)
+    assert not is_on and "measured before" in why and probes == [1]  # recorded: never probed twice
+
+
+def test_compile_probe_times_both_models_and_leaves_the_rng_alone():
+    from gptrain.train.compile_probe import probe_compile
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    compiled = []
+    record = probe_compile(CFG, 2, LinearPlan(), lambda model: compiled.append(model) or torch.compile(
+        model, backend="aot_eager"))
+    assert torch.equal(torch.rand(3), expected)
+    assert len(compiled) == 1
+    assert record["eager_step_seconds"] > 0 and record["compiled_step_seconds"] > 0 and record["compile_seconds"] >= 0
+    assert fast_paths.compile_pays(record, 10)[1].startswith("auto: ")
 
 
 def test_without_a_cpp_compiler_the_cpu_runs_eager_or_says_why_it_cannot_compile(monkeypatch):

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from gptrain.bench.reference import reference_like
 from gptrain.model.cpu_linear import LinearPlan, set_linear_plan
 from gptrain.model.gpt import GPT
+from gptrain.train.fast_paths import compile_model
 from gptrain.train.optim import OptimConfig, build_optimizer
 from gptrain.train.step import clip_gradients, step_optimizer
 
@@ -107,7 +108,7 @@ def build_pair(model: GPT, device: str, plan: LinearPlan, autocast, *, with_refe
     optim = OptimConfig()
     set_linear_plan(model, plan)
     ours = Timed(step=lambda x, y: [])
-    step_model = torch.compile(model, backend=compile_backend) if compile_backend else model
+    step_model = compile_model(model, compile_backend, device) if compile_backend else model
     ours.step = gptrain_step(step_model, build_optimizer(model, optim, lr=LR), device, autocast, ours)
     pair = {"gptrain": ours}
     if with_reference:

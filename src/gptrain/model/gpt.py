@@ -124,6 +124,27 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y_BTD))
 
 
+_GELU_2C = 2 * math.sqrt(2 / math.pi)  # tanh GELU's sqrt(2/pi), doubled for the sigmoid form
+_GELU_2CA = _GELU_2C * 0.044715
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GPT-2's GELU, 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3).
+
+    Compiled for the CPU it is written x * sigmoid(2u), the same function (0.5 (1 + tanh u) =
+    sigmoid(2u)) within fp32 rounding: inductor's C++ tanh is a slow polynomial while its exp is fast,
+    so this form makes the fused kernels about twice as fast (forward + backward at 768 x 512 on 2
+    Xeon cores: 0.93 -> 0.50 ms). Eager keeps ATen's fused gelu, which beats any composition of ops.
+    """
+    if x.device.type == "cpu" and torch.compiler.is_compiling():
+        return gelu_tanh_by_sigmoid(x)
+    return F.gelu(x, approximate="tanh")
+
+
+def gelu_tanh_by_sigmoid(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(x * (_GELU_2C + _GELU_2CA * x * x))
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -132,7 +153,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BTD: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x_BTD), approximate="tanh")))
+        return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x_BTD))))
 
 
 class Block(nn.Module):

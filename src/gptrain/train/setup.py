@@ -241,7 +241,7 @@ def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Toke
     dataset = prepare_data(cfg.data, cfg.tokenizer, env, fixed_tokenizer, log)
     items = read_hellaswag(cfg.eval, env, log)
     try:
-        run = _build_on(dataset, cfg, env, run_dir, fixed_tokenizer, weights, saved_fast_paths)
+        run = _build_on(dataset, cfg, env, run_dir, fixed_tokenizer, weights, saved_fast_paths, log)
     except UserError as e:  # from here on, the same inputs give every rank the same mistake: rank 0 says it
         e.is_echo = not env.is_main
         raise
@@ -258,7 +258,7 @@ def read_hellaswag(cfg: EvalConfig, env: DistEnv, log) -> list[Item]:
 
 
 def _build_on(dataset: Path, cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Tokenizer | None,
-              weights: dict | None, saved_fast_paths: dict | None) -> Run:
+              weights: dict | None, saved_fast_paths: dict | None, log) -> Run:
     tokenizer = fixed_tokenizer or load_dataset_tokenizer(dataset, cfg.tokenizer)
     check_dataset_tokenizer(dataset, tokenizer)
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=tokenizer.vocab_size))
@@ -294,7 +294,7 @@ def _build_on(dataset: Path, cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_
               optimizer=optimizer, train_loader=train_loader, val_loader=val_loader, plan=plan, dataset_dir=dataset,
               val_windows=val_windows, val_set=val_set_id(train_loader.fingerprint, val_windows, cfg.model.block_size),
               byte_lengths=tokenizer.byte_lengths())
-    run.fast_paths_note = apply_fast_paths(run, saved_fast_paths)  # the linear kernels and compile
+    run.fast_paths_note = apply_fast_paths(run, saved_fast_paths, log)  # the linear kernels and compile
     return run
 
 
