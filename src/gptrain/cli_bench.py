@@ -122,6 +122,10 @@ def format_result(result: dict) -> str:
                      f"steps/s {result['steps_per_s_ratio']:.2f}x the reference's")
     if "llmc_step_time_ratio" in result:
         lines.append(f"llmc_step_time_ratio {result['llmc_step_time_ratio']:.3f}  (gptrain / llm.c)")
+    if "compiled_step_time_ratio" in result:
+        ratio = result["compiled_step_time_ratio"]
+        lines.append(f"compiled_step_time_ratio {ratio:.3f}  (gptrain compiled / the eager reference), "
+                     f"steps/s {1 / ratio:.2f}x the reference's")
     for name, run in result.get("compiled", {}).items():
         even = run["break_even_steps"]
         lines.append(f"{name} compiled: compile {run['compile_s']:.1f}s, first step {run['first_step_s']:.1f}s, "

@@ -56,6 +56,8 @@ def test_compiled_timings_say_when_compile_pays(tmp_path):
         assert compiled["first_step_s"] >= compiled["compile_s"] >= 0 and compiled["step_s"] > 0
         # With the compiling step counted, the speed over the run is below the compiled steps' speed.
         assert compiled["tokens_per_s_with_compile"] <= compiled["tokens_per_s"]
+    assert result["compiled_step_time_ratio"] == pytest.approx(
+        result["compiled"]["gptrain"]["step_s"] / result["runs"]["reference"]["step_s"])
 
 
 @pytest.mark.slow  # two steps of GPT-2 124M on the CPU: about 10 s

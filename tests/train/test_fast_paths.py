@@ -3,6 +3,7 @@ then the probe or the measured compile rule; a resume keeps them, so it stays bi
 
 from __future__ import annotations
 
+import importlib
 import json
 from types import SimpleNamespace
 
@@ -138,3 +139,20 @@ def test_the_probed_plan_is_logged_saved_and_kept_by_a_resume(tmp_path, corpus_d
     monkeypatch.setattr(fast_paths, "choose_linear_plan", lambda cfg, rows: pytest.fail("a resume probed again"))
     train(resolve_config(cut / "config.toml", {}, environ={}), resume=cut, log=lambda *_: None)
     assert have_equal_final_weights(full, cut)
+
+
+
+def test_a_long_cpu_run_probes_compile_after_the_malloc_tuning_and_logs_the_choice(tmp_path, corpus_dir, monkeypatch):
+    loop = importlib.import_module("gptrain.train.loop")  # gptrain.train is also the train() function
+    monkeypatch.setenv("GPTRAIN_SPEED_CACHE", str(tmp_path / "speed"))
+    monkeypatch.setattr(fast_paths, "has_cpp_compiler", lambda: True)
+    events = []
+    monkeypatch.setattr(loop, "tune_malloc", lambda: events.append("tune_malloc"))
+    monkeypatch.setattr(fast_paths, "probe_compile", lambda *args: events.append("probe") or {
+        "compile_seconds": 1.0, "eager_step_seconds": 0.02, "compiled_step_seconds": 0.03})  # compiling is slower
+    values = _values(tmp_path, corpus_dir, "long", steps=1000, **{"train.compile": "auto", "checkpoint.every_steps": 0})
+    train(resolve_config(None, values, environ={}), should_tune_malloc=True, log=lambda *_: None)
+    assert events == ["tune_malloc", "probe"]  # the probe times steps as the training runs them
+    rows = [json.loads(line) for line in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()]
+    (chosen,) = [r["fast_paths"] for r in rows if "fast_paths" in r]
+    assert chosen["compile"] == "off" and "measured now" in chosen["compile_why"]

@@ -7,7 +7,8 @@ machine measures for large matrices now, MFU against the device's peak, and two 
   matmul_limit_fraction  step FLOP / (gptrain's step time x the measured matmul rate): how close the
                          step comes to doing nothing but large matmuls.
 --compile also times both models under torch.compile, with and without the compile time, and
-records the measurement for the training's compile rule (train/fast_paths.py).
+records the measurement for the training's compile rule (train/fast_paths.py); with --compare it adds
+compiled_step_time_ratio, gptrain compiled / the plain (eager) reference.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
         result |= bench_llmc(opts.llmc, opts.warmup + opts.steps, runs, rows, step_flop, peak, log)
     if opts.compile:
         result["compiled"] = bench_compiled(opts, plan, batches, autocast, rows, step_flop, peak, runs, log)
+        if "reference" in runs:  # what a run that compiles gets against the plain (eager) reference
+            result["compiled_step_time_ratio"] = result["compiled"]["gptrain"]["step_s"] / runs["reference"]["step_s"]
     return result
 
 

@@ -103,7 +103,7 @@ def train(
     "auto": the run cfg names (--run-dir, else the newest runs/<name>-*) if it has a checkpoint, with
     its stored config and `overrides` (the command line's values) on top; else a new run from cfg.
     init_from: a checkpoint (or run) whose weights, sizes and tokenizer to start from.
-    should_tune_malloc: keep freed memory in the heap once setup is done (see runtime.tune_malloc).
+    should_tune_malloc: keep freed memory in the heap once the data is ready (see runtime.tune_malloc).
     """
     is_auto = str(resume) == "auto"
     is_joined = dist.is_initialized()
@@ -156,10 +156,11 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
     # A resume keeps the run's linear kernels and compile choice (legacy_choices: from before they were kept).
     saved_fast_paths = None if pieces is None else (pieces["state"]["train"].get("fast_paths")
                                                     or legacy_choices(env.device))
-    run = build_run(cfg, env, run_dir, fixed_tokenizer, weights, log, saved_fast_paths)
+    # Malloc tuning once the data is ready (the corpus tokenizing's peak memory was returned to the OS)
+    # and before the model: the compile probe then times the steps as training will run them.
+    run = build_run(cfg, env, run_dir, fixed_tokenizer, weights, log, saved_fast_paths,
+                    after_data=tune_malloc if should_tune_malloc else None)
     run.launched_at = launched_at
-    if should_tune_malloc:
-        tune_malloc()  # after setup, so the corpus tokenizing's peak memory was returned to the OS
     offsets, resumed = {}, None
     if pieces is not None:
         resume_from(run, pieces)

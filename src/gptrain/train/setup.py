@@ -226,12 +226,13 @@ def configure_device(train: TrainConfig, env: DistEnv) -> None:
 
 
 def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Tokenizer | None,
-              weights: dict | None, log, saved_fast_paths: dict | None = None) -> Run:
+              weights: dict | None, log, saved_fast_paths: dict | None = None, after_data=None) -> Run:
     """Data (prepared if needed), tokenizer, model (with the given weights), its parallel wrapping,
     optimizer and loaders. Writes nothing in run_dir.
 
     fixed_tokenizer: the tokenizer a resumed run or a fine-tuned checkpoint already uses;
-    saved_fast_paths: a resumed run's linear kernels and compile choice (train/fast_paths.py).
+    saved_fast_paths: a resumed run's linear kernels and compile choice (train/fast_paths.py);
+    after_data: called once the data is ready, before the model (and any speed probe) exists.
     """
     try:
         check_before_data(cfg, env.world_size)
@@ -240,6 +241,8 @@ def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Toke
         raise
     dataset = prepare_data(cfg.data, cfg.tokenizer, env, fixed_tokenizer, log)
     items = read_hellaswag(cfg.eval, env, log)
+    if after_data is not None:
+        after_data()
     try:
         run = _build_on(dataset, cfg, env, run_dir, fixed_tokenizer, weights, saved_fast_paths, log)
     except UserError as e:  # from here on, the same inputs give every rank the same mistake: rank 0 says it
