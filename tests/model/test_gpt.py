@@ -101,7 +101,7 @@ def test_gelu_by_sigmoid_is_the_tanh_gelu_within_fp32_rounding():
 
 def test_compiled_model_uses_the_sigmoid_gelu_and_keeps_the_math(tiny_config, monkeypatch):
     """Under torch.compile on the CPU the MLP takes the sigmoid form; losses and gradients stay eager's."""
-    import gptrain.model.gpt as gpt
+    from gptrain.model import gpt
 
     calls = []
     monkeypatch.setattr(gpt, "gelu_tanh_by_sigmoid", lambda x: calls.append(1) or gelu_tanh_by_sigmoid(x))
@@ -113,6 +113,7 @@ def test_compiled_model_uses_the_sigmoid_gelu_and_keeps_the_math(tiny_config, mo
     torch._dynamo.reset()
     compiled_loss = torch.compile(model, backend="aot_eager")(x, y)
     compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
+    torch._dynamo.reset()  # the next test's compiles start clean
     assert calls  # traced through the sigmoid form
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
     for compiled, eager in zip(compiled_grads, eager_grads, strict=True):

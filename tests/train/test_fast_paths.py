@@ -15,7 +15,7 @@ from gptrain import resolve_config, train
 from gptrain.errors import UserError
 from gptrain.model.cpu_linear import LinearPlan
 from gptrain.model.gpt import ModelConfig
-from gptrain.train import fast_paths
+from gptrain.train import compile_probe, fast_paths
 
 CFG = ModelConfig(n_embd=16, n_layer=1, n_head=2, block_size=8, vocab_size=40)
 
@@ -74,6 +74,32 @@ def test_a_long_unmeasured_run_probes_compile_once_and_a_short_one_does_not(tmp_
     assert is_on and "measured now" in why and probes == [1]  # 0.015 s x 1000 = 15 s > 2 x 5 s
     is_on, why = fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 600, probe=probe)
     assert not is_on and "measured before" in why and probes == [1]  # recorded: never probed twice
+
+
+def test_a_failing_probe_leaves_the_run_eager_and_records_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTRAIN_SPEED_CACHE", str(tmp_path))
+    monkeypatch.setattr(fast_paths, "has_cpp_compiler", lambda: True)
+    key = fast_paths.compile_key(CFG, 4, "cpu")
+
+    def broken_toolchain() -> dict:
+        raise RuntimeError("CppCompileError: omp.h: No such file or directory\nmore lines")
+
+    is_on, why = fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 10**6, probe=broken_toolchain)
+    assert not is_on and "compiling failed" in why and "omp.h" in why and "more lines" not in why
+    assert not (tmp_path / fast_paths.COMPILE_CACHE_FILE_NAME).exists()  # the next run tries again
+
+
+def test_a_dry_run_never_probes_compile(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTRAIN_SPEED_CACHE", str(tmp_path))
+    monkeypatch.setattr(fast_paths, "has_cpp_compiler", lambda: True)
+    monkeypatch.setattr(fast_paths, "probe_compile", lambda *args: pytest.fail("a dry run measured compile"))
+    run = SimpleNamespace(cfg=resolve_config(None, {"train.cpu_linear": "aten", "steps": 10**5}, environ={}),
+                          env=SimpleNamespace(device="cpu", on_main=lambda fn: fn()),
+                          plan=SimpleNamespace(num_steps=10**5, num_micro_steps=1), state=SimpleNamespace(fast_paths=None),
+                          model=torch.nn.Linear(2, 2), step_model=None)
+    run.cfg.model.vocab_size = 64
+    fast_paths.apply_fast_paths(run, None, can_probe=False)
+    assert run.state.fast_paths["compile"] == "off" and "no measurement" in run.state.fast_paths["compile_why"]
 
 
 def test_compile_probe_times_both_models_and_leaves_the_rng_alone():
@@ -141,16 +167,16 @@ def test_the_probed_plan_is_logged_saved_and_kept_by_a_resume(tmp_path, corpus_d
     assert have_equal_final_weights(full, cut)
 
 
-
 def test_a_long_cpu_run_probes_compile_after_the_malloc_tuning_and_logs_the_choice(tmp_path, corpus_dir, monkeypatch):
-    loop = importlib.import_module("gptrain.train.loop")  # gptrain.train is also the train() function
+    setup = importlib.import_module("gptrain.train.setup")  # gptrain.train is also the train() function
     monkeypatch.setenv("GPTRAIN_SPEED_CACHE", str(tmp_path / "speed"))
     monkeypatch.setattr(fast_paths, "has_cpp_compiler", lambda: True)
     events = []
-    monkeypatch.setattr(loop, "tune_malloc", lambda: events.append("tune_malloc"))
+    monkeypatch.setattr(setup, "tune_malloc", lambda: events.append("tune_malloc"))
     monkeypatch.setattr(fast_paths, "probe_compile", lambda *args: events.append("probe") or {
         "compile_seconds": 1.0, "eager_step_seconds": 0.02, "compiled_step_seconds": 0.03})  # compiling is slower
-    values = _values(tmp_path, corpus_dir, "long", steps=1000, **{"train.compile": "auto", "checkpoint.every_steps": 0})
+    monkeypatch.setattr(compile_probe, "PROBE_MIN_MICRO_BATCHES", 12)  # 12 steps count as a long run here
+    values = _values(tmp_path, corpus_dir, "long", **{"train.compile": "auto"})
     train(resolve_config(None, values, environ={}), should_tune_malloc=True, log=lambda *_: None)
     assert events == ["tune_malloc", "probe"]  # the probe times steps as the training runs them
     rows = [json.loads(line) for line in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()]

@@ -3,8 +3,9 @@
 Run once per shape and machine when a CPU run with train.compile=auto is long enough for compiling to
 matter and nothing was measured yet (by an earlier probe or `gptrain bench --compile`): a fresh model
 of the run's shape, eager and then compiled, a few forward/backward passes each on random tokens. The
-optimizer step is left out (the same in both). The global RNG is restored after, so the run's weights
-and data order are what they would have been without the probe.
+optimizer step is left out (the same in both). The CPU RNG is restored after, so the run's weights
+and data order are what they would have been without the probe. The compile time recorded is this
+first one's (a cold inductor cache makes it several times a warm one's), so the rule leans to eager.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def _median_pass_seconds(model, x: torch.Tensor, y: torch.Tensor, count: int) ->
 def probe_compile(cfg: ModelConfig, batch_size: int, plan: LinearPlan, compile_fn) -> dict:
     """Seconds per micro batch eager and compiled, and the compile seconds (the first compiled pass's
     excess over the others): the record compile_pays() judges. compile_fn(model) compiles as training does."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
+    with torch.random.fork_rng(devices=[]):  # the CPU generator only: nothing else is touched
+        torch.default_generator.manual_seed(0)
         model = GPT(cfg)
         set_linear_plan(model, plan)
         x, y = (torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size)) for _ in range(2))

@@ -107,7 +107,7 @@ def dry_run(cfg: RunConfig, log=print) -> list[dict]:
     is_joined = dist.is_initialized()
     env = DistEnv.start(cfg.device, cfg.parallel.timeout_seconds)
     configure_device(cfg.train, env)
-    run = build_run(cfg, env, Path(cfg.run_dir or "runs/dry-run"), None, None, log)
+    run = build_run(cfg, env, Path(cfg.run_dir or "runs/dry-run"), None, None, log, can_probe=False)
     try:
         row = measure(run)
     except torch.cuda.OutOfMemoryError:

@@ -33,6 +33,7 @@ from gptrain.train.compile_probe import PROBE_MIN_BUDGET_S, PROBE_MIN_MICRO_BATC
 
 COMPILE_CACHE_FILE_NAME = "compile_times.json"
 COMPILE_PAYBACK = 2.0  # the projected saving must exceed this many compile times
+COMPILE_VERSION = "compile v2"  # v2: CPU inductor with the C++ wrapper and the sigmoid-form GELU
 
 
 def machine_key(device: str) -> str:
@@ -77,16 +78,21 @@ def resolve_compile(setting: str, saved: dict, backend: str, device: str, key: s
         return True, "auto: CUDA"
     if device != "cpu":
         return False, f"auto: {device}"
-    record, source = read_cache(speed_cache_dir() / COMPILE_CACHE_FILE_NAME).get(key), "measured before"
-    if not isinstance(record, dict):
-        if probe is None:
-            return False, "auto: off, no measurement for this shape here (`gptrain bench --compile` makes one)"
-        if not is_worth_probing(num_micro_batches, budget_seconds):
-            return False, (f"auto: off, a short run (under {PROBE_MIN_MICRO_BATCHES} micro batches or a "
-                           f"{PROBE_MIN_BUDGET_S / 60:g} min budget) with no measurement for this shape here")
-        record, source = probe(), "measured now"
-        record_compile_times(key, **record)
-    return compile_pays(record, num_micro_batches, budget_seconds, source)
+    record = read_cache(speed_cache_dir() / COMPILE_CACHE_FILE_NAME).get(key)
+    if isinstance(record, dict):
+        return compile_pays(record, num_micro_batches, budget_seconds, "measured before")
+    if probe is None:
+        return False, "auto: off, no measurement for this shape here (`gptrain bench --compile` makes one)"
+    if not is_worth_probing(num_micro_batches, budget_seconds):
+        return False, (f"auto: off, a short run (under {PROBE_MIN_MICRO_BATCHES} micro batches or a "
+                       f"{PROBE_MIN_BUDGET_S / 60:g} min budget) with no measurement for this shape here")
+    try:
+        record = probe()
+    except Exception as e:  # a toolchain inductor cannot use after all: run eager, and try again next time
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return False, f"auto: off, compiling failed while measuring it ({type(e).__name__}: {first_line})"
+    record_compile_times(key, **record)
+    return compile_pays(record, num_micro_batches, budget_seconds, "measured now")
 
 
 def compile_pays(record: dict, num_micro_batches: int, budget_seconds: float | None = None,
@@ -102,8 +108,10 @@ def compile_pays(record: dict, num_micro_batches: int, budget_seconds: float | N
 
 
 def compile_key(cfg: ModelConfig, batch_size: int, device: str) -> str:
-    return (f"{machine_key(device)} | {cfg.n_layer}L {cfg.n_embd}w {cfg.n_head}h ctx {cfg.block_size} "
-            f"vocab {cfg.padded_vocab_size} bias {cfg.bias} | batch {batch_size}")
+    """The record's key: machine, shape, micro batch and COMPILE_VERSION (what gptrain compiles). One
+    process's measurement: a multi-rank run on this machine uses it too."""
+    return (f"{machine_key(device)} | {COMPILE_VERSION} | {cfg.n_layer}L {cfg.n_embd}w {cfg.n_head}h "
+            f"ctx {cfg.block_size} vocab {cfg.padded_vocab_size} bias {cfg.bias} | batch {batch_size}")
 
 
 def record_compile_times(key: str, *, compile_seconds: float, eager_step_seconds: float,
@@ -135,9 +143,10 @@ def has_cpp_compiler() -> bool:
     return any(shutil.which(name) for name in [*names, "g++", "clang++", "c++"])
 
 
-def apply_fast_paths(run, saved: dict | None, log_probe=lambda line: None) -> str:
+def apply_fast_paths(run, saved: dict | None, log=lambda line: None, can_probe: bool = True) -> str:
     """Decide (rank 0, sent to all) or reuse (saved: a resumed checkpoint's; None: not a resume) the run's
-    fast paths, apply them to run.model and run.step_model, keep them in run.state, return a log line."""
+    fast paths, apply them to run.model and run.step_model, keep them in run.state, return a log line.
+    can_probe=False: an unmeasured compile stays off instead of being measured (dry runs)."""
     cfg, env = run.cfg, run.env
     budget_seconds = parse_duration(cfg.train.budget) if cfg.train.budget else None
     note = ""
@@ -152,12 +161,13 @@ def apply_fast_paths(run, saved: dict | None, log_probe=lambda line: None) -> st
         backend = cfg.train.compile_backend
 
         def probe() -> dict:
-            log_probe("measuring torch.compile for this shape (once per shape and machine)")
+            log("measuring torch.compile for this shape (once per shape and machine)")
             return probe_compile(cfg.model, cfg.train.batch_size, plan,
                                  lambda model: compile_model(model, backend, env.device))
 
         is_compiled, compile_why = resolve_compile(cfg.train.compile, saved or {}, backend, env.device, key,
-                                                   run.plan.num_steps * run.plan.num_micro_steps, budget_seconds, probe)
+                                                   run.plan.num_steps * run.plan.num_micro_steps, budget_seconds,
+                                                   probe if can_probe else None)
         return {"cpu_linear": plan.to_text(), "cpu_linear_why": linear_why, "compile": "on" if is_compiled else "off",
                 "compile_why": compile_why, "machine": machine_key(env.device)}
 

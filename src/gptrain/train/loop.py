@@ -22,7 +22,6 @@ from gptrain.interop import resolve_model_source
 from gptrain.metrics.sinks import cut_back
 from gptrain.metrics.system import SystemSampler
 from gptrain.metrics.throughput import estimate_mfu, peak_flops
-from gptrain.runtime import tune_malloc
 from gptrain.tokenizer import load_tokenizer
 from gptrain.train import checkpoint as ckpt
 from gptrain.train.budget import PROVISIONAL_STEPS, maybe_plan
@@ -156,10 +155,8 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
     # A resume keeps the run's linear kernels and compile choice (legacy_choices: from before they were kept).
     saved_fast_paths = None if pieces is None else (pieces["state"]["train"].get("fast_paths")
                                                     or legacy_choices(env.device))
-    # Malloc tuning once the data is ready (the corpus tokenizing's peak memory was returned to the OS)
-    # and before the model: the compile probe then times the steps as training will run them.
     run = build_run(cfg, env, run_dir, fixed_tokenizer, weights, log, saved_fast_paths,
-                    after_data=tune_malloc if should_tune_malloc else None)
+                    should_tune_malloc=should_tune_malloc)
     run.launched_at = launched_at
     offsets, resumed = {}, None
     if pieces is not None:

@@ -31,6 +31,7 @@ from gptrain.files import write_atomic
 from gptrain.metrics.sinks import MetricSink
 from gptrain.metrics.system import SystemSampler
 from gptrain.model.gpt import GPT
+from gptrain.runtime import tune_malloc
 from gptrain.tokenizer import Tokenizer, TokenizerConfig
 from gptrain.tokenizer.base import save_tokenizer
 from gptrain.train import checkpoint as ckpt
@@ -226,13 +227,16 @@ def configure_device(train: TrainConfig, env: DistEnv) -> None:
 
 
 def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Tokenizer | None,
-              weights: dict | None, log, saved_fast_paths: dict | None = None, after_data=None) -> Run:
+              weights: dict | None, log, saved_fast_paths: dict | None = None, *, should_tune_malloc: bool = False,
+              can_probe: bool = True) -> Run:
     """Data (prepared if needed), tokenizer, model (with the given weights), its parallel wrapping,
     optimizer and loaders. Writes nothing in run_dir.
 
     fixed_tokenizer: the tokenizer a resumed run or a fine-tuned checkpoint already uses;
     saved_fast_paths: a resumed run's linear kernels and compile choice (train/fast_paths.py);
-    after_data: called once the data is ready, before the model (and any speed probe) exists.
+    should_tune_malloc: runtime.tune_malloc() once the data is ready (the corpus tokenizing's peak memory
+    was returned to the OS) and before the model, so a speed probe times steps as training runs them;
+    can_probe: whether an unmeasured long CPU run may measure torch.compile now (not in dry runs).
     """
     try:
         check_before_data(cfg, env.world_size)
@@ -241,10 +245,10 @@ def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Toke
         raise
     dataset = prepare_data(cfg.data, cfg.tokenizer, env, fixed_tokenizer, log)
     items = read_hellaswag(cfg.eval, env, log)
-    if after_data is not None:
-        after_data()
+    if should_tune_malloc:
+        tune_malloc()
     try:
-        run = _build_on(dataset, cfg, env, run_dir, fixed_tokenizer, weights, saved_fast_paths, log)
+        run = _build_on(dataset, cfg, env, run_dir, fixed_tokenizer, weights, saved_fast_paths, log, can_probe)
     except UserError as e:  # from here on, the same inputs give every rank the same mistake: rank 0 says it
         e.is_echo = not env.is_main
         raise
@@ -261,7 +265,7 @@ def read_hellaswag(cfg: EvalConfig, env: DistEnv, log) -> list[Item]:
 
 
 def _build_on(dataset: Path, cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Tokenizer | None,
-              weights: dict | None, saved_fast_paths: dict | None, log) -> Run:
+              weights: dict | None, saved_fast_paths: dict | None, log, can_probe: bool) -> Run:
     tokenizer = fixed_tokenizer or load_dataset_tokenizer(dataset, cfg.tokenizer)
     check_dataset_tokenizer(dataset, tokenizer)
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=tokenizer.vocab_size))
@@ -297,7 +301,7 @@ def _build_on(dataset: Path, cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_
               optimizer=optimizer, train_loader=train_loader, val_loader=val_loader, plan=plan, dataset_dir=dataset,
               val_windows=val_windows, val_set=val_set_id(train_loader.fingerprint, val_windows, cfg.model.block_size),
               byte_lengths=tokenizer.byte_lengths())
-    run.fast_paths_note = apply_fast_paths(run, saved_fast_paths, log)  # the linear kernels and compile
+    run.fast_paths_note = apply_fast_paths(run, saved_fast_paths, log, can_probe)  # linear kernels, compile
     return run
 
 
