@@ -12,7 +12,8 @@ The compile rule on the CPU (where inductor generates C++ and the first step wai
 when the projected saving, (eager - compiled micro-batch time) x the run's micro batches, exceeds
 twice the compile time, both taken from a measurement of this shape on this machine: one recorded by
 `gptrain bench --compile` or an earlier run, else the compile probe measures it now (train/
-compile_probe.py) if the run is long enough for that to matter; a short unmeasured run stays eager.
+compile_probe.py) if the run is long enough for that to matter (and that run, having paid the compile,
+compiles if the compiled steps were faster); a short unmeasured run stays eager.
 On CUDA auto compiles.
 """
 
@@ -92,7 +93,10 @@ def resolve_compile(setting: str, saved: dict, backend: str, device: str, key: s
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         return False, f"auto: off, compiling failed while measuring it ({type(e).__name__}: {first_line})"
     record_compile_times(key, **record)
-    return compile_pays(record, num_micro_batches, budget_seconds, "measured now")
+    # This run paid the compile while measuring it (its step model reuses the cached code): it compiles
+    # if the compiled steps were faster at all. Later runs weigh the recorded compile time.
+    return compile_pays({**record, "compile_seconds": 0.0}, num_micro_batches, budget_seconds,
+                        "measured now, so already paid")
 
 
 def compile_pays(record: dict, num_micro_batches: int, budget_seconds: float | None = None,
