@@ -118,3 +118,43 @@ def test_compiled_model_uses_the_sigmoid_gelu_and_keeps_the_math(tiny_config, mo
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
     for compiled, eager in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+
+
+def _grads_after(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    for x, y in batches:  # two micro batches: the second adds to gradients that already exist
+        model(x, y).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("is_tied", [True, False])
+def test_embedding_grad_in_place_sums_what_autograd_sums(tiny_config, is_tied):
+    cfg = ModelConfig(**{**tiny_config.__dict__, "vocab_size": 20, "tie_weights": is_tied})
+    torch.manual_seed(0)
+    dense, fast = GPT(cfg), GPT(cfg)
+    fast.load_state_dict(dense.state_dict())
+    fast.embedding_grad = "in_place"
+    # 20 token ids over 32 positions: repeated tokens, whose rows add up in the gradient.
+    batches = [(torch.randint(0, 20, (2, 16)), torch.randint(0, 20, (2, 16))) for _ in range(2)]
+    pos = torch.arange(16)
+    assert "EmbeddingGradInPlace" in type(fast.embed(batches[0][0], pos).grad_fn).__name__
+    assert "EmbeddingGradInPlace" not in type(dense.embed(batches[0][0], pos).grad_fn).__name__
+    expected, got = _grads_after(dense, batches), _grads_after(fast, batches)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    with torch.no_grad():  # evaluation and generation: the plain lookup
+        assert fast.embed(batches[0][0], pos).grad_fn is None
+
+
+def test_a_compiled_model_sums_the_embedding_grad_the_autograd_way(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    x, y = torch.randint(0, tiny_config.vocab_size, (2, 8)), torch.randint(0, tiny_config.vocab_size, (2, 8))
+    expected = torch.autograd.grad(model(x, y), [model.transformer.wte.weight])[0]
+    model.embedding_grad = "in_place"  # ignored while compiling: its backward writes .grad itself
+    torch._dynamo.reset()
+    loss = torch.compile(model, backend="aot_eager")(x, y)
+    (got,) = torch.autograd.grad(loss, [model.transformer.wte.weight])
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    assert model.transformer.wte.weight.grad is None  # nothing was added behind autograd's back

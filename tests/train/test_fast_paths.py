@@ -96,7 +96,8 @@ def test_a_dry_run_never_probes_compile(tmp_path, monkeypatch):
     monkeypatch.setattr(fast_paths, "probe_compile", lambda *args: pytest.fail("a dry run measured compile"))
     run = SimpleNamespace(cfg=resolve_config(None, {"train.cpu_linear": "aten", "steps": 10**5}, environ={}),
                           env=SimpleNamespace(device="cpu", on_main=lambda fn: fn()),
-                          plan=SimpleNamespace(num_steps=10**5, num_micro_steps=1), state=SimpleNamespace(fast_paths=None),
+                          plan=SimpleNamespace(num_steps=10**5, num_micro_steps=1, strategy="none"),
+                          state=SimpleNamespace(fast_paths=None),
                           model=torch.nn.Linear(2, 2), step_model=None)
     run.cfg.model.vocab_size = 64
     fast_paths.apply_fast_paths(run, None, can_probe=False)
@@ -127,19 +128,32 @@ def test_without_a_cpp_compiler_the_cpu_runs_eager_or_says_why_it_cannot_compile
     assert fast_paths.resolve_compile("on", {}, "aot_eager", "cpu", "key", 1)[0]  # no code generation
 
 
+def test_the_embedding_grad_is_summed_in_place_only_by_one_eager_cpu_process():
+    assert fast_paths.resolve_embedding_grad({}, "cpu", "none", is_compiled=False) == "in_place"
+    assert fast_paths.resolve_embedding_grad({}, "cpu", "none", is_compiled=True) == "dense"
+    assert fast_paths.resolve_embedding_grad({}, "cpu", "ddp", is_compiled=False) == "dense"  # DDP hooks
+    assert fast_paths.resolve_embedding_grad({}, "cuda", "none", is_compiled=False) == "dense"
+    # A resume keeps its checkpoint's; one from before the choice was recorded ran dense.
+    assert fast_paths.resolve_embedding_grad({"embedding_grad": "dense"}, "cpu", "none", is_compiled=False) == "dense"
+    assert fast_paths.resolve_embedding_grad(fast_paths.legacy_choices("cpu"), "cpu", "none", False) == "dense"
+
+
 def test_a_resume_on_another_machine_decides_again_and_an_old_checkpoint_keeps_the_old_kernels():
     run = SimpleNamespace(cfg=resolve_config(None, {"train.cpu_linear": "auto", "steps": 10}, environ={}),
                           env=SimpleNamespace(device="cpu", on_main=lambda fn: fn()),
-                          plan=SimpleNamespace(num_steps=10, num_micro_steps=1), state=SimpleNamespace(fast_paths=None),
+                          plan=SimpleNamespace(num_steps=10, num_micro_steps=1, strategy="none"),
+                          state=SimpleNamespace(fast_paths=None),
                           model=torch.nn.Linear(2, 2), step_model=None)
     run.cfg.model.vocab_size = 64
     elsewhere = {"cpu_linear": "grad_weight=onednn", "compile": "off", "machine": "cpu: some other CPU | torch 0"}
     note = fast_paths.apply_fast_paths(run, elsewhere)
     assert "decided again" in note and run.state.fast_paths["machine"] == fast_paths.machine_key("cpu")
+    assert run.state.fast_paths["embedding_grad"] == "in_place"
     legacy = fast_paths.legacy_choices("cpu")
     fast_paths.apply_fast_paths(run, legacy)
     assert run.state.fast_paths["cpu_linear"] == fast_paths.default_plan().to_text()  # what gptrain did then
     assert run.state.fast_paths["cpu_linear_why"] == "kept from the checkpoint"
+    assert run.state.fast_paths["embedding_grad"] == "dense"
 
 
 def _values(tmp_path, corpus_dir, run, **extra):
@@ -159,6 +173,7 @@ def test_the_probed_plan_is_logged_saved_and_kept_by_a_resume(tmp_path, corpus_d
     rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     (chosen,) = [r["fast_paths"] for r in rows if "fast_paths" in r]
     assert chosen["cpu_linear"] == expected.to_text() and chosen["compile"] == "off"
+    assert chosen["embedding_grad"] == "in_place"  # one eager CPU process: kept by the resume below too
     state = json.loads((full / "checkpoints" / "step_000006" / "state.json").read_text())
     assert state["train"]["fast_paths"]["cpu_linear"] == expected.to_text()
     # The machine would now probe otherwise: the resume keeps the checkpoint's kernels, bit for bit.

@@ -107,6 +107,8 @@ def build_pair(model: GPT, device: str, plan: LinearPlan, autocast, *, with_refe
     reference beside it (compiled too: nanoGPT's --compile=True)."""
     optim = OptimConfig()
     set_linear_plan(model, plan)
+    if device == "cpu":  # what a one-process eager CPU run does (fast_paths.resolve_embedding_grad); compiled: dense
+        model.embedding_grad = "in_place"
     ours = Timed(step=lambda x, y: [])
     step_model = compile_model(model, compile_backend, device) if compile_backend else model
     ours.step = gptrain_step(step_model, build_optimizer(model, optim, lr=LR), device, autocast, ours)

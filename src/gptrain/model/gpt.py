@@ -169,7 +169,43 @@ class Block(nn.Module):
         return x_BTD + self.mlp(self.ln_2(x_BTD))
 
 
+class _EmbeddingGradInPlace(torch.autograd.Function):
+    """wte(idx) + wpe(pos), whose backward adds the token rows straight into wte.weight.grad.
+
+    The token weight comes in detached, so the lookup adds no edge to that weight's AccumulateGrad node:
+    the tied head's gradient (a full (V, D) matmul result) becomes .grad on its own, early in backward,
+    and this backward, the last, adds B*T rows to it. Autograd's way builds a zero (V, D) tensor, adds the
+    rows, then adds the two (V, D) gradients: 35 ms of a 0.87 s step for GPT-2 124M at B=4, T=64 on 2 CPU
+    cores. Whichever comes first, the sum is the same up to fp32 rounding. The position weight is an
+    ordinary input (its gradient is returned): it keeps this node in the graph. One process only: DDP's
+    hooks fire on AccumulateGrad, before this adds.
+    """
+
+    @staticmethod
+    def forward(ctx, idx_BT: Tensor, pos_T: Tensor, wte_weight: Tensor, wpe_weight: Tensor,
+                wte: nn.Embedding) -> Tensor:
+        ctx.save_for_backward(idx_BT, pos_T)
+        ctx.wte, ctx.wpe_shape = wte, wpe_weight.shape
+        return F.embedding(idx_BT, wte_weight) + F.embedding(pos_T, wpe_weight)
+
+    @staticmethod
+    def backward(ctx, grad_BTD: Tensor):
+        idx_BT, pos_T = ctx.saved_tensors
+        weight = ctx.wte.weight
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        weight.grad.index_add_(0, idx_BT.reshape(-1), grad_BTD.reshape(-1, grad_BTD.size(-1)).to(weight.dtype))
+        grad_wpe = None
+        if ctx.needs_input_grad[3]:  # what autograd does: the batch summed, then the rows placed
+            grad_wpe = grad_BTD.new_zeros(ctx.wpe_shape).index_add_(0, pos_T, grad_BTD.sum(0))
+        return None, None, None, grad_wpe, None
+
+
 class GPT(nn.Module):
+    # "in_place": training adds the token embedding's gradient rows straight into wte.weight.grad
+    # (_EmbeddingGradInPlace; the trainer's fast paths choose it for one-process eager CPU runs).
+    embedding_grad: str = "dense"
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         if cfg.vocab_size < 1:
@@ -215,7 +251,7 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context {self.config.block_size}")
         pos_T = torch.arange(start, start + T, device=idx_BT.device)
-        x_BTD = self.transformer.drop(self.transformer.wte(idx_BT) + self.transformer.wpe(pos_T))
+        x_BTD = self.transformer.drop(self.embed(idx_BT, pos_T))
         for block in self.transformer.h:
             x_BTD = block(x_BTD, cache)
         x_BTD = self.transformer.ln_f(x_BTD)
@@ -224,6 +260,15 @@ class GPT(nn.Module):
         if reduction == "none":
             return self.token_losses(x_BTD, targets_BT)
         return self.loss(x_BTD, targets_BT)
+
+    def embed(self, idx_BT: Tensor, pos_T: Tensor) -> Tensor:
+        """Token plus position embeddings."""
+        wte, wpe = self.transformer.wte, self.transformer.wpe
+        is_in_place = (self.embedding_grad == "in_place" and torch.is_grad_enabled() and wte.weight.requires_grad
+                       and wpe.weight.requires_grad and not torch.compiler.is_compiling())
+        if is_in_place:
+            return _EmbeddingGradInPlace.apply(idx_BT, pos_T, wte.weight.detach(), wpe.weight, wte)
+        return wte(idx_BT) + wpe(pos_T)
 
     @torch.no_grad()
     def token_losses(self, x_BTD: Tensor, targets_BT: Tensor) -> Tensor:

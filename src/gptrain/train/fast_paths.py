@@ -1,4 +1,5 @@
-"""The run's automatic speed choices, made once and kept: the CPU linear kernels and torch.compile.
+"""The run's automatic speed choices, made once and kept: the CPU linear kernels, torch.compile, and how
+the token embedding's gradient is summed.
 
 Both change the floating-point order of the math, so a resume must make the same choices to stay
 bitwise: they are decided when a run first starts (on rank 0, then sent to every rank), stored in
@@ -15,6 +16,10 @@ twice the compile time, both taken from a measurement of this shape on this mach
 compile_probe.py) if the run is long enough for that to matter (and that run, having paid the compile,
 compiles if the compiled steps were faster); a short unmeasured run stays eager.
 On CUDA auto compiles.
+
+The embedding gradient: a one-process eager CPU run adds the token embedding's rows straight into the
+tied weight's gradient (model/gpt.py, _EmbeddingGradInPlace); anything else (DDP's hooks, compile, a
+checkpoint from before this was recorded) sums it the autograd way.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ def machine_key(device: str) -> str:
 def legacy_choices(device: str) -> dict:
     """What gptrain did before it recorded fast paths: a resume of such a checkpoint stays bitwise."""
     return {"cpu_linear": default_plan().to_text() if device == "cpu" else "aten",
-            "compile": "on" if device.startswith("cuda") else "off", "machine": machine_key(device)}
+            "compile": "on" if device.startswith("cuda") else "off", "embedding_grad": "dense",
+            "machine": machine_key(device)}
 
 
 def resolve_linear(setting: str, saved: dict, cfg: ModelConfig, rows: int, device: str) -> tuple[LinearPlan, str]:
@@ -97,6 +103,14 @@ def resolve_compile(setting: str, saved: dict, backend: str, device: str, key: s
     # if the compiled steps were faster at all. Later runs weigh the recorded compile time.
     return compile_pays({**record, "compile_seconds": 0.0}, num_micro_batches, budget_seconds,
                         "measured now, so already paid")
+
+
+def resolve_embedding_grad(saved: dict, device: str, strategy: str, is_compiled: bool) -> str:
+    """"in_place" for a one-process eager CPU run, else "dense"; a resume keeps its checkpoint's (an older
+    checkpoint's is "dense", what it ran with)."""
+    if saved:
+        return saved.get("embedding_grad", "dense")
+    return "in_place" if device == "cpu" and strategy == "none" and not is_compiled else "dense"
 
 
 def compile_pays(record: dict, num_micro_batches: int, budget_seconds: float | None = None,
@@ -172,13 +186,16 @@ def apply_fast_paths(run, saved: dict | None, log=lambda line: None, can_probe: 
         is_compiled, compile_why = resolve_compile(cfg.train.compile, saved or {}, backend, env.device, key,
                                                    run.plan.num_steps * run.plan.num_micro_steps, budget_seconds,
                                                    probe if can_probe else None)
+        embedding_grad = resolve_embedding_grad(saved or {}, env.device, run.plan.strategy, is_compiled)
         return {"cpu_linear": plan.to_text(), "cpu_linear_why": linear_why, "compile": "on" if is_compiled else "off",
-                "compile_why": compile_why, "machine": machine_key(env.device)}
+                "compile_why": compile_why, "embedding_grad": embedding_grad, "machine": machine_key(env.device)}
 
     chosen = env.on_main(decide)
     run.state.fast_paths = chosen
     set_linear_plan(run.model, LinearPlan.parse(chosen["cpu_linear"]))
+    run.model.embedding_grad = chosen.get("embedding_grad", "dense")
     if chosen["compile"] == "on":
         run.step_model = compile_model(run.step_model, cfg.train.compile_backend, env.device)
     return (f"fast paths: cpu linear {chosen['cpu_linear']} ({chosen['cpu_linear_why']}); "
-            f"compile {chosen['compile']} ({chosen['compile_why']}){note}")
+            f"compile {chosen['compile']} ({chosen['compile_why']}); "
+            f"embedding grad {chosen.get('embedding_grad', 'dense')}{note}")
