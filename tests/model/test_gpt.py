@@ -158,3 +158,23 @@ def test_a_compiled_model_sums_the_embedding_grad_the_autograd_way(tiny_config):
     torch._dynamo.reset()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
     assert model.transformer.wte.weight.grad is None  # nothing was added behind autograd's back
+
+
+def test_the_loss_over_a_padded_head_is_the_cross_entropy_over_the_real_vocab():
+    import torch.nn.functional as F
+
+    cfg = ModelConfig(n_embd=16, n_layer=1, n_head=2, block_size=8, vocab_size=50, vocab_multiple=64)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():  # padded rows that would dominate the softmax if they took part in it
+        model.lm_head.weight[50:] = 10.0
+    x, y = torch.randint(0, 50, (3, 8)), torch.randint(0, 50, (3, 8))
+    y[0, :3] = -1  # ignored targets
+    loss = model(x, y)
+    (grad,) = torch.autograd.grad(loss, [model.lm_head.weight])
+    hidden = model.transformer.ln_f(model.transformer.h[0](model.embed(x, torch.arange(8)))).reshape(-1, 16)
+    expected = F.cross_entropy(model.lm_head(hidden)[:, :50], y.reshape(-1), ignore_index=-1)
+    (expected_grad,) = torch.autograd.grad(expected, [model.lm_head.weight])
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+    assert torch.all(grad[50:] == 0) and torch.isfinite(grad).all()

@@ -287,8 +287,15 @@ class GPT(nn.Module):
         if should_chunk(x_ND, self.lm_head.weight):
             # Never holds the (N, V) logits: several GB at GPT-2 scale (see chunked_loss.py).
             return chunked_linear_cross_entropy(x_ND, self.lm_head.weight, targets_N, V)
-        logits_NV = self.lm_head(x_ND)[:, :V]
-        return F.cross_entropy(logits_NV.float(), targets_N, ignore_index=-1)
+        logits_NP = self.lm_head(x_ND)
+        if V < logits_NP.size(1):
+            # -inf on the padded columns instead of slicing them off: the same softmax (exp(-inf) = 0) and
+            # gradient, without copying the strided (N, V) slice out and a zero (N, P) tensor back in
+            # backward (GPT-2 124M at B=4, T=64 on 2 CPU cores: loss forward + backward 35 -> 26 ms).
+            padding = logits_NP.new_zeros(logits_NP.size(1))
+            padding[V:] = float("-inf")
+            logits_NP = logits_NP + padding
+        return F.cross_entropy(logits_NP.float(), targets_N, ignore_index=-1)
 
     @torch.no_grad()
     def generate(self, idx_BT: Tensor, max_new_tokens: int, **sampling) -> Tensor:
