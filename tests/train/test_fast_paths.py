@@ -135,6 +135,10 @@ def test_the_embedding_grad_is_summed_in_place_only_by_one_eager_cpu_process():
     assert fast_paths.resolve_embedding_grad({}, "cuda", "none", is_compiled=False) == "dense"
     # A resume keeps its checkpoint's; one from before the choice was recorded ran dense.
     assert fast_paths.resolve_embedding_grad({"embedding_grad": "dense"}, "cpu", "none", is_compiled=False) == "dense"
+    assert fast_paths.resolve_embedding_grad({"embedding_grad": "in_place"}, "cpu", "none", False) == "in_place"
+    # A one-process checkpoint resumed on more ranks (same machine key) or compiled: DDP would drop the rows.
+    assert fast_paths.resolve_embedding_grad({"embedding_grad": "in_place"}, "cpu", "ddp", False) == "dense"
+    assert fast_paths.resolve_embedding_grad({"embedding_grad": "in_place"}, "cpu", "none", True) == "dense"
     assert fast_paths.resolve_embedding_grad(fast_paths.legacy_choices("cpu"), "cpu", "none", False) == "dense"
 
 
@@ -148,12 +152,12 @@ def test_a_resume_on_another_machine_decides_again_and_an_old_checkpoint_keeps_t
     elsewhere = {"cpu_linear": "grad_weight=onednn", "compile": "off", "machine": "cpu: some other CPU | torch 0"}
     note = fast_paths.apply_fast_paths(run, elsewhere)
     assert "decided again" in note and run.state.fast_paths["machine"] == fast_paths.machine_key("cpu")
-    assert run.state.fast_paths["embedding_grad"] == "in_place"
+    assert run.state.fast_paths["embedding_grad"] == "in_place" and run.model.embedding_grad == "in_place"
     legacy = fast_paths.legacy_choices("cpu")
     fast_paths.apply_fast_paths(run, legacy)
     assert run.state.fast_paths["cpu_linear"] == fast_paths.default_plan().to_text()  # what gptrain did then
     assert run.state.fast_paths["cpu_linear_why"] == "kept from the checkpoint"
-    assert run.state.fast_paths["embedding_grad"] == "dense"
+    assert run.state.fast_paths["embedding_grad"] == "dense" and run.model.embedding_grad == "dense"
 
 
 def _values(tmp_path, corpus_dir, run, **extra):

@@ -1,6 +1,7 @@
 """GPT-2: pre-LN blocks, tanh GELU, learned positions, tied embeddings. Single-device code, HF names.
 
-Dims: B batch, T sequence, N rows (B * T), D width (n_embd), H heads, K head size, V vocab, C cache length.
+Dims: B batch, T sequence, N rows (B * T), D width (n_embd), H heads, K head size, V vocab, P padded vocab
+(embedding rows), S context (block_size), C cache length.
 """
 
 from __future__ import annotations
@@ -178,15 +179,15 @@ class _EmbeddingGradInPlace(torch.autograd.Function):
     rows, then adds the two (V, D) gradients: 35 ms of a 0.87 s step for GPT-2 124M at B=4, T=64 on 2 CPU
     cores. Whichever comes first, the sum is the same up to fp32 rounding. The position weight is an
     ordinary input (its gradient is returned): it keeps this node in the graph. One process only: DDP's
-    hooks fire on AccumulateGrad, before this adds.
+    hooks fire on AccumulateGrad, before this adds. Only for loss.backward(): torch.autograd.grad would
+    not see these rows (they go to .grad), so evaluation and tests that take gradients that way use "dense".
     """
 
     @staticmethod
-    def forward(ctx, idx_BT: Tensor, pos_T: Tensor, wte_weight: Tensor, wpe_weight: Tensor,
-                wte: nn.Embedding) -> Tensor:
+    def forward(ctx, idx_BT: Tensor, pos_T: Tensor, wte_PD: Tensor, wpe_SD: Tensor, wte: nn.Embedding) -> Tensor:
         ctx.save_for_backward(idx_BT, pos_T)
-        ctx.wte, ctx.wpe_shape = wte, wpe_weight.shape
-        return F.embedding(idx_BT, wte_weight) + F.embedding(pos_T, wpe_weight)
+        ctx.wte, ctx.wpe_shape = wte, wpe_SD.shape
+        return F.embedding(idx_BT, wte_PD) + F.embedding(pos_T, wpe_SD)
 
     @staticmethod
     def backward(ctx, grad_BTD: Tensor):
@@ -292,9 +293,11 @@ class GPT(nn.Module):
             # -inf on the padded columns instead of slicing them off: the same softmax (exp(-inf) = 0) and
             # gradient, without copying the strided (N, V) slice out and a zero (N, P) tensor back in
             # backward (GPT-2 124M at B=4, T=64 on 2 CPU cores: loss forward + backward 35 -> 26 ms).
-            padding = logits_NP.new_zeros(logits_NP.size(1))
-            padding[V:] = float("-inf")
-            logits_NP = logits_NP + padding
+            # (Targets are token ids below V; a softmax that sums log-probabilities, as label smoothing
+            # would, must leave the -inf columns out.)
+            padding_P = logits_NP.new_zeros(logits_NP.size(1))
+            padding_P[V:] = float("-inf")
+            logits_NP = logits_NP + padding_P
         return F.cross_entropy(logits_NP.float(), targets_N, ignore_index=-1)
 
     @torch.no_grad()

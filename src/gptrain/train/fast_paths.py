@@ -1,7 +1,7 @@
 """The run's automatic speed choices, made once and kept: the CPU linear kernels, torch.compile, and how
 the token embedding's gradient is summed.
 
-Both change the floating-point order of the math, so a resume must make the same choices to stay
+All of them change the floating-point order of the math, so a resume must make the same choices to stay
 bitwise: they are decided when a run first starts (on rank 0, then sent to every rank), stored in
 TrainState.fast_paths with the machine they were made on, and a resume on the same kind of machine
 (device name, torch version, threads) reuses them; on another machine it decides again, since its
@@ -106,11 +106,13 @@ def resolve_compile(setting: str, saved: dict, backend: str, device: str, key: s
 
 
 def resolve_embedding_grad(saved: dict, device: str, strategy: str, is_compiled: bool) -> str:
-    """"in_place" for a one-process eager CPU run, else "dense"; a resume keeps its checkpoint's (an older
-    checkpoint's is "dense", what it ran with)."""
-    if saved:
-        return saved.get("embedding_grad", "dense")
-    return "in_place" if device == "cpu" and strategy == "none" and not is_compiled else "dense"
+    """"in_place" for a one-process eager CPU run, else "dense". A resume that still qualifies keeps its
+    checkpoint's (an older checkpoint's is "dense", what it ran with); one that does not (resumed on more
+    ranks, or compiled) is dense whatever was saved: DDP would overwrite the rows added behind its hooks."""
+    can_add_in_place = device == "cpu" and strategy == "none" and not is_compiled
+    if not can_add_in_place:
+        return "dense"
+    return saved.get("embedding_grad", "dense") if saved else "in_place"
 
 
 def compile_pays(record: dict, num_micro_batches: int, budget_seconds: float | None = None,

@@ -152,7 +152,7 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
         cfg, weights = config_for_init(cfg, init_pieces["config_toml"], init_pieces["model"], explicit,
                                        log if env.is_main else (lambda *_: None))
         fixed_tokenizer = load_tokenizer(init_pieces["tokenizer_path"])
-    # A resume keeps the run's linear kernels and compile choice (legacy_choices: from before they were kept).
+    # A resume keeps the run's fast-path choices (legacy_choices: from before they were kept).
     saved_fast_paths = None if pieces is None else (pieces["state"]["train"].get("fast_paths")
                                                     or legacy_choices(env.device))
     run = build_run(cfg, env, run_dir, fixed_tokenizer, weights, log, saved_fast_paths,

@@ -80,7 +80,7 @@ class Run:
     byte_lengths: list[int] = field(default_factory=list)  # UTF-8 bytes of each token id, for bits per byte
     hellaswag_items: list[Item] = field(default_factory=list)  # scored with validations when eval.hellaswag_*
     control: ControlReader | None = None  # rank 0: control.jsonl, read at step boundaries
-    fast_paths_note: str = ""  # how the linear kernels and compile were chosen (logged once sinks exist)
+    fast_paths_note: str = ""  # how the fast paths were chosen (logged once sinks exist)
     system: SystemSampler | None = None  # rank 0: system-use rows every few seconds
     pending: list[dict] = field(default_factory=list)  # rank 0: commands to apply at this step boundary
     replays: list[dict] = field(default_factory=list)  # rank 0: state commands to apply again after a resume
@@ -233,7 +233,7 @@ def build_run(cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_tokenizer: Toke
     optimizer and loaders. Writes nothing in run_dir.
 
     fixed_tokenizer: the tokenizer a resumed run or a fine-tuned checkpoint already uses;
-    saved_fast_paths: a resumed run's linear kernels and compile choice (train/fast_paths.py);
+    saved_fast_paths: a resumed run's fast-path choices (train/fast_paths.py);
     should_tune_malloc: runtime.tune_malloc() once the data is ready (the corpus tokenizing's peak memory
     was returned to the OS) and before the model, so a speed probe times steps as training runs them;
     can_probe: whether an unmeasured long CPU run may measure torch.compile now (not in dry runs).
