@@ -77,3 +77,17 @@ def test_a_budget_run_plans_once_and_a_resume_keeps_the_plan_bitwise(tmp_path, c
     monkeypatch.setattr(budget, "make_plan", lambda run, times: pytest.fail("a resume measured again"))
     train(resolve_config(cut / "config.toml", {}, environ={}), resume=cut, log=lambda *_: None)
     assert have_equal_final_weights(full, cut)
+
+
+def test_the_shown_pace_leaves_out_a_launch_s_first_step():
+    from gptrain.train.loop import PACE_WINDOW_STEPS, pace_window
+
+    window: list[float] = []
+    step_seconds = [12.0] + [0.3] * (PACE_WINDOW_STEPS + 5)  # a compile, then the real pace
+    for count, seconds in enumerate(step_seconds, start=1):
+        window = pace_window(window, seconds, count)
+        if count == 1:
+            assert window == [12.0]  # all there is to show yet
+        else:
+            assert 12.0 not in window and len(window) == min(count - 1, PACE_WINDOW_STEPS)
+    assert sum(window) / len(window) == pytest.approx(0.3)

@@ -43,6 +43,8 @@ from gptrain.train.schedule import planned_lr
 from gptrain.train.setup import Run, build_run, config_for_init, configure_device, create_run_dir, step_run
 from gptrain.train.step import autocast_context, uses_bf16
 
+PACE_WINDOW_STEPS = 20  # the shown tokens/s and ETA are the mean over this many recent steps
+
 
 def validate(run: Run, *, is_final: bool = False) -> tuple[float, list[str]]:
     """Evaluate on all ranks (and score HellaSwag when due) and track the best val loss; returns the loss
@@ -78,6 +80,16 @@ def sample(run: Run) -> str:
     text = write_sample(run.model, run.tokenizer, run.cfg.samples, run.env.device)
     emit(run, {"kind": "sample", "text": text})
     return text
+
+
+def pace_window(recent: list[float], seconds: float, steps_this_launch: int) -> list[float]:
+    """The recent step times that the shown tokens/s and ETA come from (the last PACE_WINDOW_STEPS). A
+    launch's first step pays for compiling and first-touch allocations (12 s against 0.3 s in a compiled
+    default job): it leaves the window once a second step exists, or the log would show an ETA of 46
+    minutes for a 10-minute budget at step 10."""
+    if steps_this_launch == 2:
+        return [seconds]
+    return (recent + [seconds])[-PACE_WINDOW_STEPS:]
 
 
 def is_due(step: int, every: int) -> bool:
@@ -274,8 +286,8 @@ def _loop(run: Run) -> dict:
             note_bad_step(run, last_loss, max_loss)  # and after too many, a rollback (train/recovery.py)
         else:
             state.loss_ema = last_loss if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * last_loss
-        recent = (recent + [seconds])[-20:]
         probe.append(seconds)
+        recent = pace_window(recent, seconds, len(probe))
         maybe_plan(run, probe)  # a --budget run fixes its length after its first steps
         mean_step_seconds = sum(recent) / len(recent)
         tokens_per_second = plan.tokens_per_step / mean_step_seconds
