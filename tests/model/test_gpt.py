@@ -85,6 +85,13 @@ def test_invalid_sizes_are_user_errors():
         ModelConfig(n_layer=0)
 
 
+@pytest.mark.parametrize(("vocab", "multiple", "rows"), [
+    (65, 0, 65), (100, 0, 100), (1000, 0, 1024), (2048, 0, 2048), (50257, 0, 50304),
+    (65, 64, 128), (50257, 128, 50304)])
+def test_auto_vocab_padding_pads_to_64_only_where_that_adds_few_rows(vocab, multiple, rows):
+    assert ModelConfig(vocab_size=vocab, vocab_multiple=multiple).padded_vocab_size == rows
+
+
 def test_gelu_by_sigmoid_is_the_tanh_gelu_within_fp32_rounding():
     x = torch.cat([torch.linspace(-60, 60, 10001), torch.randn(10000) * 3]).double()
     exact = torch.nn.functional.gelu(x, approximate="tanh")

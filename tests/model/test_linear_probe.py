@@ -28,7 +28,7 @@ def test_a_small_gain_keeps_plain_f_linear():
 
 
 def test_shapes_are_the_blocks_four_and_the_head_unless_the_loss_chunks_it():
-    cfg = ModelConfig(n_embd=32, n_layer=3, n_head=2, vocab_size=100)
+    cfg = ModelConfig(n_embd=32, n_layer=3, n_head=2, vocab_size=100, vocab_multiple=64)
     assert linear_probe.linear_shapes(cfg, 64) == [(32, 96, 3), (32, 32, 3), (32, 128, 3), (128, 32, 3), (32, 128, 1)]
     gpt2 = ModelConfig(n_embd=768, n_layer=12, n_head=12, vocab_size=50257)
     assert (768, 50304, 1) in linear_probe.linear_shapes(gpt2, 4 * 64)

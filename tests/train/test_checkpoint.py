@@ -1,11 +1,16 @@
+from dataclasses import replace
+
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from gptrain.config import RunConfig, to_toml
 from gptrain.distributed.state import gather_state, key_by_index, list_param_names, load_optimizer_state
+from gptrain.errors import UserError
 from gptrain.model.gpt import GPT
 from gptrain.train import checkpoint as ckpt
 from gptrain.train.optim import OptimConfig, build_optimizer
+from gptrain.train.saving import check_resume_config
 
 
 def _trained(tiny_config):
@@ -103,3 +108,12 @@ def test_a_save_before_any_update_leaves_the_optimizer_untouched(tiny_config):
     opt2 = build_optimizer(fresh, OptimConfig(), lr=1e-3)
     load_optimizer_state(fresh, opt2, ckpt.join_optimizer_state(tensors, meta))
     assert not opt2.state and model_sd.keys() == {k for k in model.state_dict() if k != "lm_head.weight"}
+
+
+def test_a_resume_keeps_the_vocabulary_padding_it_was_trained_with():
+    default = RunConfig()
+    padded = replace(default, model=replace(default.model, vocab_multiple=64))  # a run from before auto padding
+    assert check_resume_config(default, to_toml(padded), is_main=True).model.vocab_multiple == 64
+    other = replace(default, model=replace(default.model, vocab_multiple=8))
+    with pytest.raises(UserError, match="model.vocab_multiple is 64, not 8"):
+        check_resume_config(other, to_toml(padded), is_main=True)

@@ -29,12 +29,16 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True
     tie_weights: bool = True
-    vocab_multiple: int = 64  # embedding rows padded to a multiple of this (matmul speed); logits cut back
+    # embedding rows padded to a multiple of this (matmul speed), the extra logits never used; 0: auto, 64
+    # where that adds at most 1/16 of the rows (GPT-2's 50257 -> 50304), none otherwise (see padded_vocab_size)
+    vocab_multiple: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_embd", "n_layer", "n_head", "block_size", "vocab_multiple"):
+        for name in ("n_embd", "n_layer", "n_head", "block_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"model.{name} must be at least 1 (got {getattr(self, name)})")
+        if self.vocab_multiple < 0:
+            raise UserError(f"model.vocab_multiple must be 0 (auto) or at least 1 (got {self.vocab_multiple})")
         if self.n_embd % self.n_head:
             raise UserError(
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
@@ -44,9 +48,22 @@ class ModelConfig:
             raise UserError(f"model.dropout must be in [0, 1) (got {self.dropout})")
 
     @property
+    def resolved_vocab_multiple(self) -> int:
+        """vocab_multiple, with auto (0) decided for this vocab_size: padding a small vocabulary to 64 would
+        add more head work than the aligned matmul saves (char level, 65 -> 128 rows: the 4-layer width-128
+        step 3% slower on 2 Xeon cores, compiled, alternating A/B; 65 -> 72 1.5% slower)."""
+        if self.vocab_multiple:
+            return self.vocab_multiple
+        added = -self.vocab_size % AUTO_VOCAB_MULTIPLE
+        return AUTO_VOCAB_MULTIPLE if added * 16 <= self.vocab_size else 1
+
+    @property
     def padded_vocab_size(self) -> int:
-        m = self.vocab_multiple
+        m = self.resolved_vocab_multiple
         return (self.vocab_size + m - 1) // m * m
+
+
+AUTO_VOCAB_MULTIPLE = 64
 
 
 def count_parameters(cfg: ModelConfig, *, non_embedding: bool = False) -> int:
@@ -143,7 +160,24 @@ def gelu_tanh(x: Tensor) -> Tensor:
 
 
 def gelu_tanh_by_sigmoid(x: Tensor) -> Tensor:
-    return x * torch.sigmoid(x * (_GELU_2C + _GELU_2CA * x * x))
+    return _GeluBySigmoid.apply(x)
+
+
+class _GeluBySigmoid(torch.autograd.Function):
+    """x * sigmoid(z), z = 2u, with the backward computed from the saved sigmoid: no second exp and
+    division per element (4 layers, width 128, B=12, T=64 compiled on 2 Xeon cores: the step 3%
+    faster, alternating A/B over 300 steps, twice). One more activation-sized tensor kept per MLP."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        s = torch.sigmoid(x * (_GELU_2C + _GELU_2CA * x * x))
+        ctx.save_for_backward(x, s)
+        return x * s
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        x, s = ctx.saved_tensors
+        return grad * (s + x * s * (1 - s) * (_GELU_2C + 3 * _GELU_2CA * x * x))  # d/dx of x * sigmoid(z(x))
 
 
 class MLP(nn.Module):

@@ -156,7 +156,7 @@ def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bo
     fixed_tokenizer, weights, pieces = None, None, None
     if resume is not None:
         pieces = read_resume_checkpoint(run_dir, env)
-        check_resume_config(cfg, pieces["config_toml"], env.is_main)
+        cfg = check_resume_config(cfg, pieces["config_toml"], env.is_main)
         fixed_tokenizer, weights = load_tokenizer(pieces["tokenizer_path"]), pieces["model"]
     elif init_from is not None:
         source = env.on_main(resolve_model_source, init_from)  # a gptrain checkpoint, or an HF model imported

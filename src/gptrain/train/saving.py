@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,14 +29,19 @@ RESUME_FIXED = ("seed", "data.source", "data.val_source", "data.text_field", "da
                 "model.bias", "model.tie_weights", "model.vocab_multiple")
 
 
-def check_resume_config(cfg: RunConfig, saved_toml: str, is_main: bool) -> None:
-    """Before any data is prepared: refuse a resume whose flags change what the checkpoint was trained on."""
-    saved, now = _flat(to_dict(from_toml_text(saved_toml))), _flat(to_dict(cfg))
+def check_resume_config(cfg: RunConfig, saved_toml: str, is_main: bool) -> RunConfig:
+    """Before any data is prepared: refuse a resume whose flags change what the checkpoint was trained on.
+    Returns cfg with the checkpoint's vocabulary padding where cfg leaves it to auto (model.vocab_multiple=0)."""
+    saved_cfg = from_toml_text(saved_toml)
+    if cfg.model.vocab_multiple == 0:
+        cfg = replace(cfg, model=replace(cfg.model, vocab_multiple=saved_cfg.model.vocab_multiple))
+    saved, now = _flat(to_dict(saved_cfg)), _flat(to_dict(cfg))
     for key in RESUME_FIXED:
         if key in saved and saved[key] != now.get(key):
             raise UserError(f"--resume continues the run as it was trained: its {key} is {saved[key]!r}, not "
                             f"{now.get(key)!r}; drop that flag, or fine-tune from it in a new run (--init-from)",
                             is_echo=not is_main)
+    return cfg
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -268,7 +268,8 @@ def _build_on(dataset: Path, cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_
               weights: dict | None, saved_fast_paths: dict | None, log, can_probe: bool) -> Run:
     tokenizer = fixed_tokenizer or load_dataset_tokenizer(dataset, cfg.tokenizer)
     check_dataset_tokenizer(dataset, tokenizer)
-    cfg = replace(cfg, model=replace(cfg.model, vocab_size=tokenizer.vocab_size))
+    model_cfg = replace(cfg.model, vocab_size=tokenizer.vocab_size)  # the padding stored resolved, as the shape is
+    cfg = replace(cfg, model=replace(model_cfg, vocab_multiple=model_cfg.resolved_vocab_multiple))
     cfg = replace(cfg, samples=checked_sample_prompt(cfg.samples, tokenizer))
     loader_args = dict(batch_size=cfg.train.batch_size, block_size=cfg.model.block_size,
                        rank=env.rank, world_size=env.world_size)
