@@ -108,6 +108,8 @@ def format_result(result: dict) -> str:
              f"{'GFLOP/s':>9} {'MFU':>6}"]
     rows = [(name, run) for name, run in result["runs"].items()]
     rows += [(f"{name} compiled", run) for name, run in result.get("compiled", {}).items()]
+    if "eager_reference_beside_compiled" in result:
+        rows.append(("reference, eager again", result["eager_reference_beside_compiled"]))
     for name, run in rows:
         cells = [f"{run[f'{phase}_s']:9.4f}" if f"{phase}_s" in run else f"{'':9}"
                  for phase in ("forward", "backward", "optimizer", "step")]
@@ -124,7 +126,7 @@ def format_result(result: dict) -> str:
         lines.append(f"llmc_step_time_ratio {result['llmc_step_time_ratio']:.3f}  (gptrain / llm.c)")
     if "compiled_step_time_ratio" in result:
         ratio = result["compiled_step_time_ratio"]
-        lines.append(f"compiled_step_time_ratio {ratio:.3f}  (gptrain compiled / the eager reference), "
+        lines.append(f"compiled_step_time_ratio {ratio:.3f}  (gptrain compiled / the eager reference, timed in turns), "
                      f"steps/s {1 / ratio:.2f}x the reference's")
     for name, run in result.get("compiled", {}).items():
         even = run["break_even_steps"]

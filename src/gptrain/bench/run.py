@@ -89,9 +89,10 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
     if opts.llmc:
         result |= bench_llmc(opts.llmc, opts.warmup + opts.steps, runs, rows, step_flop, peak, log)
     if opts.compile:
-        result["compiled"] = bench_compiled(opts, plan, batches, autocast, rows, step_flop, peak, runs, log)
-        if "reference" in runs:  # what a run that compiles gets against the plain (eager) reference
-            result["compiled_step_time_ratio"] = result["compiled"]["gptrain"]["step_s"] / runs["reference"]["step_s"]
+        result["compiled"], beside = bench_compiled(opts, plan, batches, autocast, rows, step_flop, peak, runs, log)
+        if beside:  # what a run that compiles gets against the plain (eager) reference, timed in turns with it
+            result["eager_reference_beside_compiled"] = beside
+            result["compiled_step_time_ratio"] = result["compiled"]["gptrain"]["step_s"] / beside["step_s"]
     return result
 
 
@@ -115,14 +116,19 @@ def summarize(medians: dict[str, float], rows: int, step_flop: float, peak: floa
 
 
 def bench_compiled(opts: BenchOptions, plan, batches, autocast, rows: int, step_flop: float, peak, eager_runs: dict,
-                   log) -> dict:
-    """Both models again under torch.compile: the first step (compile included) apart, then medians."""
+                   log) -> tuple[dict, dict | None]:
+    """Both models again under torch.compile: the first step (compile included) apart, then medians.
+    With the reference compared, the eager reference runs in turns with them (the machine's speed drifts
+    between phases: that ratio is taken within one), its summary returned second."""
     log("compiling (the first step of each model includes its compile time)")
     torch.manual_seed(0)
-    pair = build_pair(GPT(opts.model).to(opts.device), opts.device, plan, autocast,
-                      with_reference=opts.compare == "reference", compile_backend=opts.compile_backend)
+    is_compared = opts.compare == "reference"
+    pair = build_pair(GPT(opts.model).to(opts.device), opts.device, plan, autocast, with_reference=is_compared,
+                      compile_backend=opts.compile_backend, with_eager_reference=is_compared)
     run_alternating(pair, batches, 1 + opts.warmup + opts.steps)
     synchronize(opts.device)
+    beside = pair.pop("reference_eager", None)
+    beside = summarize(beside.medians(1 + opts.warmup), rows, step_flop, peak) if beside else None
     out = {}
     for name, timed in pair.items():
         first_s = timed.times[0][-1]
@@ -134,11 +140,10 @@ def bench_compiled(opts: BenchOptions, plan, batches, autocast, rows: int, step_
                      "tokens_per_s_with_compile": rows * len(timed.times) / all_seconds,
                      "break_even_steps": math.ceil(compile_s / saving_s) if saving_s > 0 else None}
     ours = out["gptrain"]
-    if opts.compile_backend != "inductor":  # the training's rule is about inductor
-        return out
-    record_compile_times(compile_key(opts.model, opts.batch_size, opts.device), compile_seconds=ours["compile_s"],
-                         eager_step_seconds=eager_runs["gptrain"]["step_s"], compiled_step_seconds=ours["step_s"])
-    return out
+    if opts.compile_backend == "inductor":  # the training's rule is about inductor
+        record_compile_times(compile_key(opts.model, opts.batch_size, opts.device), compile_seconds=ours["compile_s"],
+                             eager_step_seconds=eager_runs["gptrain"]["step_s"], compiled_step_seconds=ours["step_s"])
+    return out, beside
 
 
 def title(cfg: ModelConfig, opts: BenchOptions) -> str:

@@ -102,9 +102,10 @@ def reference_adamw(model: nn.Module, optim: OptimConfig, device: str) -> torch.
 
 
 def build_pair(model: GPT, device: str, plan: LinearPlan, autocast, *, with_reference: bool,
-               compile_backend: str = "") -> dict[str, Timed]:
+               compile_backend: str = "", with_eager_reference: bool = False) -> dict[str, Timed]:
     """gptrain's model (its plan applied; compiled with compile_backend if given) and, if asked, the
-    reference beside it (compiled too: nanoGPT's --compile=True)."""
+    reference beside it (compiled too: nanoGPT's --compile=True), and with_eager_reference the plain
+    eager reference as a third ("reference_eager"), to time a compiled gptrain against it in turns."""
     optim = OptimConfig()
     set_linear_plan(model, plan)
     if device == "cpu":  # what a one-process eager CPU run does (fast_paths.resolve_embedding_grad); compiled: dense
@@ -120,6 +121,11 @@ def build_pair(model: GPT, device: str, plan: LinearPlan, autocast, *, with_refe
         theirs = Timed(step=lambda x, y: [])
         theirs.step = reference_step(ref, reference_adamw(ref, optim, device), device, autocast, theirs)
         pair["reference"] = theirs
+    if with_eager_reference:
+        eager = reference_like(model)
+        plain = Timed(step=lambda x, y: [])
+        plain.step = reference_step(eager, reference_adamw(eager, optim, device), device, autocast, plain)
+        pair["reference_eager"] = plain
     return pair
 
 
