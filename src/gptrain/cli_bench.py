@@ -108,8 +108,7 @@ def format_result(result: dict) -> str:
              f"{'GFLOP/s':>9} {'MFU':>6}"]
     rows = [(name, run) for name, run in result["runs"].items()]
     rows += [(f"{name} compiled", run) for name, run in result.get("compiled", {}).items()]
-    if "eager_reference_beside_compiled" in result:
-        rows.append(("reference, eager again", result["eager_reference_beside_compiled"]))
+    rows += [(f"{name}, eager again", run) for name, run in result.get("eager_beside_compiled", {}).items()]
     for name, run in rows:
         cells = [f"{run[f'{phase}_s']:9.4f}" if f"{phase}_s" in run else f"{'':9}"
                  for phase in ("forward", "backward", "optimizer", "step")]

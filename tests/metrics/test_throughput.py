@@ -149,6 +149,26 @@ def test_device_name_of_the_cpu_names_the_model():
     assert name.startswith("cpu: ") and len(name) > len("cpu: ")
 
 
+def test_the_speed_caches_machine_id_tells_apart_cpus_that_share_a_model_name(monkeypatch, tmp_path):
+    """Two VMs both calling themselves "Intel(R) Xeon(R) Processor" but with other caches get other keys."""
+    def fake_sys(l3: str):
+        for index, (level, size) in enumerate([("1", "48K"), ("2", "2048K"), ("3", l3)]):
+            folder = tmp_path / l3 / f"index{index}"
+            folder.mkdir(parents=True)
+            (folder / "level").write_text(level + "\n")
+            (folder / "size").write_text(size + "\n")
+        return tmp_path / l3
+
+    real_path = throughput.Path
+    ids = []
+    for l3 in ("491520K", "107520K"):
+        root = fake_sys(l3)
+        monkeypatch.setattr(throughput, "Path", lambda p, root=root: root if "cpu0/cache" in str(p) else real_path(p))
+        ids.append(throughput.machine_id("cpu"))
+    assert ids[0].startswith(throughput.device_name("cpu")) and "L2 2048K, L3 491520K" in ids[0]
+    assert ids[0] != ids[1] and "L3 107520K" in ids[1]
+
+
 def test_mfu_divides_by_the_peak_of_all_devices(tiny_config):
     tokens_per_second = 1e6
     model_flops = flops_per_token(tiny_config) * tokens_per_second

@@ -89,10 +89,11 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
     if opts.llmc:
         result |= bench_llmc(opts.llmc, opts.warmup + opts.steps, runs, rows, step_flop, peak, log)
     if opts.compile:
-        result["compiled"], beside = bench_compiled(opts, plan, batches, autocast, rows, step_flop, peak, runs, log)
-        if beside:  # what a run that compiles gets against the plain (eager) reference, timed in turns with it
-            result["eager_reference_beside_compiled"] = beside
-            result["compiled_step_time_ratio"] = result["compiled"]["gptrain"]["step_s"] / beside["step_s"]
+        result["compiled"], result["eager_beside_compiled"] = bench_compiled(opts, plan, batches, autocast, rows,
+                                                                            step_flop, peak, log)
+        if "reference" in runs:  # what a run that compiles gets against the plain (eager) reference, in turns
+            result["compiled_step_time_ratio"] = (result["compiled"]["gptrain"]["step_s"]
+                                                  / result["eager_beside_compiled"]["reference"]["step_s"])
     return result
 
 
@@ -115,26 +116,25 @@ def summarize(medians: dict[str, float], rows: int, step_flop: float, peak: floa
     return {**medians, "tokens_per_s": rows / step_s, "flops_per_s": flops, "mfu": flops / peak if peak else None}
 
 
-def bench_compiled(opts: BenchOptions, plan, batches, autocast, rows: int, step_flop: float, peak, eager_runs: dict,
-                   log) -> tuple[dict, dict | None]:
-    """Both models again under torch.compile: the first step (compile included) apart, then medians.
-    With the reference compared, the eager reference runs in turns with them (the machine's speed drifts
-    between phases: that ratio is taken within one), its summary returned second."""
-    log("compiling (the first step of each model includes its compile time)")
+def bench_compiled(opts: BenchOptions, plan, batches, autocast, rows: int, step_flop: float, peak,
+                   log) -> tuple[dict, dict]:
+    """The models again under torch.compile, in turns with eager twins from the same weights (the machine's
+    speed drifts between phases: compile's saving is taken within one). The first step (compile included)
+    apart, then medians. Returns the compiled runs and their eager twins' runs, both by model name."""
+    log("compiling (the first step of each model includes its compile time; eager twins run in turns)")
     torch.manual_seed(0)
-    is_compared = opts.compare == "reference"
-    pair = build_pair(GPT(opts.model).to(opts.device), opts.device, plan, autocast, with_reference=is_compared,
-                      compile_backend=opts.compile_backend, with_eager_reference=is_compared)
+    pair = build_pair(GPT(opts.model).to(opts.device), opts.device, plan, autocast,
+                      with_reference=opts.compare == "reference", compile_backend=opts.compile_backend, with_eager=True)
     run_alternating(pair, batches, 1 + opts.warmup + opts.steps)
     synchronize(opts.device)
-    beside = pair.pop("reference_eager", None)
-    beside = summarize(beside.medians(1 + opts.warmup), rows, step_flop, peak) if beside else None
+    eager = {name.removesuffix("_eager"): summarize(pair.pop(name).medians(1 + opts.warmup), rows, step_flop, peak)
+             for name in [name for name in pair if name.endswith("_eager")]}
     out = {}
     for name, timed in pair.items():
         first_s = timed.times[0][-1]
         summary = summarize(timed.medians(1 + opts.warmup), rows, step_flop, peak)
         compile_s = max(0.0, first_s - summary["step_s"])
-        saving_s = eager_runs[name]["step_s"] - summary["step_s"]
+        saving_s = eager[name]["step_s"] - summary["step_s"]
         all_seconds = sum(t[-1] for t in timed.times)  # every step this model ran, the compiling one included
         out[name] = {**summary, "compile_s": compile_s, "first_step_s": first_s,
                      "tokens_per_s_with_compile": rows * len(timed.times) / all_seconds,
@@ -142,8 +142,8 @@ def bench_compiled(opts: BenchOptions, plan, batches, autocast, rows: int, step_
     ours = out["gptrain"]
     if opts.compile_backend == "inductor":  # the training's rule is about inductor
         record_compile_times(compile_key(opts.model, opts.batch_size, opts.device), compile_seconds=ours["compile_s"],
-                             eager_step_seconds=eager_runs["gptrain"]["step_s"], compiled_step_seconds=ours["step_s"])
-    return out, beside
+                             eager_step_seconds=eager["gptrain"]["step_s"], compiled_step_seconds=ours["step_s"])
+    return out, eager
 
 
 def title(cfg: ModelConfig, opts: BenchOptions) -> str:

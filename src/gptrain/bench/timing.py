@@ -10,6 +10,7 @@ that load on the machine hits both alike. Each phase is timed separately (median
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -102,30 +103,29 @@ def reference_adamw(model: nn.Module, optim: OptimConfig, device: str) -> torch.
 
 
 def build_pair(model: GPT, device: str, plan: LinearPlan, autocast, *, with_reference: bool,
-               compile_backend: str = "", with_eager_reference: bool = False) -> dict[str, Timed]:
+               compile_backend: str = "", with_eager: bool = False) -> dict[str, Timed]:
     """gptrain's model (its plan applied; compiled with compile_backend if given) and, if asked, the
-    reference beside it (compiled too: nanoGPT's --compile=True), and with_eager_reference the plain
-    eager reference as a third ("reference_eager"), to time a compiled gptrain against it in turns."""
+    reference beside it (compiled too: nanoGPT's --compile=True). with_eager: eager twins of both from
+    the same weights as well ("gptrain_eager", "reference_eager"), to time the compiled ones against."""
     optim = OptimConfig()
     set_linear_plan(model, plan)
     if device == "cpu":  # what a one-process eager CPU run does (fast_paths.resolve_embedding_grad); compiled: dense
         model.embedding_grad = "in_place"
-    ours = Timed(step=lambda x, y: [])
-    step_model = compile_model(model, compile_backend, device) if compile_backend else model
-    ours.step = gptrain_step(step_model, build_optimizer(model, optim, lr=LR), device, autocast, ours)
-    pair = {"gptrain": ours}
+    models = {"gptrain": model}
     if with_reference:
-        ref = reference_like(model)
-        if compile_backend:
-            ref = torch.compile(ref, backend=compile_backend)
-        theirs = Timed(step=lambda x, y: [])
-        theirs.step = reference_step(ref, reference_adamw(ref, optim, device), device, autocast, theirs)
-        pair["reference"] = theirs
-    if with_eager_reference:
-        eager = reference_like(model)
-        plain = Timed(step=lambda x, y: [])
-        plain.step = reference_step(eager, reference_adamw(eager, optim, device), device, autocast, plain)
-        pair["reference_eager"] = plain
+        models["reference"] = reference_like(model)
+    if with_eager:
+        models |= {f"{name}_eager": copy.deepcopy(m) for name, m in models.items()}
+    pair = {}
+    for name, m in models.items():
+        timed = pair[name] = Timed(step=lambda x, y: [])
+        is_compiled = compile_backend and not name.endswith("_eager")
+        if name.startswith("gptrain"):
+            step_model = compile_model(m, compile_backend, device) if is_compiled else m
+            timed.step = gptrain_step(step_model, build_optimizer(m, optim, lr=LR), device, autocast, timed)
+        else:
+            step_model = torch.compile(m, backend=compile_backend) if is_compiled else m
+            timed.step = reference_step(step_model, reference_adamw(m, optim, device), device, autocast, timed)
     return pair
 
 

@@ -93,7 +93,7 @@ def peak_flops(device: str, dtype: str = "fp32") -> tuple[float, str]:
     spec = spec_peak(name, table_dtype) if device.startswith("cuda") else None
     if spec is not None:
         return spec, "spec"
-    return probe_peak(device, name, table_dtype), "probe"
+    return probe_peak(device, machine_id(device), table_dtype), "probe"
 
 
 def spec_peak(name: str, dtype: str) -> float | None:
@@ -115,6 +115,39 @@ def device_name(device: str) -> str:
     if device == "cpu":
         return f"cpu: {_cpu_model()}"
     return device
+
+
+def machine_id(device: str) -> str:
+    """device_name, and on the CPU what tells apart machines that report the same model (VMs often show a
+    generic "Intel(R) Xeon(R) Processor"): CPUID family/model, L2 and L3 sizes, the widest vector ISA.
+    Keys the speed caches, whose measurements are only valid on the machine that made them."""
+    name = device_name(device)
+    if device != "cpu":
+        return name
+    return f"{name} ({_cpu_details()})"
+
+
+def _cpu_details() -> str:
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    isa = next((name for name in ("amx_tile", "avx512f", "avx2", "asimd") if name in flags), "")
+    caches = []
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, size = ((index / name).read_text().strip() for name in ("level", "size"))
+        except OSError:
+            continue
+        if level in ("2", "3"):
+            caches.append(f"L{level} {size}")
+    cpuid = f"family {fields['cpu family']} model {fields.get('model', '?')}" if "cpu family" in fields else ""
+    return ", ".join(part for part in (cpuid, *caches, isa) if part) or platform.machine()
 
 
 def _cpu_model() -> str:

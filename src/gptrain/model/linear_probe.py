@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from gptrain.metrics.throughput import device_name, read_cache, write_cache
+from gptrain.metrics.throughput import machine_id, read_cache, write_cache
 from gptrain.model import cpu_linear
 from gptrain.model.chunked_loss import CHUNKED_MIN_CPU_LOGITS
 from gptrain.model.cpu_linear import KERNELS, PASSES, LinearPlan
@@ -50,7 +50,7 @@ def linear_shapes(cfg: ModelConfig, rows: int) -> list[tuple[int, int, int]]:
 
 def cache_key(cfg: ModelConfig, rows: int) -> str:
     shapes = ";".join(f"{k}x{n}" for k, n, _ in linear_shapes(cfg, rows))
-    return (f"{device_name('cpu')} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+    return (f"{machine_id('cpu')} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
             f"rows {rows} | bias {cfg.bias} | {shapes}")
 
 

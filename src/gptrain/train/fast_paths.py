@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 
 from gptrain.errors import UserError
-from gptrain.metrics.throughput import device_name, read_cache, write_cache
+from gptrain.metrics.throughput import machine_id, read_cache, write_cache
 from gptrain.model.cpu_linear import LinearPlan, default_plan, set_linear_plan
 from gptrain.model.gpt import ModelConfig
 from gptrain.model.linear_probe import choose_linear_plan, speed_cache_dir
@@ -43,7 +43,7 @@ COMPILE_VERSION = "compile v2"  # v2: CPU inductor with the C++ wrapper and the 
 
 
 def machine_key(device: str) -> str:
-    return f"{device_name(device)} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    return f"{machine_id(device)} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
 def legacy_choices(device: str) -> dict:
