@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from gptrain import Checkpoint, resolve_config, train
+from gptrain.errors import UserError
 
 HELLASWAG = Path(__file__).parent.parent / "fixtures" / "hellaswag_fixture.jsonl"
 
@@ -92,6 +93,29 @@ def test_resume_n_then_n_equals_2n_bitwise(tmp_path, corpus_dir):
     # The resumed launch wrote its machine row, and the report card was made from the run directory alone.
     assert [r["machine"]["torch"] for r in _rows(cut, "event") if "machine" in r] == [torch.__version__]
     assert "| steps | 40 |" in (cut / "report.md").read_text() and (cut / "loss.png").is_file()
+
+
+def test_a_run_stores_its_vocab_padding_resolved_and_a_resume_keeps_an_older_padded_one(tmp_path, corpus_dir):
+    quiet = dict(steps=4, **{"checkpoint.every_steps": 2, "samples.every_steps": 0, "eval.every_steps": 2})
+    train(resolve_config(None, tiny_values(tmp_path, corpus_dir, **quiet), environ={}), log=lambda *_: None)
+    assert "vocab_multiple = 1\n" in (tmp_path / "run" / "config.toml").read_text()  # auto: a char vocab unpadded
+    # A run from before auto padding (64: its char vocabulary padded to 64 rows), cut at step 2, resumed
+    # with today's defaults: it keeps its rows and finishes; asking for other rows is refused.
+    old = tiny_values(tmp_path, corpus_dir, **quiet, run_dir=str(tmp_path / "old"), **{"model.vocab_multiple": 64})
+    train(resolve_config(None, old, environ={}), log=lambda *_: None)
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "old" / "config.toml", cut / "config.toml")
+    shutil.copytree(tmp_path / "old" / "checkpoints" / "step_000002", cut / "checkpoints" / "step_000002")
+    now = {k: v for k, v in old.items() if k != "model.vocab_multiple"} | {"run_dir": str(cut)}
+    from gptrain.config import from_toml_text
+
+    assert from_toml_text((cut / "config.toml").read_text()).model.vocab_size < 64  # so 64 rows are padded
+    with pytest.raises(UserError, match="its embedding has 64 rows"):
+        train(resolve_config(None, now | {"model.vocab_multiple": 1}, environ={}), resume=cut, log=lambda *_: None)
+    train(resolve_config(None, now, environ={}), resume=cut, log=lambda *_: None)
+    rows = load_file(str(cut / "checkpoints" / "final" / "model.safetensors"))["transformer.wte.weight"].shape[0]
+    assert rows == 64 and "vocab_multiple = 64\n" in (cut / "config.toml").read_text()
 
 
 def test_run_dir_exists_is_refused_unless_overwrite(tmp_path, corpus_dir):

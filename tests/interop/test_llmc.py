@@ -32,7 +32,8 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak. Caf\u00e9 
 
 
 def make_checkpoint(tmp_path, tokenizer, *, bias: bool = True, name: str = "ckpt"):
-    cfg = ModelConfig(n_embd=32, n_layer=2, n_head=2, block_size=16, vocab_size=tokenizer.vocab_size, bias=bias)
+    cfg = ModelConfig(n_embd=32, n_layer=2, n_head=2, block_size=16, vocab_size=tokenizer.vocab_size, bias=bias,
+                      vocab_multiple=64)  # padded rows, which llm.c's export replaces with its own
     model = GPT(cfg)
     with torch.no_grad():  # biases and layernorms away from their init, so a swapped tensor would show
         for p_name, p in model.named_parameters():
@@ -73,6 +74,9 @@ def test_round_trip_gives_the_same_tensors_and_logits(tmp_path, dtype):
     assert got.keys() - {"lm_head.weight"} == expected.keys()
     assert back.model.lm_head.weight is back.model.transformer.wte.weight
     for name, tensor in expected.items():
+        if name == "transformer.wte.weight":  # the import pads to its own rows (auto: here none): the real ones
+            assert got[name].shape[0] == back.model.config.padded_vocab_size and not got[name][V:].any()
+            got[name], tensor = got[name][:V], tensor[:V]
         assert torch.equal(got[name], tensor), name
     if dtype == "fp32":
         assert not torch.equal(got["transformer.h.0.ln_1.bias"], torch.zeros(32))

@@ -112,8 +112,10 @@ def test_a_save_before_any_update_leaves_the_optimizer_untouched(tiny_config):
 
 def test_a_resume_keeps_the_vocabulary_padding_it_was_trained_with():
     default = RunConfig()
-    padded = replace(default, model=replace(default.model, vocab_multiple=64))  # a run from before auto padding
+    padded = replace(default, model=replace(default.model, vocab_size=65, vocab_multiple=64))  # before auto padding
     assert check_resume_config(default, to_toml(padded), is_main=True).model.vocab_multiple == 64
+    same_rows = replace(default, model=replace(default.model, vocab_multiple=128))  # 65 -> 128 rows either way
+    assert check_resume_config(same_rows, to_toml(padded), is_main=True).model.vocab_multiple == 64
     other = replace(default, model=replace(default.model, vocab_multiple=8))
-    with pytest.raises(UserError, match="model.vocab_multiple is 64, not 8"):
+    with pytest.raises(UserError, match="its embedding has 128 rows .65 tokens, model.vocab_multiple 64., not 72"):
         check_resume_config(other, to_toml(padded), is_main=True)

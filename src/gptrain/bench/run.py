@@ -6,9 +6,10 @@ machine measures for large matrices now, MFU against the device's peak, and two 
   step_time_ratio        gptrain's step time / the reference's (lower is faster);
   matmul_limit_fraction  step FLOP / (gptrain's step time x the measured matmul rate): how close the
                          step comes to doing nothing but large matmuls.
---compile also times both models under torch.compile, with and without the compile time, and
-records the measurement for the training's compile rule (train/fast_paths.py); with --compare it adds
-compiled_step_time_ratio, gptrain compiled / the plain (eager) reference.
+--compile also times both models under torch.compile, with and without the compile time, in turns
+with eager twins of both (the machine's speed drifts between phases), and records the measurement
+for the training's compile rule (train/fast_paths.py); with --compare it adds
+compiled_step_time_ratio, gptrain compiled / the plain (eager) reference timed in turns with it.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
     if "reference" in runs:
         result["step_time_ratio"] = runs["gptrain"]["step_s"] / runs["reference"]["step_s"]
         result["steps_per_s_ratio"] = 1 / result["step_time_ratio"]
+    del pair  # the eager models' memory back before the compiled phase builds four more (GPT-2 124M: 2 GB each)
     if opts.llmc:
         result |= bench_llmc(opts.llmc, opts.warmup + opts.steps, runs, rows, step_flop, peak, log)
     if opts.compile:

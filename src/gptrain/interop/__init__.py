@@ -32,6 +32,7 @@ def write_model_folder(out: Path, model_cfg: ModelConfig, weights: dict[str, tor
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists and is not empty: choose another --out")
     model_cfg = replace(model_cfg, vocab_size=tokenizer.vocab_size)
+    model_cfg = replace(model_cfg, vocab_multiple=model_cfg.resolved_vocab_multiple)  # stored resolved, as runs are
     model = GPT(model_cfg)
     load_model_weights(model, pad_vocab(weights, model_cfg), out)
     tied = {"lm_head.weight"} if model_cfg.tie_weights else set()

@@ -175,6 +175,7 @@ class _GeluBySigmoid(torch.autograd.Function):
         return x * s
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> Tensor:
         x, s = ctx.saved_tensors
         return grad * (s + x * s * (1 - s) * (_GELU_2C + 3 * _GELU_2CA * x * x))  # d/dx of x * sigmoid(z(x))

@@ -39,7 +39,8 @@ from gptrain.train.compile_probe import PROBE_MIN_BUDGET_S, PROBE_MIN_MICRO_BATC
 
 COMPILE_CACHE_FILE_NAME = "compile_times.json"
 COMPILE_PAYBACK = 2.0  # the projected saving must exceed this many compile times
-COMPILE_VERSION = "compile v2"  # v2: CPU inductor with the C++ wrapper and the sigmoid-form GELU
+# v2: CPU inductor with the C++ wrapper and the sigmoid-form GELU; v3: that GELU's backward from its saved sigmoid
+COMPILE_VERSION = "compile v3"
 
 
 def machine_key(device: str) -> str:

@@ -26,15 +26,21 @@ from gptrain.train.setup import Run
 RESUME_FIXED = ("seed", "data.source", "data.val_source", "data.text_field", "data.val_fraction", "data.val_tokens",
                 "data.shard_tokens", "data.split_seed", "tokenizer.kind", "tokenizer.vocab_size",
                 "tokenizer.max_train_chars", "model.n_embd", "model.n_layer", "model.n_head", "model.block_size",
-                "model.bias", "model.tie_weights", "model.vocab_multiple")
+                "model.bias", "model.tie_weights")
 
 
 def check_resume_config(cfg: RunConfig, saved_toml: str, is_main: bool) -> RunConfig:
     """Before any data is prepared: refuse a resume whose flags change what the checkpoint was trained on.
-    Returns cfg with the checkpoint's vocabulary padding where cfg leaves it to auto (model.vocab_multiple=0)."""
+    Returns cfg with the checkpoint's model.vocab_multiple (its embedding rows are part of the weights)."""
     saved_cfg = from_toml_text(saved_toml)
-    if cfg.model.vocab_multiple == 0:
-        cfg = replace(cfg, model=replace(cfg.model, vocab_multiple=saved_cfg.model.vocab_multiple))
+    saved_model = saved_cfg.model
+    asked = replace(cfg.model, vocab_size=saved_model.vocab_size)
+    if cfg.model.vocab_multiple and asked.padded_vocab_size != saved_model.padded_vocab_size:
+        raise UserError(f"--resume continues the run as it was trained: its embedding has "
+                        f"{saved_model.padded_vocab_size} rows ({saved_model.vocab_size} tokens, model.vocab_multiple "
+                        f"{saved_model.vocab_multiple}), not {asked.padded_vocab_size}; drop --model.vocab_multiple",
+                        is_echo=not is_main)
+    cfg = replace(cfg, model=replace(cfg.model, vocab_multiple=saved_model.vocab_multiple))
     saved, now = _flat(to_dict(saved_cfg)), _flat(to_dict(cfg))
     for key in RESUME_FIXED:
         if key in saved and saved[key] != now.get(key):

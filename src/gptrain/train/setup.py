@@ -135,7 +135,7 @@ def create_run_dir(run: Run, *, should_overwrite: bool) -> None:
     save_tokenizer(run.tokenizer, run.run_dir / "tokenizer.json")
 
 
-SHAPE_KEYS = ("n_embd", "n_layer", "n_head", "bias", "tie_weights")
+SHAPE_KEYS = ("n_embd", "n_layer", "n_head", "bias", "tie_weights", "vocab_multiple")
 
 
 def _describe(tok: TokenizerConfig) -> str:
