@@ -18,6 +18,8 @@ from gptrain.errors import UserError
 from gptrain.model.chunked_loss import chunked_linear_cross_entropy, default_chunk_rows, should_chunk
 from gptrain.model.cpu_linear import Linear
 
+AUTO_VOCAB_MULTIPLE = 64  # model.vocab_multiple=0 pads to this where it adds at most 1/16 of the rows
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -51,7 +53,7 @@ class ModelConfig:
     def resolved_vocab_multiple(self) -> int:
         """vocab_multiple, with auto (0) decided for this vocab_size: padding a small vocabulary to 64 would
         add more head work than the aligned matmul saves (char level, 65 -> 128 rows: the 4-layer width-128
-        step 3% slower on 2 Xeon cores, compiled, alternating A/B; 65 -> 72 1.5% slower)."""
+        step 3% slower on 2 Xeon cores, compiled, alternating A/B; 65 -> 72 1.1-1.4% slower)."""
         if self.vocab_multiple:
             return self.vocab_multiple
         added = -self.vocab_size % AUTO_VOCAB_MULTIPLE
@@ -62,8 +64,6 @@ class ModelConfig:
         m = self.resolved_vocab_multiple
         return (self.vocab_size + m - 1) // m * m
 
-
-AUTO_VOCAB_MULTIPLE = 64
 
 
 def count_parameters(cfg: ModelConfig, *, non_embedding: bool = False) -> int:
@@ -166,7 +166,7 @@ def gelu_tanh_by_sigmoid(x: Tensor) -> Tensor:
 class _GeluBySigmoid(torch.autograd.Function):
     """x * sigmoid(z), z = 2u, with the backward computed from the saved sigmoid: no second exp and
     division per element (4 layers, width 128, B=12, T=64 compiled on 2 Xeon cores: the step 3%
-    faster, alternating A/B over 300 steps, twice). One more activation-sized tensor kept per MLP."""
+    faster, alternating A/B over 300 steps, twice). The partitioner may keep one more activation per MLP."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
