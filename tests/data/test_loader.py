@@ -15,6 +15,8 @@ def test_targets_are_inputs_shifted(shard_dir):
     x, y = loader.next_batch()
     assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
+    # Contiguous, like the compile probe's tokens: a compiled model is specialised on strides.
+    assert x.is_contiguous() and y.is_contiguous()
 
 
 def test_epoch_visits_each_window_once(shard_dir):

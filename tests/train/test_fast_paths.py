@@ -68,13 +68,26 @@ def test_a_long_unmeasured_run_probes_compile_once_and_a_short_one_does_not(tmp_
 
     is_on, why = fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 999, probe=probe)
     assert not is_on and "short run" in why and not probes
-    assert not fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 0, budget_seconds=299, probe=probe)[0]
-    assert not probes
+    assert not fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 0, budget_seconds=1199, probe=probe)[0]
+    assert not probes  # a 10-minute budget (the default job's) is not worth a cold compile to measure
     is_on, why = fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 1000, probe=probe)
     assert is_on and "measured now" in why and probes == [1]  # faster, and the compile is already paid
     is_on, why = fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 600, probe=probe)
     assert not is_on and "measured before" in why and probes == [1]  # recorded: 0.015 s x 600 = 9 s < 2 x 5 s
     assert fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 700, probe=probe)[0]  # 10.5 s > 10 s
+    other = fast_paths.compile_key(CFG, 8, "cpu")
+    is_on, why = fast_paths.resolve_compile("auto", {}, "inductor", "cpu", other, 0, budget_seconds=1200, probe=probe)
+    assert is_on and "measured now" in why and probes == [1, 1]
+
+
+def test_a_run_in_steps_that_times_short_eager_is_not_measured_compiled(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTRAIN_SPEED_CACHE", str(tmp_path))
+    monkeypatch.setattr(fast_paths, "has_cpp_compiler", lambda: True)
+    key = fast_paths.compile_key(CFG, 4, "cpu")
+    is_on, why = fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 3000,
+                                            probe=lambda: {"eager_step_seconds": 0.2})  # 3,000 x 0.2 s: 10 min
+    assert not is_on and "about 10.0 min eager" in why
+    assert not (tmp_path / fast_paths.COMPILE_CACHE_FILE_NAME).exists()  # nothing recorded: it was not measured
 
 
 def test_a_failing_probe_leaves_the_run_eager_and_records_nothing(tmp_path, monkeypatch):
@@ -93,7 +106,7 @@ def test_a_failing_probe_leaves_the_run_eager_and_records_nothing(tmp_path, monk
 def test_a_dry_run_never_probes_compile(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTRAIN_SPEED_CACHE", str(tmp_path))
     monkeypatch.setattr(fast_paths, "has_cpp_compiler", lambda: True)
-    monkeypatch.setattr(fast_paths, "probe_compile", lambda *args: pytest.fail("a dry run measured compile"))
+    monkeypatch.setattr(fast_paths, "probe_compile", lambda *args, **kwargs: pytest.fail("a dry run measured compile"))
     run = SimpleNamespace(cfg=resolve_config(None, {"train.cpu_linear": "aten", "steps": 10**5}, environ={}),
                           env=SimpleNamespace(device="cpu", on_main=lambda fn: fn()),
                           plan=SimpleNamespace(num_steps=10**5, num_micro_steps=1, strategy="none"),
@@ -117,6 +130,10 @@ def test_compile_probe_times_both_models_and_leaves_the_rng_alone():
     assert len(compiled) == 1
     assert record["eager_step_seconds"] > 0 and record["compiled_step_seconds"] > 0 and record["compile_seconds"] >= 0
     assert fast_paths.compile_pays(record, 10)[1].startswith("auto: ")
+    # A run in steps whose eager passes project it under PROBE_MIN_RUN_S is timed eager only.
+    short = probe_compile(CFG, 2, LinearPlan(), lambda model: pytest.fail("compiled for a short run"),
+                          num_micro_batches=1000)
+    assert set(short) == {"eager_step_seconds"} and short["eager_step_seconds"] * 1000 < compile_probe.PROBE_MIN_RUN_S
 
 
 def test_without_a_cpp_compiler_the_cpu_runs_eager_or_says_why_it_cannot_compile(monkeypatch):
@@ -193,7 +210,7 @@ def test_a_long_cpu_run_probes_compile_after_the_malloc_tuning_and_logs_the_choi
     monkeypatch.setattr(fast_paths, "has_cpp_compiler", lambda: True)
     events = []
     monkeypatch.setattr(setup, "tune_malloc", lambda: events.append("tune_malloc"))
-    monkeypatch.setattr(fast_paths, "probe_compile", lambda *args: events.append("probe") or {
+    monkeypatch.setattr(fast_paths, "probe_compile", lambda *args, **kwargs: events.append("probe") or {
         "compile_seconds": 1.0, "eager_step_seconds": 0.02, "compiled_step_seconds": 0.03})  # compiling is slower
     monkeypatch.setattr(compile_probe, "PROBE_MIN_MICRO_BATCHES", 12)  # 12 steps count as a long run here
     values = _values(tmp_path, corpus_dir, "long", **{"train.compile": "auto"})

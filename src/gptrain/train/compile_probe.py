@@ -2,10 +2,15 @@
 
 Run once per shape and machine when a CPU run with train.compile=auto is long enough for compiling to
 matter and nothing was measured yet (by an earlier probe or `gptrain bench --compile`): a fresh model
-of the run's shape, eager and then compiled, a few forward/backward passes each on random tokens. The
-optimizer step is left out (the same in both). The CPU RNG is restored after, so the run's weights
-and data order are what they would have been without the probe. The compile time recorded is this
-first one's (a cold inductor cache makes it several times a warm one's), so the rule leans to eager.
+of the run's shape, eager and then compiled, forward/backward passes on random tokens. The optimizer
+step is left out (the same in both). The CPU RNG is restored after, so the run's weights and data
+order are what they would have been without the probe. The compile time recorded is this first one's
+(a cold inductor cache makes it several times a warm one's), so the rule leans to eager.
+
+Long enough means a run of PROBE_MIN_RUN_S or more: the cold compile the measurement pays (45-50 s
+for 4 layers on a slow 2-core Xeon VM) is then a few percent of the run, while compiling saves 0-5% a
+step at the default job's shape and about 20% at nanoGPT's baby shape there. A run given in steps is
+timed eager first (a few passes) to project its length.
 """
 
 from __future__ import annotations
@@ -18,29 +23,36 @@ import torch
 from gptrain.model.cpu_linear import LinearPlan, set_linear_plan
 from gptrain.model.gpt import GPT, ModelConfig
 
-PROBE_MIN_MICRO_BATCHES = 1000  # shorter runs stay eager without probing: compiling rarely pays there
-PROBE_MIN_BUDGET_S = 300.0  # the same for --budget runs
+PROBE_MIN_MICRO_BATCHES = 1000  # runs of fewer micro batches stay eager without measuring anything
+PROBE_MIN_RUN_S = 1200.0  # and so do runs (a budget, or projected from eager passes) shorter than this
 PROBE_STEPS = 4  # timed forward/backward passes of each model (after one untimed)
 
 
 def is_worth_probing(num_micro_batches: int, budget_seconds: float | None) -> bool:
+    """Whether a run may be long enough to measure compile for (a run in steps is then timed eager)."""
     if budget_seconds is not None:
-        return budget_seconds >= PROBE_MIN_BUDGET_S
+        return budget_seconds >= PROBE_MIN_RUN_S
     return num_micro_batches >= PROBE_MIN_MICRO_BATCHES
 
 
-def _median_pass_seconds(model, x: torch.Tensor, y: torch.Tensor, count: int) -> float:
-    seconds = []
-    for _ in range(count):
-        started = time.perf_counter()
-        model(x, y).backward()
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
+def _pass_seconds(model, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One forward/backward as a training step runs it (the gradients then dropped, as the step does)."""
+    started = time.perf_counter()
+    model(x, y).backward()
+    seconds = time.perf_counter() - started
+    for p in model.parameters():
+        p.grad = None
+    return seconds
 
 
-def probe_compile(cfg: ModelConfig, batch_size: int, plan: LinearPlan, compile_fn) -> dict:
+def probe_compile(cfg: ModelConfig, batch_size: int, plan: LinearPlan, compile_fn,
+                  num_micro_batches: int | None = None) -> dict:
     """Seconds per micro batch eager and compiled, and the compile seconds (the first compiled pass's
-    excess over the others): the record compile_pays() judges. compile_fn(model) compiles as training does."""
+    excess over the others): the record compile_pays() judges. compile_fn(model) compiles as training
+    does. The timed eager and compiled passes alternate, so the machine's drift (several percent over a
+    minute on a shared VM) enters both alike. num_micro_batches (a run in steps): when that many eager
+    passes would take under PROBE_MIN_RUN_S, it stops before compiling and the record holds only
+    eager_step_seconds."""
     with torch.random.fork_rng(devices=[]):  # the CPU generator only: nothing else is touched
         torch.default_generator.manual_seed(0)
         model = GPT(cfg)
@@ -48,11 +60,18 @@ def probe_compile(cfg: ModelConfig, batch_size: int, plan: LinearPlan, compile_f
         # As a one-process eager run sums it (a compiled model ignores it); multi-rank runs, which sum it
         # densely, reuse this record too, with an eager time a few percent faster than theirs.
         model.embedding_grad = "in_place"
+        # Contiguous (B, T) int64 tokens, as the loader gives them: the compiled graph is the run's.
         x, y = (torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size)) for _ in range(2))
-        _median_pass_seconds(model, x, y, 1)  # first-touch allocations, the linear kernels' setup
-        eager_s = _median_pass_seconds(model, x, y, PROBE_STEPS)
+        _pass_seconds(model, x, y)  # first-touch allocations, the linear kernels' setup
+        eager_s = statistics.median(_pass_seconds(model, x, y) for _ in range(PROBE_STEPS))
+        if num_micro_batches is not None and eager_s * num_micro_batches < PROBE_MIN_RUN_S:
+            return {"eager_step_seconds": eager_s}
         compiled = compile_fn(model)
-        first_s = _median_pass_seconds(compiled, x, y, 1)
-        compiled_s = _median_pass_seconds(compiled, x, y, PROBE_STEPS)
-    return {"compile_seconds": max(0.0, first_s - compiled_s), "eager_step_seconds": eager_s,
+        first_s = _pass_seconds(compiled, x, y)
+        eager, timed = [], []
+        for _ in range(PROBE_STEPS):
+            eager.append(_pass_seconds(model, x, y))
+            timed.append(_pass_seconds(compiled, x, y))
+    compiled_s = statistics.median(timed)
+    return {"compile_seconds": max(0.0, first_s - compiled_s), "eager_step_seconds": statistics.median(eager),
             "compiled_step_seconds": compiled_s}

@@ -13,8 +13,8 @@ The compile rule on the CPU (where inductor generates C++ and the first step wai
 when the projected saving, (eager - compiled micro-batch time) x the run's micro batches, exceeds
 twice the compile time, both taken from a measurement of this shape on this machine: one recorded by
 `gptrain bench --compile` or an earlier run, else the compile probe measures it now (train/
-compile_probe.py) if the run is long enough for that to matter (and that run, having paid the compile,
-compiles if the compiled steps were faster); a short unmeasured run stays eager.
+compile_probe.py) if the run is long enough for that to matter, 20 minutes or more (and that run, having
+paid the compile, compiles if the compiled steps were faster); a shorter unmeasured run stays eager.
 On CUDA auto compiles.
 
 The embedding gradient: a one-process eager CPU run adds the token embedding's rows straight into the
@@ -35,7 +35,7 @@ from gptrain.model.cpu_linear import LinearPlan, default_plan, set_linear_plan
 from gptrain.model.gpt import ModelConfig
 from gptrain.model.linear_probe import choose_linear_plan, speed_cache_dir
 from gptrain.train.budget import parse_duration
-from gptrain.train.compile_probe import PROBE_MIN_BUDGET_S, PROBE_MIN_MICRO_BATCHES, is_worth_probing, probe_compile
+from gptrain.train.compile_probe import PROBE_MIN_MICRO_BATCHES, PROBE_MIN_RUN_S, is_worth_probing, probe_compile
 
 COMPILE_CACHE_FILE_NAME = "compile_times.json"
 COMPILE_PAYBACK = 2.0  # the projected saving must exceed this many compile times
@@ -91,14 +91,18 @@ def resolve_compile(setting: str, saved: dict, backend: str, device: str, key: s
         return compile_pays(record, num_micro_batches, budget_seconds, "measured before")
     if probe is None:
         return False, "auto: off, no measurement for this shape here (`gptrain bench --compile` makes one)"
+    short = f"auto: off, a short run (under {PROBE_MIN_RUN_S / 60:g} min"
     if not is_worth_probing(num_micro_batches, budget_seconds):
-        return False, (f"auto: off, a short run (under {PROBE_MIN_MICRO_BATCHES} micro batches or a "
-                       f"{PROBE_MIN_BUDGET_S / 60:g} min budget) with no measurement for this shape here")
+        return False, (f"{short} or {PROBE_MIN_MICRO_BATCHES} micro batches) with no measurement for this "
+                       "shape here")
     try:
         record = probe()
     except Exception as e:  # a toolchain inductor cannot use after all: run eager, and try again next time
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         return False, f"auto: off, compiling failed while measuring it ({type(e).__name__}: {first_line})"
+    if "compiled_step_seconds" not in record:  # timed eager only: too short to pay for measuring compile
+        minutes = record["eager_step_seconds"] * num_micro_batches / 60
+        return False, f"{short}: about {minutes:.1f} min eager) with no measurement for this shape here"
     record_compile_times(key, **record)
     # This run paid the compile while measuring it (its step model reuses the cached code): it compiles
     # if the compiled steps were faster at all. Later runs weigh the recorded compile time.
@@ -181,14 +185,16 @@ def apply_fast_paths(run, saved: dict | None, log=lambda line: None, can_probe: 
         key = compile_key(cfg.model, cfg.train.batch_size, env.device)
         backend = cfg.train.compile_backend
 
+        num_micro_batches = run.plan.num_steps * run.plan.num_micro_steps
+
         def probe() -> dict:
-            log("measuring torch.compile for this shape (once per shape and machine)")
+            log("measuring whether torch.compile pays for this shape (once per shape and machine)")
             return probe_compile(cfg.model, cfg.train.batch_size, plan,
-                                 lambda model: compile_model(model, backend, env.device))
+                                 lambda model: compile_model(model, backend, env.device),
+                                 num_micro_batches=None if budget_seconds is not None else num_micro_batches)
 
         is_compiled, compile_why = resolve_compile(cfg.train.compile, saved or {}, backend, env.device, key,
-                                                   run.plan.num_steps * run.plan.num_micro_steps, budget_seconds,
-                                                   probe if can_probe else None)
+                                                   num_micro_batches, budget_seconds, probe if can_probe else None)
         embedding_grad = resolve_embedding_grad(saved or {}, env.device, run.plan.strategy, is_compiled)
         return {"cpu_linear": plan.to_text(), "cpu_linear_why": linear_why, "compile": "on" if is_compiled else "off",
                 "compile_why": compile_why, "embedding_grad": embedding_grad, "machine": machine_key(env.device)}
