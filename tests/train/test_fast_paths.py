@@ -70,6 +70,11 @@ def test_a_long_unmeasured_run_probes_compile_once_and_a_short_one_does_not(tmp_
     assert not is_on and "short run" in why and not probes
     assert not fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 0, budget_seconds=1199, probe=probe)[0]
     assert not probes  # a 10-minute budget (the default job's) is not worth a cold compile to measure
+    twelve_layers = compile_probe.min_run_seconds(ModelConfig(n_layer=12))  # its cold compile takes 3x as long
+    assert twelve_layers == 3 * compile_probe.min_run_seconds(ModelConfig(n_layer=4)) == 3600
+    is_on, why = fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 0, budget_seconds=3000, probe=probe,
+                                            min_run_s=twelve_layers)
+    assert not is_on and "under 60 min" in why and not probes
     is_on, why = fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 1000, probe=probe)
     assert is_on and "measured now" in why and probes == [1]  # faster, and the compile is already paid
     is_on, why = fast_paths.resolve_compile("auto", {}, "inductor", "cpu", key, 600, probe=probe)
@@ -133,7 +138,8 @@ def test_compile_probe_times_both_models_and_leaves_the_rng_alone():
     # A run in steps whose eager passes project it under PROBE_MIN_RUN_S is timed eager only.
     short = probe_compile(CFG, 2, LinearPlan(), lambda model: pytest.fail("compiled for a short run"),
                           num_micro_batches=1000)
-    assert set(short) == {"eager_step_seconds"} and short["eager_step_seconds"] * 1000 < compile_probe.PROBE_MIN_RUN_S
+    assert set(short) == {"eager_step_seconds"}
+    assert short["eager_step_seconds"] * 1000 < compile_probe.min_run_seconds(CFG)
 
 
 def test_without_a_cpp_compiler_the_cpu_runs_eager_or_says_why_it_cannot_compile(monkeypatch):

@@ -7,10 +7,11 @@ step is left out (the same in both). The CPU RNG is restored after, so the run's
 order are what they would have been without the probe. The compile time recorded is this first one's
 (a cold inductor cache makes it several times a warm one's), so the rule leans to eager.
 
-Long enough means a run of PROBE_MIN_RUN_S or more: the cold compile the measurement pays (45-50 s
-for 4 layers on a slow 2-core Xeon VM) is then a few percent of the run, while compiling saves 0-5% a
-step at the default job's shape and about 20% at nanoGPT's baby shape there. A run given in steps is
-timed eager first (a few passes) to project its length.
+Long enough means a run of PROBE_MIN_RUN_S_PER_LAYER x n_layer or more (20 min for 4 layers, an hour
+for GPT-2 124M's 12): the cold compile the measurement pays grows with the layers (45-50 s for 4 on a
+slow 2-core Xeon VM) and is then a few percent of the run, while compiling saves 0-5% a step at the
+default job's shape and about 20% at nanoGPT's baby shape there. A run given in steps is timed eager
+first (a few passes) to project its length.
 """
 
 from __future__ import annotations
@@ -24,14 +25,20 @@ from gptrain.model.cpu_linear import LinearPlan, set_linear_plan
 from gptrain.model.gpt import GPT, ModelConfig
 
 PROBE_MIN_MICRO_BATCHES = 1000  # runs of fewer micro batches stay eager without measuring anything
-PROBE_MIN_RUN_S = 1200.0  # and so do runs (a budget, or projected from eager passes) shorter than this
+PROBE_MIN_RUN_S_PER_LAYER = 300.0  # and so do runs (a budget, or projected from eager passes) shorter than
+# this times the layers
 PROBE_STEPS = 4  # timed forward/backward passes of each model (after one untimed)
 
 
-def is_worth_probing(num_micro_batches: int, budget_seconds: float | None) -> bool:
+def min_run_seconds(cfg: ModelConfig) -> float:
+    """The shortest run that measures compile for this shape."""
+    return PROBE_MIN_RUN_S_PER_LAYER * cfg.n_layer
+
+
+def is_worth_probing(num_micro_batches: int, budget_seconds: float | None, min_run_s: float) -> bool:
     """Whether a run may be long enough to measure compile for (a run in steps is then timed eager)."""
     if budget_seconds is not None:
-        return budget_seconds >= PROBE_MIN_RUN_S
+        return budget_seconds >= min_run_s
     return num_micro_batches >= PROBE_MIN_MICRO_BATCHES
 
 
@@ -51,7 +58,7 @@ def probe_compile(cfg: ModelConfig, batch_size: int, plan: LinearPlan, compile_f
     excess over the others): the record compile_pays() judges. compile_fn(model) compiles as training
     does. The timed eager and compiled passes alternate, so the machine's drift (several percent over a
     minute on a shared VM) enters both alike. num_micro_batches (a run in steps): when that many eager
-    passes would take under PROBE_MIN_RUN_S, it stops before compiling and the record holds only
+    passes would take under min_run_seconds(cfg), it stops before compiling and the record holds only
     eager_step_seconds."""
     with torch.random.fork_rng(devices=[]):  # the CPU generator only: nothing else is touched
         torch.default_generator.manual_seed(0)
@@ -64,7 +71,7 @@ def probe_compile(cfg: ModelConfig, batch_size: int, plan: LinearPlan, compile_f
         x, y = (torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size)) for _ in range(2))
         _pass_seconds(model, x, y)  # first-touch allocations, the linear kernels' setup
         eager_s = statistics.median(_pass_seconds(model, x, y) for _ in range(PROBE_STEPS))
-        if num_micro_batches is not None and eager_s * num_micro_batches < PROBE_MIN_RUN_S:
+        if num_micro_batches is not None and eager_s * num_micro_batches < min_run_seconds(cfg):
             return {"eager_step_seconds": eager_s}
         compiled = compile_fn(model)
         first_s = _pass_seconds(compiled, x, y)

@@ -13,8 +13,9 @@ The compile rule on the CPU (where inductor generates C++ and the first step wai
 when the projected saving, (eager - compiled micro-batch time) x the run's micro batches, exceeds
 twice the compile time, both taken from a measurement of this shape on this machine: one recorded by
 `gptrain bench --compile` or an earlier run, else the compile probe measures it now (train/
-compile_probe.py) if the run is long enough for that to matter, 20 minutes or more (and that run, having
-paid the compile, compiles if the compiled steps were faster); a shorter unmeasured run stays eager.
+compile_probe.py) if the run is long enough for that to matter, 5 minutes per layer or more (and that
+run, having paid the compile, compiles if the compiled steps were faster); a shorter unmeasured run
+stays eager.
 On CUDA auto compiles.
 
 The embedding gradient: a one-process eager CPU run adds the token embedding's rows straight into the
@@ -35,7 +36,7 @@ from gptrain.model.cpu_linear import LinearPlan, default_plan, set_linear_plan
 from gptrain.model.gpt import ModelConfig
 from gptrain.model.linear_probe import choose_linear_plan, speed_cache_dir
 from gptrain.train.budget import parse_duration
-from gptrain.train.compile_probe import PROBE_MIN_MICRO_BATCHES, PROBE_MIN_RUN_S, is_worth_probing, probe_compile
+from gptrain.train.compile_probe import PROBE_MIN_MICRO_BATCHES, is_worth_probing, min_run_seconds, probe_compile
 
 COMPILE_CACHE_FILE_NAME = "compile_times.json"
 COMPILE_PAYBACK = 2.0  # the projected saving must exceed this many compile times
@@ -69,8 +70,10 @@ def resolve_linear(setting: str, saved: dict, cfg: ModelConfig, rows: int, devic
 
 
 def resolve_compile(setting: str, saved: dict, backend: str, device: str, key: str, num_micro_batches: int,
-                    budget_seconds: float | None = None, probe: Callable[[], dict] | None = None) -> tuple[bool, str]:
-    """Whether to torch.compile the step model, and why. probe() measures compile when nothing was recorded."""
+                    budget_seconds: float | None = None, probe: Callable[[], dict] | None = None,
+                    min_run_s: float = 1200.0) -> tuple[bool, str]:
+    """Whether to torch.compile the step model, and why. probe() measures compile when nothing was recorded
+    and the run is at least min_run_s long (compile_probe.min_run_seconds of its shape)."""
     if setting == "off":
         return False, "set"
     if device == "cpu" and backend == "inductor" and not has_cpp_compiler():
@@ -91,8 +94,8 @@ def resolve_compile(setting: str, saved: dict, backend: str, device: str, key: s
         return compile_pays(record, num_micro_batches, budget_seconds, "measured before")
     if probe is None:
         return False, "auto: off, no measurement for this shape here (`gptrain bench --compile` makes one)"
-    short = f"auto: off, a short run (under {PROBE_MIN_RUN_S / 60:g} min"
-    if not is_worth_probing(num_micro_batches, budget_seconds):
+    short = f"auto: off, a short run (under {min_run_s / 60:g} min"
+    if not is_worth_probing(num_micro_batches, budget_seconds, min_run_s):
         return False, (f"{short} or {PROBE_MIN_MICRO_BATCHES} micro batches) with no measurement for this "
                        "shape here")
     try:
@@ -194,7 +197,8 @@ def apply_fast_paths(run, saved: dict | None, log=lambda line: None, can_probe: 
                                  num_micro_batches=None if budget_seconds is not None else num_micro_batches)
 
         is_compiled, compile_why = resolve_compile(cfg.train.compile, saved or {}, backend, env.device, key,
-                                                   num_micro_batches, budget_seconds, probe if can_probe else None)
+                                                   num_micro_batches, budget_seconds, probe if can_probe else None,
+                                                   min_run_seconds(cfg.model))
         embedding_grad = resolve_embedding_grad(saved or {}, env.device, run.plan.strategy, is_compiled)
         return {"cpu_linear": plan.to_text(), "cpu_linear_why": linear_why, "compile": "on" if is_compiled else "off",
                 "compile_why": compile_why, "embedding_grad": embedding_grad, "machine": machine_key(env.device)}
