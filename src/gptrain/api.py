@@ -75,7 +75,10 @@ class Checkpoint:
         return int(self.state.get("train", {}).get("step", 0))
 
     def _autocast(self):
-        return autocast_context(str(self.device), self.config.train.precision)
+        """The run's precision on a GPU; fp32 on the CPU, where bf16 (emulated on many CPUs) is opt-in for
+        training only: a checkpoint scores and samples the same there whatever it was trained in."""
+        precision = "fp32" if str(self.device) == "cpu" else self.config.train.precision
+        return autocast_context(str(self.device), precision)
 
     def evaluate(self, data: str | None = None, split: str = "val", batch_size: int | None = None,
                  show_progress: bool | None = False, log=print) -> dict[str, float]:

@@ -36,7 +36,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--no-bias", dest="bias", action="store_false", help="linear layers and norms without biases")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32, or bf16 autocast (CUDA)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32, or bf16 autocast (CUDA; the CPU, fast there with AMX or AVX-512 BF16)")
     p.add_argument("--steps", type=int, default=6, help="timed steps per model (default 6)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default 2)")
     p.add_argument("--compare", choices=["reference"], help="also time the plain PyTorch GPT-2 (nanoGPT's step)")

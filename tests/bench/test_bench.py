@@ -38,6 +38,16 @@ def test_bench_compares_with_the_reference_and_writes_json_and_png(tmp_path, cap
     assert "step_time_ratio" in printed and "matmul_limit_fraction" in printed
 
 
+def test_bench_times_bf16_autocast_on_the_cpu(tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", *TINY, "--compare", "reference", "--steps", "2", "--warmup", "1", "--dtype", "bf16",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["dtype"] == "bf16" and "bf16" in result["title"]
+    # Both models under the same autocast, from the same weights: their first losses agree within bf16 rounding.
+    assert result["first_step_loss"]["gptrain"] == pytest.approx(result["first_step_loss"]["reference"], rel=2e-2)
+
+
 def test_reference_is_gptrains_math():
     import torch
 
@@ -90,7 +100,7 @@ def test_a_missing_llmc_binary_is_refused_before_any_timing(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [(["--steps", "0"], "--steps >= 1"), (["--threads", "-1"], "--threads"),
-                                            (["--dtype", "bf16"], "needs a CUDA GPU"),
+                                            (["--dtype", "fp16"], "invalid choice"),
                                             (["--heads", "5"], "not divisible")])
 def test_bad_bench_flags_are_one_line_errors(flags, message, capsys):
     assert main(["bench", *TINY[:-2], *flags]) == 2

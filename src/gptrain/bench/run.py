@@ -32,7 +32,7 @@ class BenchOptions:
     model: ModelConfig  # block_size is the context benchmarked
     batch_size: int = 4
     device: str = "cpu"
-    dtype: str = "fp32"  # fp32, or bf16 autocast (CUDA)
+    dtype: str = "fp32"  # fp32, or bf16 autocast (CUDA; the CPU, fast there with AMX or AVX-512 BF16)
     steps: int = 6  # timed steps per model
     warmup: int = 2  # steps per model before timing
     compare: str = ""  # "reference": time the plain PyTorch GPT-2 too
@@ -46,8 +46,8 @@ class BenchOptions:
             raise UserError("bench needs --steps >= 1, --warmup >= 0 and --batch-size >= 1")
         if self.compare not in ("", "reference"):
             raise UserError(f"--compare takes 'reference' (got {self.compare!r})")
-        if self.dtype == "bf16" and not self.device.startswith("cuda"):
-            raise UserError("bench --dtype bf16 needs a CUDA GPU; CPU paths are measured in fp32")
+        if self.dtype == "bf16" and not (self.device.startswith("cuda") or self.device == "cpu"):
+            raise UserError(f"bench --dtype bf16 needs a CUDA GPU or the CPU (not {self.device})")
         if self.compile and self.device == "cpu" and self.compile_backend == "inductor" and not has_cpp_compiler():
             raise UserError("bench --compile needs a C++ compiler for inductor on the CPU: install g++")
 
@@ -58,7 +58,7 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
     if device.startswith("cuda"):  # as training does (train.use_tf32): fp32 matmuls on TF32 tensor cores
         torch.set_float32_matmul_precision("high")
     rows = opts.batch_size * cfg.block_size
-    plan, plan_why = resolve_linear(opts.cpu_linear, {}, cfg, rows, device)
+    plan, plan_why = resolve_linear(opts.cpu_linear, {}, cfg, rows, device, is_autocast=opts.dtype == "bf16")
     log(f"linear kernels: {plan.to_text()} ({plan_why})")
     batches = make_batches(cfg.vocab_size, opts.batch_size, cfg.block_size, device)
     autocast = autocast_for(device, opts.dtype)
@@ -143,8 +143,9 @@ def bench_compiled(opts: BenchOptions, plan, batches, autocast, rows: int, step_
                      "break_even_steps": math.ceil(compile_s / saving_s) if saving_s > 0 else None}
     ours = out["gptrain"]
     if opts.compile_backend == "inductor":  # the training's rule is about inductor
-        record_compile_times(compile_key(opts.model, opts.batch_size, opts.device), compile_seconds=ours["compile_s"],
-                             eager_step_seconds=eager["gptrain"]["step_s"], compiled_step_seconds=ours["step_s"])
+        key = compile_key(opts.model, opts.batch_size, opts.device, opts.dtype)
+        record_compile_times(key, compile_seconds=ours["compile_s"], eager_step_seconds=eager["gptrain"]["step_s"],
+                             compiled_step_seconds=ours["step_s"])
     return out, eager
 
 

@@ -108,6 +108,8 @@ def training_section(record: RunRecord) -> list[str]:
         rows.append(["batch", f"{fmt_int(layout.get('batch_tokens'))} tokens per step (micro batch "
                               f"{layout.get('micro_batch')} x {layout.get('num_micro_steps')} accumulation steps, "
                               f"{layout.get('strategy')} on {layout.get('world_size')} rank(s))"])
+        if layout.get("precision"):
+            rows.append(["precision", "bf16 autocast (fp32 weights)" if layout["precision"] == "bf16" else "fp32"])
     rows.append(["wall time", f"{fmt_duration(record.wall_seconds)} over {record.num_launches} launch(es)"])
     if record.step_seconds is not None:
         rows.append(["time in steps", fmt_duration(record.step_seconds)])
@@ -115,7 +117,8 @@ def training_section(record: RunRecord) -> list[str]:
     rows.append(["throughput", f"{tps:,.0f} tokens/s (median of train rows)" if tps is not None else "-"])
     if record.mfu is not None:
         basis = next((r.get("mfu_basis") for r in reversed(record.train_rows) if r.get("mfu_basis")), None)
-        rows.append(["MFU", fmt_pct(record.mfu) + (f" (peak: {basis})" if basis else "")])
+        of = f" of the {layout['precision']} peak" if layout and layout.get("precision") else ""
+        rows.append(["MFU", fmt_pct(record.mfu) + (f" (peak: {basis}{of})" if basis else "")])
     return ["## Training", "", *table(["item", "value"], rows)]
 
 

@@ -16,6 +16,7 @@ first (a few passes) to project its length.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -42,10 +43,12 @@ def is_worth_probing(num_micro_batches: int, budget_seconds: float | None, min_r
     return num_micro_batches >= PROBE_MIN_MICRO_BATCHES
 
 
-def _pass_seconds(model, x: torch.Tensor, y: torch.Tensor) -> float:
+def _pass_seconds(model, x: torch.Tensor, y: torch.Tensor, is_bf16: bool = False) -> float:
     """One forward/backward as a training step runs it (the gradients then dropped, as the step does)."""
     started = time.perf_counter()
-    model(x, y).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16) if is_bf16 else contextlib.nullcontext():
+        loss = model(x, y)
+    loss.backward()
     seconds = time.perf_counter() - started
     for p in model.parameters():
         p.grad = None
@@ -53,13 +56,13 @@ def _pass_seconds(model, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def probe_compile(cfg: ModelConfig, batch_size: int, plan: LinearPlan, compile_fn,
-                  num_micro_batches: int | None = None) -> dict:
+                  num_micro_batches: int | None = None, is_bf16: bool = False) -> dict:
     """Seconds per micro batch eager and compiled, and the compile seconds (the first compiled pass's
     excess over the others): the record compile_pays() judges. compile_fn(model) compiles as training
     does. The timed eager and compiled passes alternate, so the machine's drift (several percent over a
     minute on a shared VM) enters both alike. num_micro_batches (a run in steps): when that many eager
     passes would take under min_run_seconds(cfg), it stops before compiling and the record holds only
-    eager_step_seconds."""
+    eager_step_seconds. is_bf16: every pass under CPU bf16 autocast, as such a run trains."""
     with torch.random.fork_rng(devices=[]):  # the CPU generator only: nothing else is touched
         torch.default_generator.manual_seed(0)
         model = GPT(cfg)
@@ -69,16 +72,16 @@ def probe_compile(cfg: ModelConfig, batch_size: int, plan: LinearPlan, compile_f
         model.embedding_grad = "in_place"
         # Contiguous (B, T) int64 tokens, as the loader gives them: the compiled graph is the run's.
         x, y = (torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size)) for _ in range(2))
-        _pass_seconds(model, x, y)  # first-touch allocations, the linear kernels' setup
-        eager_s = statistics.median(_pass_seconds(model, x, y) for _ in range(PROBE_STEPS))
+        _pass_seconds(model, x, y, is_bf16)  # first-touch allocations, the linear kernels' setup
+        eager_s = statistics.median(_pass_seconds(model, x, y, is_bf16) for _ in range(PROBE_STEPS))
         if num_micro_batches is not None and eager_s * num_micro_batches < min_run_seconds(cfg):
             return {"eager_step_seconds": eager_s}
         compiled = compile_fn(model)
-        first_s = _pass_seconds(compiled, x, y)
+        first_s = _pass_seconds(compiled, x, y, is_bf16)
         eager, timed = [], []
         for _ in range(PROBE_STEPS):
-            eager.append(_pass_seconds(model, x, y))
-            timed.append(_pass_seconds(compiled, x, y))
+            eager.append(_pass_seconds(model, x, y, is_bf16))
+            timed.append(_pass_seconds(compiled, x, y, is_bf16))
     compiled_s = statistics.median(timed)
     return {"compile_seconds": max(0.0, first_s - compiled_s), "eager_step_seconds": statistics.median(eager),
             "compiled_step_seconds": compiled_s}

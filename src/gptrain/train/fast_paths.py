@@ -37,6 +37,7 @@ from gptrain.model.gpt import ModelConfig
 from gptrain.model.linear_probe import choose_linear_plan, speed_cache_dir
 from gptrain.train.budget import parse_duration
 from gptrain.train.compile_probe import PROBE_MIN_MICRO_BATCHES, is_worth_probing, min_run_seconds, probe_compile
+from gptrain.train.step import has_fast_cpu_bf16, uses_bf16
 
 COMPILE_CACHE_FILE_NAME = "compile_times.json"
 COMPILE_PAYBACK = 2.0  # the projected saving must exceed this many compile times
@@ -55,14 +56,18 @@ def legacy_choices(device: str) -> dict:
             "machine": machine_key(device)}
 
 
-def resolve_linear(setting: str, saved: dict, cfg: ModelConfig, rows: int, device: str) -> tuple[LinearPlan, str]:
-    """The linear plan and where it came from: the setting, the checkpoint, or the probe (or its cache)."""
+def resolve_linear(setting: str, saved: dict, cfg: ModelConfig, rows: int, device: str,
+                   is_autocast: bool = False) -> tuple[LinearPlan, str]:
+    """The linear plan and where it came from: the setting, the checkpoint, or the probe (or its cache).
+    is_autocast: a bf16 CPU run, whose linears are F.linear under autocast (fp32 sampling would use a plan)."""
     if setting != "auto":
         return LinearPlan.parse(setting, name="train.cpu_linear"), "set"
     if saved.get("cpu_linear"):
         return LinearPlan.parse(saved["cpu_linear"]), "kept from the checkpoint"
     if device != "cpu":
         return LinearPlan(), f"{device}: F.linear"
+    if is_autocast:
+        return LinearPlan(), "bf16 autocast: F.linear"
     if default_plan().is_all_aten:
         return LinearPlan(), "no oneDNN here (or GPTRAIN_ONEDNN_LINEAR=0)"
     plan, found = choose_linear_plan(cfg, rows)
@@ -135,11 +140,12 @@ def compile_pays(record: dict, num_micro_batches: int, budget_seconds: float | N
                            f"{COMPILE_PAYBACK:g} x {record['compile_seconds']:.0f}s compile ({source})")
 
 
-def compile_key(cfg: ModelConfig, batch_size: int, device: str) -> str:
-    """The record's key: machine, shape, micro batch and COMPILE_VERSION (what gptrain compiles). One
-    process's measurement: a multi-rank run on this machine uses it too."""
+def compile_key(cfg: ModelConfig, batch_size: int, device: str, dtype: str = "fp32") -> str:
+    """The record's key: machine, shape, micro batch, dtype (bf16: autocast) and COMPILE_VERSION (what
+    gptrain compiles). One process's measurement: a multi-rank run on this machine uses it too."""
+    precision = " | bf16" if dtype == "bf16" else ""
     return (f"{machine_key(device)} | {COMPILE_VERSION} | {cfg.n_layer}L {cfg.n_embd}w {cfg.n_head}h "
-            f"ctx {cfg.block_size} vocab {cfg.padded_vocab_size} bias {cfg.bias} | batch {batch_size}")
+            f"ctx {cfg.block_size} vocab {cfg.padded_vocab_size} bias {cfg.bias} | batch {batch_size}{precision}")
 
 
 def record_compile_times(key: str, *, compile_seconds: float, eager_step_seconds: float,
@@ -177,31 +183,37 @@ def apply_fast_paths(run, saved: dict | None, log=lambda line: None, can_probe: 
     can_probe=False: an unmeasured compile stays off instead of being measured (dry runs)."""
     cfg, env = run.cfg, run.env
     budget_seconds = parse_duration(cfg.train.budget) if cfg.train.budget else None
+    is_bf16 = uses_bf16(env.device, cfg.train.precision)
+    precision = "bf16" if is_bf16 else "fp32"
     note = ""
     if saved and saved.get("machine") != machine_key(env.device):
         note = f" (the checkpoint's were made on {saved.get('machine', 'another machine')}: decided again)"
         saved = {}
+    if saved and saved.get("precision", precision) != precision:  # older checkpoints: as they ran
+        note, saved = f" (the checkpoint's were made for {saved['precision']}: decided again)", {}
 
     def decide() -> dict:
         rows = cfg.train.batch_size * cfg.model.block_size
-        plan, linear_why = resolve_linear(cfg.train.cpu_linear, saved or {}, cfg.model, rows, env.device)
-        key = compile_key(cfg.model, cfg.train.batch_size, env.device)
+        plan, linear_why = resolve_linear(cfg.train.cpu_linear, saved or {}, cfg.model, rows, env.device,
+                                          is_autocast=is_bf16)
+        key = compile_key(cfg.model, cfg.train.batch_size, env.device, precision)
         backend = cfg.train.compile_backend
-
         num_micro_batches = run.plan.num_steps * run.plan.num_micro_steps
 
         def probe() -> dict:
             log("measuring whether torch.compile pays for this shape (once per shape and machine)")
             return probe_compile(cfg.model, cfg.train.batch_size, plan,
                                  lambda model: compile_model(model, backend, env.device),
-                                 num_micro_batches=None if budget_seconds is not None else num_micro_batches)
+                                 num_micro_batches=None if budget_seconds is not None else num_micro_batches,
+                                 is_bf16=is_bf16)
 
         is_compiled, compile_why = resolve_compile(cfg.train.compile, saved or {}, backend, env.device, key,
                                                    num_micro_batches, budget_seconds, probe if can_probe else None,
                                                    min_run_seconds(cfg.model))
         embedding_grad = resolve_embedding_grad(saved or {}, env.device, run.plan.strategy, is_compiled)
         return {"cpu_linear": plan.to_text(), "cpu_linear_why": linear_why, "compile": "on" if is_compiled else "off",
-                "compile_why": compile_why, "embedding_grad": embedding_grad, "machine": machine_key(env.device)}
+                "compile_why": compile_why, "embedding_grad": embedding_grad, "machine": machine_key(env.device),
+                "precision": precision}
 
     chosen = env.on_main(decide)
     run.state.fast_paths = chosen
@@ -211,4 +223,18 @@ def apply_fast_paths(run, saved: dict | None, log=lambda line: None, can_probe: 
         run.step_model = compile_model(run.step_model, cfg.train.compile_backend, env.device)
     return (f"fast paths: cpu linear {chosen['cpu_linear']} ({chosen['cpu_linear_why']}); "
             f"compile {chosen['compile']} ({chosen['compile_why']}); "
-            f"embedding grad {chosen.get('embedding_grad', 'dense')}{note}")
+            f"embedding grad {chosen.get('embedding_grad', 'dense')}{note}"
+            f"{cpu_precision_hint(env.device, cfg.train.precision)}")
+
+
+def cpu_precision_hint(device: str, precision: str) -> str:
+    """A word on bf16 for a CPU run: that this CPU has fast bf16 (when the run left precision to auto),
+    or that it emulates it (when the run asked for bf16)."""
+    if device != "cpu" or precision == "fp32":
+        return ""
+    is_native = has_fast_cpu_bf16()
+    if precision == "auto" and is_native:
+        return "; this CPU multiplies bf16 natively: --train.precision=bf16 (mixed precision) trains 1.1-1.9x faster"
+    if precision == "bf16" and not is_native:
+        return "; bf16 is emulated on this CPU (no AMX or AVX-512 BF16): expect it slower than fp32"
+    return ""

@@ -11,6 +11,7 @@ from gptrain.metrics.machine import describe_machine
 from gptrain.metrics.report import write_report
 from gptrain.metrics.sinks import CsvSink, JsonlSink, MetricSink, SamplesSink
 from gptrain.train.setup import Run
+from gptrain.train.step import uses_bf16
 
 
 def emit(run: Run, row: dict) -> None:
@@ -59,9 +60,11 @@ def log_layout(run: Run) -> None:
     length = f"a budget of {cfg.train.budget} (steps planned once timed)" if is_unplanned else f"{plan.num_steps} steps"
     layout = dict(strategy=plan.strategy, world_size=plan.world_size, micro_batch=cfg.train.batch_size,
                   num_micro_steps=plan.num_micro_steps, batch_tokens=plan.tokens_per_step,
-                  num_parameters=run.model.num_parameters(), dataset=run.train_loader.fingerprint, val_set=run.val_set)
+                  num_parameters=run.model.num_parameters(), dataset=run.train_loader.fingerprint, val_set=run.val_set,
+                  precision="bf16" if uses_bf16(run.env.device, cfg.train.precision) else "fp32")
     emit(run, {"kind": "event", **layout, "message": (
-        f"run {run.run_dir} | {run.model.num_parameters():,} parameters | device {run.env.device} | "
+        f"run {run.run_dir} | {run.model.num_parameters():,} parameters | device {run.env.device} "
+        f"{layout['precision']} | "
         f"{plan.strategy} on {plan.world_size} rank(s) | micro batch {cfg.train.batch_size} x "
         f"{plan.num_micro_steps} accumulation steps | {length} of {plan.tokens_per_step:,} tokens | "
         f"{run.train_loader.num_tokens:,} train tokens")})

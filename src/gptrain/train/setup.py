@@ -295,7 +295,9 @@ def _build_on(dataset: Path, cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_
     if cfg.train.use_activation_checkpointing:
         parallel.apply_activation_checkpointing(model.transformer.h)
     is_bf16 = uses_bf16(env.device, cfg.train.precision)
-    wrapped = parallel.wrap_model(model, plan.strategy, cfg.parallel, env, use_bf16=is_bf16)
+    # FSDP's bf16 parameter casts on CUDA only: on the CPU bf16 is autocast over fp32 weights, as in one process
+    wrapped = parallel.wrap_model(model, plan.strategy, cfg.parallel, env,
+                                  use_bf16=is_bf16 and env.device.startswith("cuda"))
     optimizer = build_optimizer(model, cfg.optim, lr_at(0, plan.num_steps, cfg.schedule),
                                 shard_state=plan.strategy == "zero1")
     run = Run(cfg=cfg, env=env, run_dir=run_dir, tokenizer=tokenizer, model=model, step_model=wrapped,
