@@ -3,6 +3,7 @@ fake clock and fake step times: no timed test), refused beside --steps, and kept
 
 from __future__ import annotations
 
+import importlib
 import json
 from types import SimpleNamespace
 
@@ -47,6 +48,25 @@ def test_make_plan_reads_the_run_and_leaves_paused_time_out():
     assert plan["num_steps"] == 10 + int((0.97 * 540 - save) / 0.5)
 
 
+def test_a_run_whose_steps_slow_down_ends_within_five_percent_of_its_budget(monkeypatch):
+    events = []
+    run_log = importlib.import_module("gptrain.train.run_log")  # gptrain.train is also the train() function
+    monkeypatch.setattr(run_log, "emit", lambda run, row: events.append(row))
+    plan = {"num_steps": 1000, "step_seconds": 0.5, "budget_seconds": 600.0, "reserve_seconds": 20.0}
+    run = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(budget="10m")),
+                          state=SimpleNamespace(budget_plan=plan, step=800), plan=SimpleNamespace(num_steps=1000),
+                          env=SimpleNamespace(is_main=True, broadcast_object=lambda obj: obj),
+                          launched_at=1000.0, paused_seconds=30.0, budget_planned_here=True)
+    assert not budget.is_past_deadline(run, now=1000.0 + 30 + 610)  # 610 + 20 s reserve = 630 s: not late yet
+    assert budget.is_past_deadline(run, now=1000.0 + 30 + 611)  # paused time left out
+    run.budget_planned_here = False  # a resumed launch finishes the plan's steps without a deadline
+    assert not budget.is_past_deadline(run, now=1000.0 + 30 + 900)
+    budget.end_at_deadline(run)
+    assert run.plan.num_steps == 800 and run.state.budget_plan["num_steps"] == 800
+    assert run.state.budget_plan["planned_steps"] == 1000  # the lr schedule stays the one planned
+    assert "ending at step 800 of the 1000 planned" in events[0]["message"]
+
+
 def test_budget_beside_steps_is_refused(capsys):
     assert main(["train", "--budget", "10m", "--steps", "100"]) == 2
     assert "--budget sets the run's length itself" in capsys.readouterr().err
@@ -77,6 +97,19 @@ def test_a_budget_run_plans_once_and_a_resume_keeps_the_plan_bitwise(tmp_path, c
     monkeypatch.setattr(budget, "make_plan", lambda run, times: pytest.fail("a resume measured again"))
     train(resolve_config(cut / "config.toml", {}, environ={}), resume=cut, log=lambda *_: None)
     assert have_equal_final_weights(full, cut)
+
+
+def test_a_budget_run_past_its_deadline_ends_complete_at_that_step(tmp_path, corpus_dir, monkeypatch):
+    real = budget.make_plan
+    # Planned for 14 more steps, but as if the final evaluation and save needed all the budget and more.
+    monkeypatch.setattr(budget, "make_plan", lambda run, times: {
+        **real(run, [40.0] * 10, now=run.launched_at + 3000), "reserve_seconds": 3600 * (1 + budget.OVERRUN)})
+    train(resolve_config(None, _values(tmp_path, corpus_dir, "late"), environ={}), log=lambda *_: None)
+    rows = [json.loads(line) for line in (tmp_path / "late" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"][-1] == 10  # ended at the first check after the plan
+    assert any("ending at step 10 of the 24 planned" in r.get("message", "") for r in rows)
+    state = json.loads((tmp_path / "late" / "checkpoints" / "final" / "state.json").read_text())
+    assert state["train"]["step"] == 10 and state["train"]["budget_plan"]["num_steps"] == 10
 
 
 def test_the_shown_pace_leaves_out_a_launch_s_first_step():

@@ -3,7 +3,8 @@ time over its first PROBE_STEPS steps (inside the warmup, whose lr does not depe
 then fixes the number of steps so that the run, its evaluations and its final save end within the
 budget, and plans the schedule over those steps. The plan is kept in TrainState (budget_plan): a
 resume finishes it and never measures again. The clock starts when train() is called (data
-preparation included) and leaves out time spent paused."""
+preparation included) and leaves out time spent paused. Steps that slow down after the plan (a busy
+shared VM) end the run early, complete, rather than more than OVERRUN past the budget."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ PROBE_STEPS = 10  # steps timed before the plan is made (the first SKIP_STEPS ar
 SKIP_STEPS = 2
 PROVISIONAL_STEPS = 10**9  # the plan's length until it is made: only the warmup's lr is used meanwhile
 SAFETY = 0.97  # of the time left, planned; the estimates of evaluation and save time are rough
+OVERRUN = 0.05  # past the budget by this much at most: steps that slow down after the plan end the run early
 SAVE_BYTES_PER_SECOND = 200e6
 UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 
@@ -50,7 +52,19 @@ def make_plan(run, step_seconds: list[float], now: float | None = None) -> dict:
     num_steps = planned_steps(budget, elapsed, measured, run.state.step, cfg.eval.every_steps, eval_seconds,
                               save_seconds)
     return {"num_steps": num_steps, "step_seconds": measured, "measured_steps": len(step_seconds),
-            "elapsed_seconds": elapsed, "budget_seconds": budget}
+            "elapsed_seconds": elapsed, "budget_seconds": budget, "reserve_seconds": eval_seconds + save_seconds}
+
+
+def is_past_deadline(run, now: float | None = None) -> bool:
+    """Whether a budget run planned in this launch must end now to stay within budget x (1 + OVERRUN),
+    its final evaluation and save included: its steps have run slower than planned (a shared VM's
+    neighbours got busy). Rank 0's clock decides; every rank gets its answer."""
+    plan = run.state.budget_plan
+    if not (run.cfg.train.budget and plan and run.budget_planned_here):
+        return False
+    elapsed = (time.monotonic() if now is None else now) - run.launched_at - run.paused_seconds
+    is_late = elapsed + plan.get("reserve_seconds", 0.0) > plan["budget_seconds"] * (1 + OVERRUN)
+    return bool(run.env.broadcast_object(is_late if run.env.is_main else None))
 
 
 def maybe_plan(run, step_seconds: list[float]) -> None:
@@ -61,6 +75,7 @@ def maybe_plan(run, step_seconds: list[float]) -> None:
         return
     budget_plan = run.env.broadcast_object(make_plan(run, step_seconds) if run.env.is_main else None)
     run.state.budget_plan, run.plan.num_steps = budget_plan, budget_plan["num_steps"]
+    run.budget_planned_here = True  # a resume finishes the plan's steps without a deadline of its own
     run.state.schedule_steps = budget_plan["num_steps"]
     note = ""
     if budget_plan["num_steps"] <= run.cfg.schedule.num_warmup_steps:
@@ -70,3 +85,16 @@ def maybe_plan(run, step_seconds: list[float]) -> None:
         f"budget {run.cfg.train.budget}: {budget_plan['step_seconds']:.3f}s per step measured over the first "
         f"{budget_plan['measured_steps']} steps, {budget_plan['elapsed_seconds']:.0f}s used: planned "
         f"{budget_plan['num_steps']} steps{note}")})
+
+
+def end_at_deadline(run) -> None:
+    """End the run at this step (its final evaluation and save follow), and say why: the plan keeps
+    the steps it had planned, its num_steps becomes the steps done, so the run is complete."""
+    from gptrain.train.run_log import emit
+
+    plan, step = run.state.budget_plan, run.state.step
+    run.state.budget_plan = {**plan, "num_steps": step, "planned_steps": plan["num_steps"]}
+    run.plan.num_steps = step
+    emit(run, {"kind": "event", "message": (
+        f"budget {run.cfg.train.budget}: ending at step {step} of the {plan['num_steps']} planned, to stay within "
+        f"{OVERRUN:.0%} of it (the steps ran slower than the {plan['step_seconds']:.3f}s measured)")})

@@ -24,7 +24,7 @@ from gptrain.metrics.system import SystemSampler
 from gptrain.metrics.throughput import estimate_mfu, peak_flops
 from gptrain.tokenizer import load_tokenizer
 from gptrain.train import checkpoint as ckpt
-from gptrain.train.budget import PROVISIONAL_STEPS, maybe_plan
+from gptrain.train.budget import PROVISIONAL_STEPS, end_at_deadline, is_past_deadline, maybe_plan
 from gptrain.train.control import PAUSE_POLL_SECONDS, ControlReader, TrainerLock
 from gptrain.train.fast_paths import legacy_choices
 from gptrain.train.recovery import note_bad_step, recovery_factor
@@ -304,6 +304,9 @@ def _loop(run: Run) -> dict:
             steer(run)
             run.paused_seconds += time.monotonic() - paused_from
         if state.step == plan.num_steps:
+            break
+        if state.step % cfg.train.log_every_steps == 0 and is_past_deadline(run):
+            end_at_deadline(run)
             break
         is_early_stop, is_stopping = after_step(run, result.should_stop or run.should_stop)
         if is_stopping:

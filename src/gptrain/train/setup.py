@@ -87,6 +87,7 @@ class Run:
     is_paused: bool = False
     launched_at: float = 0.0  # time.monotonic() when train() began: a --budget counts from there
     paused_seconds: float = 0.0  # spent paused (left out of the budget)
+    budget_planned_here: bool = False  # this launch planned the --budget run's steps (and keeps its deadline)
     is_save_requested: bool = False  # a save command: checkpoint at this step boundary
 
 
