@@ -99,6 +99,23 @@ def test_a_budget_run_plans_once_and_a_resume_keeps_the_plan_bitwise(tmp_path, c
     assert have_equal_final_weights(full, cut)
 
 
+def test_a_budget_run_plans_again_once_its_warmup_is_done(tmp_path, corpus_dir, monkeypatch):
+    real, calls = budget.make_plan, []
+
+    def fake_plan(run, times):  # 40 s steps at the first plan (step 10), 20 s over the warmup's 12
+        calls.append(run.state.step)
+        return real(run, [40.0 if len(calls) == 1 else 20.0] * len(times), now=run.launched_at + 3000)
+
+    monkeypatch.setattr(budget, "make_plan", fake_plan)
+    values = {**_values(tmp_path, corpus_dir, "again"), "schedule.num_warmup_steps": 12}
+    train(resolve_config(None, values, environ={}), log=lambda *_: None)
+    rows = [json.loads(line) for line in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
+    first, second = [r["budget_plan"] for r in rows if "budget_plan" in r]
+    assert calls == [10, 12] and first["num_steps"] == 24 and second["first_num_steps"] == 24
+    assert second["step_seconds"] == 20.0 and second["num_steps"] > 2 * (first["num_steps"] - 10)  # twice the pace
+    assert [r["step"] for r in rows if r["kind"] == "train"][-1] == second["num_steps"]
+
+
 def test_a_budget_run_past_its_deadline_ends_complete_at_that_step(tmp_path, corpus_dir, monkeypatch):
     real = budget.make_plan
     # Planned for 14 more steps, but as if the final evaluation and save needed all the budget and more.

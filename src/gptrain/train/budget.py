@@ -3,8 +3,9 @@ time over its first PROBE_STEPS steps (inside the warmup, whose lr does not depe
 then fixes the number of steps so that the run, its evaluations and its final save end within the
 budget, and plans the schedule over those steps. The plan is kept in TrainState (budget_plan): a
 resume finishes it and never measures again. The clock starts when train() is called (data
-preparation included) and leaves out time spent paused. Steps that slow down after the plan (a busy
-shared VM) end the run early, complete, rather than more than OVERRUN past the budget."""
+preparation included) and leaves out time spent paused. When the warmup is done the run plans once more from all
+its steps so far (maybe_replan). Steps that slow down after the plan (a busy shared VM) end the run
+early, complete, rather than more than OVERRUN past the budget."""
 
 from __future__ import annotations
 
@@ -67,11 +68,41 @@ def is_past_deadline(run, now: float | None = None) -> bool:
     return bool(run.env.broadcast_object(is_late if run.env.is_main else None))
 
 
+def warmup_steps(run, num_steps: int) -> int:
+    from gptrain.train.schedule import resolve_warmup
+
+    return resolve_warmup(run.cfg.schedule, num_steps).num_warmup_steps
+
+
+def maybe_replan(run, step_seconds: list[float]) -> None:
+    """Once, when the warmup's last step is done, in the launch that planned: plan again from all its
+    step times so far (the first 10 of a shared VM's steps can be 5-13% off its pace), if the new length
+    keeps the warmup (auto: 100 steps for any plan of 1000 or more), so every lr used stays the one
+    planned. A resume keeps whichever plan its checkpoint has."""
+    from gptrain.train.run_log import emit
+
+    plan, step = run.state.budget_plan, run.state.step
+    if not (run.cfg.train.budget and plan and run.budget_planned_here) or "first_num_steps" in plan:
+        return
+    warmup = warmup_steps(run, plan["num_steps"])
+    if step != warmup or step <= PROBE_STEPS:
+        return
+    new = run.env.broadcast_object(make_plan(run, step_seconds) if run.env.is_main else None)
+    if new["num_steps"] <= warmup or warmup_steps(run, new["num_steps"]) != warmup:
+        return
+    run.state.budget_plan = {**new, "first_num_steps": plan["num_steps"]}
+    run.plan.num_steps = run.state.schedule_steps = new["num_steps"]
+    emit(run, {"kind": "event", "budget_plan": run.state.budget_plan, "message": (
+        f"budget {run.cfg.train.budget}: {new['step_seconds']:.3f}s per step over the warmup's {step} steps: "
+        f"planned again, {new['num_steps']} steps (first plan {plan['num_steps']})")})
+
+
 def maybe_plan(run, step_seconds: list[float]) -> None:
     """After the probe's last step: fix the run's length (the same on every rank) and log the plan."""
     from gptrain.train.run_log import emit
 
     if not run.cfg.train.budget or run.state.budget_plan is not None or run.state.step < PROBE_STEPS:
+        maybe_replan(run, step_seconds)
         return
     budget_plan = run.env.broadcast_object(make_plan(run, step_seconds) if run.env.is_main else None)
     run.state.budget_plan, run.plan.num_steps = budget_plan, budget_plan["num_steps"]
