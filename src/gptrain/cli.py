@@ -221,6 +221,7 @@ def _recipe(args: argparse.Namespace) -> Path | None:
 
 
 def cmd_train(args: argparse.Namespace, extra: dict[str, str]) -> int:
+    from gptrain.train.budget import process_started_at  # a --budget counts from the process's start
     from gptrain.train.loop import train
 
     cfg = _resolve(args, extra)
@@ -234,8 +235,8 @@ def cmd_train(args: argparse.Namespace, extra: dict[str, str]) -> int:
         dry_run(cfg, log=log)
         return 0
     with dashboard_beside(args, cfg, _rank()) as cfg:
-        summary = train(cfg, resume=args.resume, init_from=args.init_from, should_overwrite=args.overwrite,
-                        should_tune_malloc=True, overrides=_cli_values(args, extra), log=log)
+        summary = train(cfg, resume=args.resume, init_from=args.init_from, should_overwrite=args.overwrite, log=log,
+                        should_tune_malloc=True, overrides=_cli_values(args, extra), started_at=process_started_at())
     if summary["is_stopped"]:
         # Saved and stopped (EXIT_CODES): 0, so a scheduler that sent SIGTERM sees a clean end; 130 for a
         # Ctrl-C typed at a terminal (a shell's `&&` chain stops there), except under torchrun.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -56,15 +57,33 @@ def test_a_run_whose_steps_slow_down_ends_within_five_percent_of_its_budget(monk
     run = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(budget="10m")),
                           state=SimpleNamespace(budget_plan=plan, step=800), plan=SimpleNamespace(num_steps=1000),
                           env=SimpleNamespace(is_main=True, broadcast_object=lambda obj: obj),
-                          launched_at=1000.0, paused_seconds=30.0, budget_planned_here=True)
+                          launched_at=1000.0, paused_seconds=30.0, budget_planned_here=True, longest_tail_seconds=0.0)
     assert not budget.is_past_deadline(run, now=1000.0 + 30 + 610)  # 610 + 20 s reserve = 630 s: not late yet
     assert budget.is_past_deadline(run, now=1000.0 + 30 + 611)  # paused time left out
+    assert budget.is_past_deadline(run, 5.0, now=1000.0 + 30 + 606)  # the next check, 5 s away, would be late
+    run.longest_tail_seconds = 25.0  # an evaluation, sample and save that took longer than the plan's estimate
+    assert budget.is_past_deadline(run, now=1000.0 + 30 + 606)
     run.budget_planned_here = False  # a resumed launch finishes the plan's steps without a deadline
     assert not budget.is_past_deadline(run, now=1000.0 + 30 + 900)
     budget.end_at_deadline(run)
     assert run.plan.num_steps == 800 and run.state.budget_plan["num_steps"] == 800
     assert run.state.budget_plan["planned_steps"] == 1000  # the lr schedule stays the one planned
     assert "ending at step 800 of the 1000 planned" in events[0]["message"]
+
+
+def test_the_clock_starts_at_the_process_start():
+    started = budget.process_started_at()
+    assert started is not None and 0 < time.monotonic() - started < 3600  # pytest started this process
+
+
+def test_gptrain_train_passes_its_process_start_to_train(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(budget, "process_started_at", lambda: 123.0)
+    loop = importlib.import_module("gptrain.train.loop")
+    monkeypatch.setattr(loop, "train", lambda cfg, **kwargs: seen.update(kwargs) or {
+        "is_stopped": False, "is_already_complete": True, "run_dir": "runs/x"})
+    assert main(["train", "--budget", "10m", "--log.live=off", "--log.is_quiet=true"]) == 0
+    assert seen["started_at"] == 123.0
 
 
 def test_budget_beside_steps_is_refused(capsys):

@@ -2,16 +2,19 @@
 time over its first PROBE_STEPS steps (inside the warmup, whose lr does not depend on the step count),
 then fixes the number of steps so that the run, its evaluations and its final save end within the
 budget, and plans the schedule over those steps. The plan is kept in TrainState (budget_plan): a
-resume finishes it and never measures again. The clock starts when train() is called (data
-preparation included) and leaves out time spent paused. When the warmup is done the run plans once more from all
+resume finishes it and never measures again. The clock starts at the process's start under
+`gptrain train` (process_started_at: imports and data preparation included), when train() is called
+from Python, and leaves out time spent paused. When the warmup is done the run plans once more from all
 its steps so far (maybe_replan). Steps that slow down after the plan (a busy shared VM) end the run
 early, complete, rather than more than OVERRUN past the budget."""
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import time
+from pathlib import Path
 
 from gptrain.errors import UserError
 
@@ -30,6 +33,17 @@ def parse_duration(text: str) -> float:
     if not found or float(found.group(1)) <= 0:
         raise UserError(f"train.budget must be a positive time such as 90s, 10m or 1.5h (got {text!r})")
     return float(found.group(1)) * UNITS[found.group(2) or ""]
+
+
+def process_started_at() -> float | None:
+    """time.monotonic() at this process's start (Linux: /proc/self/stat's start time, in clock ticks after
+    boot), or None where that is not known."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return time.monotonic() - age if 0 <= age < 3600 else None
 
 
 def planned_steps(budget_seconds: float, elapsed_seconds: float, step_seconds: float, done_steps: int,
@@ -56,15 +70,18 @@ def make_plan(run, step_seconds: list[float], now: float | None = None) -> dict:
             "elapsed_seconds": elapsed, "budget_seconds": budget, "reserve_seconds": eval_seconds + save_seconds}
 
 
-def is_past_deadline(run, now: float | None = None) -> bool:
+def is_past_deadline(run, lookahead_seconds: float = 0.0, now: float | None = None) -> bool:
     """Whether a budget run planned in this launch must end now to stay within budget x (1 + OVERRUN),
-    its final evaluation and save included: its steps have run slower than planned (a shared VM's
-    neighbours got busy). Rank 0's clock decides; every rank gets its answer."""
+    its final evaluation, sample and save included: its steps have run slower than planned (a shared
+    VM's neighbours got busy). lookahead_seconds: the steps until the next check. The end's cost is the
+    plan's estimate, or the longest evaluation, sample and save this launch has timed if that is more.
+    Rank 0's clock decides; every rank gets its answer."""
     plan = run.state.budget_plan
     if not (run.cfg.train.budget and plan and run.budget_planned_here):
         return False
     elapsed = (time.monotonic() if now is None else now) - run.launched_at - run.paused_seconds
-    is_late = elapsed + plan.get("reserve_seconds", 0.0) > plan["budget_seconds"] * (1 + OVERRUN)
+    reserve = max(plan.get("reserve_seconds", 0.0), run.longest_tail_seconds)
+    is_late = elapsed + lookahead_seconds + reserve > plan["budget_seconds"] * (1 + OVERRUN)
     return bool(run.env.broadcast_object(is_late if run.env.is_main else None))
 
 

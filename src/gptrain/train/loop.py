@@ -104,6 +104,7 @@ def train(
     should_overwrite: bool = False,
     should_tune_malloc: bool = False,
     overrides: dict | None = None,
+    started_at: float | None = None,
     log=print,
 ) -> dict:
     """Train a model as cfg says; returns a summary (run_dir, steps, losses, seconds, last sample).
@@ -115,7 +116,10 @@ def train(
     its stored config and `overrides` (the command line's values) on top; else a new run from cfg.
     init_from: a checkpoint (or run) whose weights, sizes and tokenizer to start from.
     should_tune_malloc: keep freed memory in the heap once the data is ready (see runtime.tune_malloc).
+    started_at: the time.monotonic() a --budget counts from (`gptrain train`: its process's start);
+    None: now.
     """
+    started_at = time.monotonic() if started_at is None else started_at
     is_auto = str(resume) == "auto"
     is_joined = dist.is_initialized()
     env = DistEnv.start(cfg.device, cfg.parallel.timeout_seconds)
@@ -130,7 +134,7 @@ def train(
     elif resume is not None and env.on_main(is_unstarted_run, Path(resume)):  # killed before its first checkpoint
         cfg, resume, should_overwrite = replace(cfg, run_dir=str(resume)), None, True
     explicit = None if overrides is None else {ALIASES.get(k, k) for k in overrides}
-    summary = _train(cfg, env, resume, init_from, should_overwrite, should_tune_malloc, explicit, log)
+    summary = _train(cfg, env, resume, init_from, should_overwrite, should_tune_malloc, explicit, log, started_at)
     # Left only on success: after an error, destroying an NCCL group can block on peers still inside a
     # collective; the process exits instead and torchrun ends the others.
     if not is_joined:
@@ -142,8 +146,7 @@ def train(
 
 
 def _train(cfg: RunConfig, env: DistEnv, resume, init_from, should_overwrite: bool, should_tune_malloc: bool,
-           explicit: set[str] | None, log) -> dict:
-    launched_at = time.monotonic()  # a --budget counts from here: data preparation included
+           explicit: set[str] | None, log, launched_at: float) -> dict:
     if resume is not None:
         cfg = replace(cfg, run_dir=str(resume))
     configure_device(cfg.train, env)
@@ -305,10 +308,13 @@ def _loop(run: Run) -> dict:
             run.paused_seconds += time.monotonic() - paused_from
         if state.step == plan.num_steps:
             break
-        if state.step % cfg.train.log_every_steps == 0 and is_past_deadline(run):
+        until_next_check = cfg.train.log_every_steps * mean_step_seconds
+        if state.step % cfg.train.log_every_steps == 0 and is_past_deadline(run, until_next_check):
             end_at_deadline(run)
             break
+        tail_from = time.monotonic()
         is_early_stop, is_stopping = after_step(run, result.should_stop or run.should_stop)
+        run.longest_tail_seconds = max(run.longest_tail_seconds, time.monotonic() - tail_from)
         if is_stopping:
             emit(run, {"kind": "event", "message": f"stopped at step {state.step} (checkpoint saved); "
                                                    f"continue with: {resume_command(run)}"})

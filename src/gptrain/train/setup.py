@@ -88,6 +88,7 @@ class Run:
     launched_at: float = 0.0  # time.monotonic() when train() began: a --budget counts from there
     paused_seconds: float = 0.0  # spent paused (left out of the budget)
     budget_planned_here: bool = False  # this launch planned the --budget run's steps (and keeps its deadline)
+    longest_tail_seconds: float = 0.0  # this launch's longest evaluation, sample and save after a step
     is_save_requested: bool = False  # a save command: checkpoint at this step boundary
 
 
