@@ -33,18 +33,21 @@ def live_run(tmp_path, corpus_dir, monkeypatch):
                                 "tokenizer.kind": "char", "embd": 16, "layers": 1, "heads": 1, "context": 16,
                                 "batch-size": 4, "steps": 100_000, "eval.every_steps": 25, "samples.every_steps": 50,
                                 "samples.num_tokens": 20, "checkpoint.every_steps": 0, "log.is_quiet": True,
-                                "log.live": "off", "run_dir": str(tmp_path / "run")}, environ={})
+                                "log.live": "off", "train.compile": "off",  # a long run: no compile probe
+                                "run_dir": str(tmp_path / "run")}, environ={})
     thread = threading.Thread(target=loop.train, args=(cfg,), kwargs={"log": lambda *_: None})
     thread.start()
     run = tmp_path / "run"
-    wait_for(lambda: _train_rows(run) >= 30)
-    yield run
-    thread.join(10)  # the test stops the run from the page; it may still be writing its last checkpoint
-    if thread.is_alive():  # the test failed before its stop
-        from gptrain.train.control import send_command
+    try:
+        wait_for(lambda: _train_rows(run) >= 30, seconds=120)
+        yield run
+    finally:
+        thread.join(10)  # the test stops the run from the page; it may still be writing its last checkpoint
+        if thread.is_alive():  # the test (or this fixture) failed before its stop
+            from gptrain.train.control import send_command
 
-        send_command(run, "stop")
-        thread.join(30)
+            send_command(run, "stop")
+            thread.join(30)
 
 
 @pytest.fixture

@@ -315,7 +315,7 @@ def test_sigterm_saves_and_exits_0(tmp_path, corpus_dir):
     import time
 
     values = tiny_values(tmp_path, corpus_dir, steps=100000, **{"checkpoint.every_steps": 0, "eval.every_steps": 0,
-                                                               "samples.every_steps": 0})
+                                                               "samples.every_steps": 0, "train.compile": "off"})
     args = [f"--{k}={v}" for k, v in values.items() if "." in k] + ["--run-dir", values["run_dir"], "--quiet"]
     args += ["--data", values["data.source"], "--tokenizer", "char", "--context", "32", "--batch-size", "8",
              "--embd", "32", "--layers", "2", "--heads", "2", "--steps", "100000"]

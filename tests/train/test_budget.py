@@ -96,6 +96,7 @@ def _values(tmp_path, corpus_dir, run):
             "embd": 16, "layers": 1, "heads": 2, "context": 16, "batch-size": 4, "train.budget": "1h",
             "schedule.num_warmup_steps": 5, "eval.every_steps": 0, "samples.every_steps": 0,
             "checkpoint.every_steps": 20, "checkpoint.keep_last": 10, "log.live": "off", "log.is_quiet": True,
+            "train.compile": "off",  # an hour's budget would measure compile first (the compile probe)
             "run_dir": str(tmp_path / run)}
 
 

@@ -40,6 +40,7 @@ def _config(tmp_path, corpus, steps):
         "embd": 16, "layers": 1, "heads": 1, "context": 16, "batch-size": 4, "steps": steps,
         "schedule.num_warmup_steps": 5, "eval.every_steps": 0, "samples.every_steps": 0, "samples.num_tokens": 4,
         "checkpoint.every_steps": 20, "checkpoint.keep_last": 10, "log.is_quiet": True, "log.live": "off",
+        "train.compile": "off",  # a long run: no compile probe
         "run_dir": str(tmp_path / "run")}, environ={})
 
 
