@@ -10,12 +10,29 @@ import sys
 
 import pytest
 
+from gptrain.bench import run as bench_run
 from gptrain.bench.reference import reference_like
 from gptrain.bench.run import BenchOptions, run_bench
 from gptrain.cli import main
 from gptrain.model.gpt import GPT, ModelConfig
 
 TINY = ["--layers", "1", "--embd", "32", "--heads", "2", "--context", "16", "--vocab", "70", "--batch-size", "2"]
+
+
+@pytest.fixture(autouse=True)
+def _short_matmul_rate(monkeypatch):
+    """A short matmul rate measurement (bench's own takes about a second before and after the steps)."""
+    monkeypatch.setattr(bench_run, "MATMUL_RATE_SECONDS", 0.02)
+
+
+def test_the_matmul_rate_is_the_best_of_before_and_after_the_steps(monkeypatch):
+    rates = iter([2e9, 3e9])
+    monkeypatch.setattr(bench_run, "measure_matmul_flops", lambda device, dtype, **_: next(rates))
+    result = run_bench(BenchOptions(model=ModelConfig(n_embd=32, n_layer=1, n_head=2, block_size=16, vocab_size=70),
+                                    batch_size=2, steps=1, warmup=0), log=lambda *_: None)
+    assert result["matmul_flops_per_s_before_after"] == [2e9, 3e9] and result["matmul_flops_per_s"] == 3e9
+    step_s = result["runs"]["gptrain"]["step_s"]
+    assert result["matmul_limit_fraction"] == pytest.approx(result["step_flop"] / (step_s * 3e9))
 
 
 def test_bench_compares_with_the_reference_and_writes_json_and_png(tmp_path, capsys):

@@ -37,8 +37,9 @@ def test_loss_and_grads_match_plain_cross_entropy(chunk_rows):
     loss = chunked_linear_cross_entropy(x_ND, w_PD, targets_N, V, chunk_rows)
     gx, gw = torch.autograd.grad(loss, (x_ND, w_PD))
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gx, expected_gx, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(gw, expected_gw, rtol=1e-5, atol=1e-7)
+    # Gradients of order 0.1 summed over rows in another order: fp32 rounding reaches 1.5e-7 (MKL on Zen 3)
+    torch.testing.assert_close(gx, expected_gx, rtol=1e-5, atol=5e-7)
+    torch.testing.assert_close(gw, expected_gw, rtol=1e-5, atol=5e-7)
 
 
 def test_gradcheck_fp64():
@@ -139,8 +140,9 @@ def test_compiles_with_aot_eager():
     loss = compiled(x_ND, w_PD, targets_N, V, 10)
     gx, gw = torch.autograd.grad(loss, (x_ND, w_PD))
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gx, expected_gx, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(gw, expected_gw, rtol=1e-5, atol=1e-7)
+    # Gradients of order 0.1 summed over rows in another order: fp32 rounding reaches 1.5e-7 (MKL on Zen 3)
+    torch.testing.assert_close(gx, expected_gx, rtol=1e-5, atol=5e-7)
+    torch.testing.assert_close(gw, expected_gw, rtol=1e-5, atol=5e-7)
 
 
 def test_compiled_saves_no_logits_for_backward():

@@ -191,8 +191,10 @@ def probe_peak(device: str, name: str, dtype: str) -> float:
     return measured
 
 
-def measure_matmul_flops(device: str, dtype: str) -> float:
-    """Time square matmuls, growing the size until one is long enough to time; return the best FLOP/s."""
+def measure_matmul_flops(device: str, dtype: str, budget_seconds: float = PROBE_BUDGET_SECONDS,
+                         max_repeats: int = MAX_PROBE_REPEATS) -> float:
+    """Time square matmuls, growing the size until one is long enough to time; return the best FLOP/s of
+    up to max_repeats timed repeats within about budget_seconds."""
     torch_dtype = TORCH_DTYPES[dtype]
     max_size = MAX_PROBE_SIZE.get(torch.device(device).type, MAX_PROBE_SIZE["cpu"])
     size = 256
@@ -204,8 +206,8 @@ def measure_matmul_flops(device: str, dtype: str) -> float:
             break
         size *= 2
     spent_seconds = best_seconds
-    for _ in range(MAX_PROBE_REPEATS):
-        if spent_seconds >= PROBE_BUDGET_SECONDS:
+    for _ in range(max_repeats):
+        if spent_seconds >= budget_seconds:
             break
         seconds = _time_matmul(a, b)
         best_seconds, spent_seconds = min(best_seconds, seconds), spent_seconds + seconds

@@ -26,7 +26,10 @@ from gptrain.tokenizer.gpt2_assets import cache_dir
 
 CACHE_FILE_NAME = "linear_plans.json"
 MIN_GAIN = 0.03  # oneDNN must save this fraction of the all-ATen matmul time to be used at all
-REPEATS = 3  # timed measurements per kernel, pass and shape (the median counts)
+# timed measurements per kernel, pass and shape, the kernels' order swapped each time (the median counts): with
+# 3 in a fixed order, one probe on a 2-core Zen 3 picked ATen for GPT-2's forward, whose oneDNN is 20-25% faster
+# there (three probes after it agreed)
+REPEATS = 5
 MIN_MEASURE_SECONDS = 0.002  # small matmuls are repeated until one measurement lasts this long
 SPEED_CACHE_ENV = "GPTRAIN_SPEED_CACHE"
 MAX_PROBE_ROWS = 4096  # bigger micro batches are timed at this many rows (matmul time grows with rows)
@@ -117,8 +120,8 @@ def _time_alternating(a, b, bias) -> dict[str, float]:
     call(KERNELS[0])
     loops = max(1, int(MIN_MEASURE_SECONDS / max(time.perf_counter() - started, 1e-7)))
     times = {kernel: [] for kernel in KERNELS}
-    for _ in range(REPEATS):
-        for kernel in KERNELS:
+    for repeat in range(REPEATS):
+        for kernel in KERNELS if repeat % 2 == 0 else KERNELS[::-1]:
             started = time.perf_counter()
             for _ in range(loops):
                 call(kernel)
