@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import os
 import random
 import shutil
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,7 +252,7 @@ class Sweep:
     """One corpus, one uninterrupted reference run (and the dataset it prepared), then points, each in a folder."""
 
     def __init__(self, root: Path) -> None:
-        self.root, self.num_points = root, 0
+        self.root, self._numbers = root, itertools.count(1)  # next() is atomic: points may run in threads
         self.corpus = write_corpus(root / "corpus")
         (root / "reference").mkdir(parents=True, exist_ok=True)
         self.reference, self.dataset = root / "reference" / "run", root / "reference" / "dataset"
@@ -277,8 +279,8 @@ class Sweep:
 
     def run_point(self, point: Point) -> Outcome:
         """Kill a launch at point, check what is on disk, resume it to its end, compare with the reference."""
-        started, self.num_points = time.perf_counter(), self.num_points + 1
-        folder = self.root / f"point_{self.num_points:02d}_{point.fault}_{point.visit}"
+        started, number = time.perf_counter(), next(self._numbers)
+        folder = self.root / f"point_{number:02d}_{point.fault}_{point.visit}"
         folder.mkdir(parents=True)
         data_dir = folder / "dataset" if point.fault.startswith("prepare.") else self.dataset
         outcome = Outcome(point, where=self.writes[point.visit - 1] if point.fault in CHECKPOINT_POINTS else "")
@@ -324,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--points", type=int, default=24, help="how many kill points (default 24)")
     parser.add_argument("--seed", type=int, default=0, help="draws the points (default 0)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="points run at once, each launch on one thread (default: 2, or 1 on one core)")
     parser.add_argument("--keep", type=Path, help="work in this new folder and keep it (default: a temp folder, "
                         "kept only when a point is not exact)")
     args = parser.parse_args(argv)
@@ -335,9 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fault sweep: {args.points} points from seed {args.seed}; reference run in "
           f"{time.perf_counter() - started:.1f}s", flush=True)
     outcomes = []
-    for point in sweep.draw(args.seed, args.points):
-        outcomes.append(sweep.run_point(point))
-        print(outcomes[-1].describe(), flush=True)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for outcome in pool.map(sweep.run_point, sweep.draw(args.seed, args.points)):
+            outcomes.append(outcome)
+            print(outcome.describe(), flush=True)
     num_exact = sum(not o.problems for o in outcomes)
     print(f"{num_exact}/{len(outcomes)} exact ({time.perf_counter() - started:.0f}s)")
     if num_exact < len(outcomes) or args.keep:

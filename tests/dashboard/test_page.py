@@ -41,13 +41,23 @@ def live_run(tmp_path, corpus_dir, monkeypatch):
     try:
         wait_for(lambda: _train_rows(run) >= 30, seconds=120)
         yield run
-    finally:
         thread.join(10)  # the test stops the run from the page; it may still be writing its last checkpoint
-        if thread.is_alive():  # the test (or this fixture) failed before its stop
-            from gptrain.train.control import send_command
+    finally:
+        _stop(thread, run)
 
+
+def _stop(thread: threading.Thread, run: Path) -> None:
+    """Stop a run the test (or the fixture) left training, even one not yet taking commands."""
+    from gptrain.errors import UserError
+    from gptrain.train.control import send_command
+
+    deadline = time.monotonic() + 120
+    while thread.is_alive() and time.monotonic() < deadline:
+        try:
             send_command(run, "stop")
             thread.join(30)
+        except UserError:  # no run directory or trainer yet (still measuring its fast paths)
+            time.sleep(0.2)
 
 
 @pytest.fixture

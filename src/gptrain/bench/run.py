@@ -2,8 +2,8 @@
 
 The figures (all from the same process and the same run): forward/backward/optimizer/step medians,
 tokens/s, achieved FLOP/s (metrics.throughput.flops_per_token), the fp32 (or bf16) matmul rate this
-machine measures for large matrices (the best of a second before and a second after the steps), MFU
-against the device's peak, and two ratios:
+machine measures for large matrices (the best of up to 64 repeats or about a second, before and after
+the steps), MFU against the device's peak, and two ratios:
   step_time_ratio        gptrain's step time / the reference's (lower is faster);
   matmul_limit_fraction  step FLOP / (gptrain's step time x the measured matmul rate): how close the
                          step comes to doing nothing but large matmuls.
@@ -107,8 +107,8 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
 
 
 def measure_matmul_rate(device: str, dtype: str) -> float:
-    """The machine's large-matrix matmul rate now, the best of about a second of repeats: on a shared VM
-    one short measurement can land in a slow moment (a 2-core Zen 3 gave 70 GFLOP/s once, 90-138 after),
+    """The machine's large-matrix matmul rate now, the best of up to 64 repeats or about a second: on a shared
+    VM one short measurement can land in a slow moment (a 2-core Zen 3 gave 70 GFLOP/s once, 90-162 after),
     which would put the step nearer the limit than it is. Bench measures it before and after the steps
     and keeps the higher."""
     return measure_matmul_flops(device, dtype, budget_seconds=MATMUL_RATE_SECONDS, max_repeats=64)

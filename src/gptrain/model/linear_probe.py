@@ -30,6 +30,7 @@ MIN_GAIN = 0.03  # oneDNN must save this fraction of the all-ATen matmul time to
 # 3 in a fixed order, one probe on a 2-core Zen 3 picked ATen for GPT-2's forward, whose oneDNN is 20-25% faster
 # there (three probes after it agreed)
 REPEATS = 5
+PROBE_VERSION = "probe v2"  # in the cache key: plans cached by the 3-repeat probe are measured again
 MIN_MEASURE_SECONDS = 0.002  # small matmuls are repeated until one measurement lasts this long
 SPEED_CACHE_ENV = "GPTRAIN_SPEED_CACHE"
 MAX_PROBE_ROWS = 4096  # bigger micro batches are timed at this many rows (matmul time grows with rows)
@@ -53,7 +54,7 @@ def linear_shapes(cfg: ModelConfig, rows: int) -> list[tuple[int, int, int]]:
 
 def cache_key(cfg: ModelConfig, rows: int) -> str:
     shapes = ";".join(f"{k}x{n}" for k, n, _ in linear_shapes(cfg, rows))
-    return (f"{machine_id('cpu')} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+    return (f"{PROBE_VERSION} | {machine_id('cpu')} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
             f"rows {rows} | bias {cfg.bias} | {shapes}")
 
 
