@@ -74,7 +74,7 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
     rates.append(measure_matmul_rate(device, matmul_dtype))
     matmul_rate = max(rates)
     step_flop = flops_per_token(cfg) * rows
-    peak, peak_basis = peak_flops(device, "bf16" if opts.dtype == "bf16" else "fp32")
+    peak, peak_basis = peak_flops(device, matmul_dtype)
     runs = {name: summarize(timed.medians(opts.warmup), rows, step_flop, peak) for name, timed in pair.items()}
     result = {
         "title": title(cfg, opts),
