@@ -137,3 +137,20 @@ def test_step_time_script_still_runs_at_any_shape():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "step_time_ratio" in done.stdout and "first-step loss" in done.stdout
+
+
+def test_matmul_shapes_script_counts_every_matmul_of_a_step():
+    import re
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "benchmarks" / "matmul_shapes.py"
+    flags = ["--layers", "3", "--embd", "256", "--vocab", "70", "--context", "16", "--batch-size", "2", "--repeats", "1"]
+    done = subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    # 3 passes of 4 block linears x 3 layers and of the head; FLOP = 2 * rows * (12 E^2 * layers + E * vocab) * 3
+    assert len(re.findall(r" x3 ", done.stdout)) == 12 and len(re.findall(r" x1 ", done.stdout)) == 3
+    flop = float(re.search(r"for ([\d.]+) GFLOP", done.stdout).group(1)) * 1e9
+    assert abs(flop - 2 * 32 * (12 * 256**2 * 3 + 256 * 70) * 3) < 1e6
+    fraction = float(re.search(r"large-matrix rate ([\d.]+)", done.stdout).group(1))
+    assert 0 < fraction < 5
