@@ -4,14 +4,14 @@ Which is faster depends on the CPU and the shapes: on AVX-512 AMD parts oneDNN's
 twice MKL's AVX2 path (2-core EPYC, GPT-2 124M: forward 0.36 -> 0.17 s), on an AVX2-only Zen 3 its
 backward is 1.4x slower, and at small shapes MKL wins on Intel. So every Linear carries a LinearPlan,
 a kernel for each of the three matmuls (forward, grad_input, grad_weight), which the trainer picks
-by measuring (train/fast_paths.py) and keeps in its checkpoint. Everywhere else (CUDA, MPS,
-autocast, other dtypes, a PyTorch without the op) it is F.linear. Parameters and state_dict keys are
-nn.Linear's, so checkpoints do not know the difference.
+by measuring (train/fast_paths.py) and keeps in its checkpoint. Compiled graphs keep the plan: there
+oneDNN is the opaque op gptrain::onednn_linear, which inductor calls as it is. Everywhere else (CUDA,
+MPS, autocast, other dtypes, a PyTorch without the op) it is F.linear. Parameters and state_dict keys
+are nn.Linear's, so checkpoints do not know the difference.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, fields
 
@@ -23,7 +23,8 @@ from gptrain.errors import UserError
 
 # A private op that inductor itself uses; looked up once, with F.linear as the fallback.
 _LINEAR_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-_IS_ENABLED = os.environ.get("GPTRAIN_ONEDNN_LINEAR", "1") != "0" and _LINEAR_POINTWISE is not None
+_IS_ENABLED = (os.environ.get("GPTRAIN_ONEDNN_LINEAR", "1") != "0" and _LINEAR_POINTWISE is not None
+               and torch.backends.mkldnn.is_available())
 KERNELS = ("onednn", "aten")
 PASSES = ("forward", "grad_input", "grad_weight")
 
@@ -70,16 +71,35 @@ class LinearPlan:
         return cls(**pairs)
 
 
-@functools.cache
 def default_plan() -> LinearPlan:
     """Before (or without) a probe: oneDNN everywhere, as before plans existed; GPTRAIN_ONEDNN_LINEAR=0: ATen."""
-    return LinearPlan.parse("onednn" if _IS_ENABLED else "aten")
+    return _DEFAULT_PLAN
+
+
+_DEFAULT_PLAN = LinearPlan.parse("onednn" if _IS_ENABLED else "aten")  # a constant: dynamo traces no cache
+
+
+def _onednn_linear(a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+    return _LINEAR_POINTWISE(a, b, bias, "none", [], "")
+
+
+def _onednn_linear_shape(a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+    return a.new_empty((*a.shape[:-1], b.shape[0]))
+
+
+# The same call as an op of gptrain's own for compiled graphs: inductor lowers mkldnn._linear_pointwise
+# only for frozen (constant) weights and fails on a trained one, while a custom op it calls as it is
+# (GPT-2's default job shape on 2 Zen 4 cores, compiled: 542-559 -> 489-513 ms a step with the probed
+# plan, against MKL for every matmul before). Eager calls skip the custom op's Python dispatch.
+_ONEDNN_LINEAR_OP = torch.library.custom_op(
+    "gptrain::onednn_linear", _onednn_linear, mutates_args=(), schema="(Tensor a, Tensor b, Tensor? bias) -> Tensor")
+_ONEDNN_LINEAR_OP.register_fake(_onednn_linear_shape)
 
 
 def matmul_t(a: Tensor, b: Tensor, kernel: str, bias: Tensor | None = None) -> Tensor:
     """a @ b.T (+ bias) with the given kernel; a is (..., K), b is (N, K)."""
     if kernel == "onednn":
-        return _LINEAR_POINTWISE(a, b, bias, "none", [], "")
+        return _ONEDNN_LINEAR_OP(a, b, bias) if torch.compiler.is_compiling() else _onednn_linear(a, b, bias)
     return F.linear(a, b, bias)
 
 
@@ -108,13 +128,9 @@ class _PlannedLinear(torch.autograd.Function):
 def is_onednn_usable(x: Tensor, weight: Tensor) -> bool:
     return (
         _IS_ENABLED  # GPTRAIN_ONEDNN_LINEAR=0 turns oneDNN off whatever a plan says
-        # Inductor lowers this op only for frozen (constant) weights; compiled graphs use F.linear.
-        # Checked first: dynamo cannot trace mkldnn.is_available() and would break the graph here.
-        and not torch.compiler.is_compiling()
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
         and not torch.is_autocast_enabled("cpu")
     )
 

@@ -41,8 +41,9 @@ from gptrain.train.step import has_fast_cpu_bf16, uses_bf16
 
 COMPILE_CACHE_FILE_NAME = "compile_times.json"
 COMPILE_PAYBACK = 2.0  # the projected saving must exceed this many compile times
-# v2: CPU inductor with the C++ wrapper and the sigmoid-form GELU; v3: that GELU's backward from its saved sigmoid
-COMPILE_VERSION = "compile v3"
+# v2: CPU inductor with the C++ wrapper and the sigmoid-form GELU; v3: that GELU's backward from its saved sigmoid;
+# v4: compiled graphs keep the linear plan's oneDNN matmuls (they ran every matmul on ATen before)
+COMPILE_VERSION = "compile v4"
 
 
 def machine_key(device: str) -> str:
