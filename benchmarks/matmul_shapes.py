@@ -6,7 +6,8 @@ large square matrices. A step's matmuls are not square: every linear layer multi
 at GPT-2 124M with B=4, T=64 is 256. This script times, in isolation and in the same run as the large
 square ones (before and after), each matmul of one training step: for every linear layer its forward
 (x W^T), grad_input (dY W) and grad_weight (dY^T X), in the layouts autograd hands them (transposed
-views, as torch.mm receives them). The ratio it prints, isolated shape rate / large-matrix rate, is the
+views), on each kernel the trainer can pick (ATen's MKL, and oneDNN where the op exists), keeping the
+faster, as the large-matrix rate does. The ratio it prints, isolated shape rate / large-matrix rate, is the
 matmul_limit_fraction a step would reach if everything but its matmuls took no time at all.
 
     python benchmarks/matmul_shapes.py                               # GPT-2 124M, B=4, T=64
@@ -21,7 +22,8 @@ import time
 
 import torch
 
-from gptrain.metrics.throughput import measure_matmul_flops
+from gptrain.metrics.throughput import matmul_kernels, measure_matmul_flops
+from gptrain.model.cpu_linear import matmul_t
 from gptrain.runtime import tune_malloc
 
 
@@ -41,14 +43,18 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_linear(rows: int, fan_in: int, fan_out: int, repeats: int) -> dict[str, float]:
-    """Median seconds of the three matmuls of one linear layer, laid out as autograd sees them."""
+def time_linear(rows: int, fan_in: int, fan_out: int, repeats: int) -> dict[str, tuple[float, str]]:
+    """Median seconds of the three matmuls of one linear layer, laid out as autograd hands them to
+    cpu_linear, on the faster kernel of each (what the trainer's probe would pick), and that kernel."""
     x, weight, grad_y = torch.randn(rows, fan_in), torch.randn(fan_out, fan_in), torch.randn(rows, fan_out)
-    return {
-        "forward": median_seconds(lambda: torch.mm(x, weight.t()), repeats),
-        "grad_input": median_seconds(lambda: torch.mm(grad_y, weight), repeats),
-        "grad_weight": median_seconds(lambda: torch.mm(grad_y.t(), x), repeats),
-    }
+    operands = {"forward": (x, weight), "grad_input": (grad_y, weight.t()), "grad_weight": (grad_y.t(), x.t())}
+    timed = {}
+    for name, (a, b) in operands.items():
+        seconds = {kernel: median_seconds(lambda kernel=kernel: matmul_t(a, b, kernel), repeats)
+                   for kernel in matmul_kernels("cpu", "fp32")}
+        fastest = min(seconds, key=seconds.get)
+        timed[name] = seconds[fastest], fastest
+    return timed
 
 
 def main() -> None:
@@ -68,10 +74,10 @@ def main() -> None:
     for name, fan_in, fan_out, per_block in layer_shapes(args.embd, args.vocab):
         count = args.layers if per_block else 1
         flop = 2 * rows * fan_in * fan_out
-        for matmul, seconds in time_linear(rows, fan_in, fan_out, args.repeats).items():
+        for matmul, (seconds, kernel) in time_linear(rows, fan_in, fan_out, args.repeats).items():
             total_seconds += count * seconds
             total_flop += count * flop
-            print(f"  {name:<10} {matmul:<12} x{count:<3} {flop / seconds / 1e9:7.1f} GFLOP/s")
+            print(f"  {name:<10} {matmul:<12} x{count:<3} {flop / seconds / 1e9:7.1f} GFLOP/s  {kernel}")
     rate_after = measure_matmul_flops("cpu", "fp32", 1.0, 64)
     large_rate = max(rate_before, rate_after)
     shape_rate = total_flop / total_seconds

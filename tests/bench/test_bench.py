@@ -150,6 +150,7 @@ def test_matmul_shapes_script_counts_every_matmul_of_a_step():
     assert done.returncode == 0, done.stderr
     # 3 passes of 4 block linears x 3 layers and of the head; FLOP = 2 * rows * (12 E^2 * layers + E * vocab) * 3
     assert len(re.findall(r" x3 ", done.stdout)) == 12 and len(re.findall(r" x1 ", done.stdout)) == 3
+    assert len(re.findall(r"GFLOP/s  (?:aten|onednn)\n", done.stdout)) == 15  # each on its faster kernel
     flop = float(re.search(r"for ([\d.]+) GFLOP", done.stdout).group(1)) * 1e9
     assert abs(flop - 2 * 32 * (12 * 256**2 * 3 + 256 * 70) * 3) < 1e6
     fraction = float(re.search(r"large-matrix rate ([\d.]+)", done.stdout).group(1))

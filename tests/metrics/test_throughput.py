@@ -135,13 +135,32 @@ def test_unwritable_or_corrupt_cache_does_not_fail(monkeypatch, tmp_path):
 def test_probe_grows_the_matmul_until_it_is_long_enough_to_time(monkeypatch):
     sizes = []
 
-    def fake_time(a, b):
+    def fake_time(a, b, kernel="aten"):
         sizes.append(a.shape[0])
         return 2 * a.shape[0] ** 3 / 1e11  # a device doing 100 GFLOP/s: a 1024 matmul takes 21 ms
 
     monkeypatch.setattr(throughput, "_time_matmul", fake_time)
     assert throughput.measure_matmul_flops("cpu", "fp32") == pytest.approx(1e11)
     assert sorted(set(sizes)) == [256, 512, 1024] and sizes.count(1024) > 2
+
+
+def test_the_matmul_rate_is_the_fastest_kernels(monkeypatch):
+    # On a CPU with oneDNN the step's matmuls can run on either kernel: the limit is the faster one's.
+    rates = {"aten": 1e11, "onednn": 1.5e11}
+    kernels_timed = []
+
+    def fake_time(a, b, kernel="aten"):
+        kernels_timed.append(kernel)
+        return 2 * a.shape[0] ** 3 / rates[kernel]
+
+    assert throughput.matmul_kernels("cuda", "bf16") == ("aten",) == throughput.matmul_kernels("cpu", "bf16")
+    monkeypatch.setattr(throughput, "_time_matmul", fake_time)
+    monkeypatch.setattr(throughput, "matmul_kernels", lambda device, dtype: ("aten", "onednn"))
+    assert throughput.measure_matmul_flops("cpu", "fp32") == pytest.approx(1.5e11)
+    assert {"aten", "onednn"} <= set(kernels_timed)
+    monkeypatch.undo()
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    assert throughput._time_matmul(a, b, "aten") > 0 and throughput._time_matmul(a, b, "onednn") > 0
 
 
 def test_device_name_of_the_cpu_names_the_model():

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from gptrain.files import write_atomic
+from gptrain.model import cpu_linear
 from gptrain.model.gpt import ModelConfig, count_parameters
 from gptrain.tokenizer.gpt2_assets import cache_dir
 
@@ -56,6 +57,7 @@ PEAK_TFLOPS: tuple[tuple[str, str, dict[str, float]], ...] = (
 DTYPES = ("bf16", "fp16", "fp32", "tf32")
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
 CACHE_FILE_NAME = "peak_flops.json"
+RATE_VERSION = "rate v2"  # in the cache key; v2: the fastest of the step's kernels (ATen, oneDNN), not ATen's alone
 # The probe doubles the matrix size until one matmul takes this long (or the size cap), then keeps the
 # best of a few timed repeats: about 0.1-0.3 s on a 2-core CPU, a few ms on a GPU.
 MIN_MATMUL_SECONDS = 0.01
@@ -180,7 +182,7 @@ def _is_tf32_enabled() -> bool:
 
 def probe_peak(device: str, name: str, dtype: str) -> float:
     """Best measured square-matmul FLOP/s in dtype, cached by device name, dtype, torch and threads."""
-    key = f"{name} | {dtype} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    key = f"{name} | {dtype} | torch {torch.__version__} | {torch.get_num_threads()} threads | {RATE_VERSION}"
     path = cache_dir() / CACHE_FILE_NAME
     cached = read_cache(path)
     value = cached.get(key)
@@ -191,10 +193,19 @@ def probe_peak(device: str, name: str, dtype: str) -> float:
     return measured
 
 
+def matmul_kernels(device: str, dtype: str) -> tuple[str, ...]:
+    """The kernels a training step's matmuls can run on here (model/cpu_linear.py): ATen's, and for fp32 on
+    a CPU with the op, oneDNN's, which on AVX-512 AMD CPUs outruns MKL on large matrices too."""
+    if torch.device(device).type == "cpu" and dtype == "fp32" and not cpu_linear.default_plan().is_all_aten:
+        return ("aten", "onednn")  # ATen's first: it sizes the matrices
+    return ("aten",)
+
+
 def measure_matmul_flops(device: str, dtype: str, budget_seconds: float = PROBE_BUDGET_SECONDS,
                          max_repeats: int = MAX_PROBE_REPEATS) -> float:
     """Time square matmuls, growing the size until one is long enough to time; return the best FLOP/s of
-    up to max_repeats timed repeats within about budget_seconds."""
+    up to max_repeats timed repeats within about budget_seconds, the kernels (matmul_kernels) in turns:
+    the machine's limit is its fastest kernel's."""
     torch_dtype = TORCH_DTYPES[dtype]
     max_size = MAX_PROBE_SIZE.get(torch.device(device).type, MAX_PROBE_SIZE["cpu"])
     size = 256
@@ -205,20 +216,26 @@ def measure_matmul_flops(device: str, dtype: str, budget_seconds: float = PROBE_
         if best_seconds >= MIN_MATMUL_SECONDS or size >= max_size:
             break
         size *= 2
+    kernels = matmul_kernels(device, dtype)
+    for kernel in kernels[1:]:
+        _time_matmul(a, b, kernel)  # warm-up
     spent_seconds = best_seconds
-    for _ in range(max_repeats):
+    for repeat in range(max_repeats):
         if spent_seconds >= budget_seconds:
             break
-        seconds = _time_matmul(a, b)
+        seconds = _time_matmul(a, b, kernels[repeat % len(kernels)])
         best_seconds, spent_seconds = min(best_seconds, seconds), spent_seconds + seconds
     return 2 * size**3 / max(best_seconds, 1e-9)
 
 
-def _time_matmul(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Seconds for one a @ b, waiting for the device before and after."""
+def _time_matmul(a: torch.Tensor, b: torch.Tensor, kernel: str = "aten") -> float:
+    """Seconds for one a @ b (oneDNN: a @ b.T, the same work), waiting for the device before and after."""
     _synchronize(a.device)
     started = time.perf_counter()
-    torch.matmul(a, b)
+    if kernel == "aten":
+        torch.matmul(a, b)
+    else:
+        cpu_linear.matmul_t(a, b, kernel)
     _synchronize(a.device)
     return time.perf_counter() - started
 
