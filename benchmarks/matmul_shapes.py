@@ -50,7 +50,7 @@ def time_linear(rows: int, fan_in: int, fan_out: int, repeats: int) -> dict[str,
     operands = {"forward": (x, weight), "grad_input": (grad_y, weight.t()), "grad_weight": (grad_y.t(), x.t())}
     timed = {}
     for name, (a, b) in operands.items():
-        seconds = {kernel: median_seconds(lambda kernel=kernel: matmul_t(a, b, kernel), repeats)
+        seconds = {kernel: median_seconds(lambda a=a, b=b, kernel=kernel: matmul_t(a, b, kernel), repeats)
                    for kernel in matmul_kernels("cpu", "fp32")}
         fastest = min(seconds, key=seconds.get)
         timed[name] = seconds[fastest], fastest

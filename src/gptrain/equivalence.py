@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from gptrain.distributed.parallel import FSDP_CPU_MIN_TORCH, can_fsdp_run_on
+
 LEARNING_RATE = 3e-3
 LOSS_TOLERANCE = 2e-5  # fp32 sums in another order: a few ulps of a loss near 4, kept over a few steps
 # Adam divides by the gradient's own scale, so rounding noise in tiny gradients moves a weight by a
@@ -39,19 +41,22 @@ class Case:
         return self.name.replace(" ", "_").replace(",", "").replace("/", "-")
 
 
-def build_cases(world_size: int, compile_backend: str = "") -> list[Case]:
+def build_cases(world_size: int, compile_backend: str = "", device: str = "cpu") -> list[Case]:
     """Every case trains on the same global batch of 2·W sequences (W: the distributed world size);
-    with compile_backend, DDP and FSDP are also run under torch.compile with that backend."""
+    with compile_backend, DDP and FSDP are also run under torch.compile with that backend. FSDP only
+    where this torch runs it on the device (parallel.can_fsdp_run_on)."""
     sequences = 2 * world_size
+    has_fsdp = can_fsdp_run_on(device)
+    strategies = ("ddp", "zero1", "fsdp") if has_fsdp else ("ddp", "zero1")
     one = [Case("1 process (reference)", 1, sequences),
            Case("1 process, accumulation", 1, sequences // 2, num_micro_steps=2)]
-    many = [Case(f"{world_size} ranks {s}", world_size, 2, strategy=s) for s in ("ddp", "zero1", "fsdp")]
+    many = [Case(f"{world_size} ranks {s}", world_size, 2, strategy=s) for s in strategies]
     many += [Case(f"{world_size} ranks {s}, accumulation", world_size, 1, num_micro_steps=2, strategy=s)
-             for s in ("ddp", "zero1", "fsdp")]
+             for s in strategies]
     if compile_backend:
         # With accumulation, so the gradient-sync switches are exercised through the compiled wrapper too.
         many += [Case(f"{world_size} ranks {s}, compiled, accum.", world_size, 1, num_micro_steps=2, strategy=s,
-                      compile_backend=compile_backend) for s in ("ddp", "fsdp")]
+                      compile_backend=compile_backend) for s in strategies if s != "zero1"]
     return one + many
 
 
@@ -157,7 +162,7 @@ def check_equivalence(out: Path, num_steps: int = 6, compile_backend: str = "", 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     device = pick_device(device, world_size)
-    all_cases = build_cases(max(world_size, 2), compile_backend)
+    all_cases = build_cases(max(world_size, 2), compile_backend, device)
     single = [c for c in all_cases if c.world_size == 1]
     if world_size == 1:
         write_corpus(out)
@@ -176,6 +181,9 @@ def check_equivalence(out: Path, num_steps: int = 6, compile_backend: str = "", 
             return 0
     rows, is_ok = compare(out, all_cases)
     print(f"device: {device} ({'NCCL' if device.startswith('cuda') else 'gloo'} between ranks), fp32 without TF32")
+    if not can_fsdp_run_on(device):
+        print(f"no fsdp rows: FSDP2 on the {device.upper()} needs torch >= {FSDP_CPU_MIN_TORCH} "
+              f"(this is {torch.__version__})")
     print_table(rows, num_steps, _results(out / all_cases[0].folder)[0][-1])
     print("all equivalent" if is_ok else "NOT equivalent: see the rows marked NO")
     return 0 if is_ok else 1
@@ -184,5 +192,6 @@ def check_equivalence(out: Path, num_steps: int = 6, compile_backend: str = "", 
 if __name__ == "__main__":
     mode, folder, steps, backend, device_name = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:6]
     world = int(os.environ.get("WORLD_SIZE", 1))
-    chosen = [c for c in build_cases(max(world, 2), backend) if (c.world_size == 1) == (mode == "--single")]
+    cases = build_cases(max(world, 2), backend, device_name)
+    chosen = [c for c in cases if (c.world_size == 1) == (mode == "--single")]
     train_cases(folder, chosen, steps, device_name)

@@ -99,3 +99,24 @@ def test_single_process_sync_is_a_no_op(tiny_model):
     with ctx:
         tiny_model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)).backward()
     assert all(p.grad is not None for p in tiny_model.parameters())
+
+
+@pytest.mark.parametrize("version, device, can_run", [("2.5.1", "cpu", False), ("2.4.1+cu121", "cpu", False),
+                                                      ("2.6.0", "cpu", True), ("2.13.0+cpu", "cpu", True),
+                                                      ("2.5.1", "cuda", True), ("2.5.1", "cuda:1", True)])
+def test_fsdp_on_the_cpu_is_refused_before_torch_2_6_with_a_clear_error(monkeypatch, version, device, can_run):
+    """Before 2.6 FSDP2 makes CUDA streams whatever the device: on the CPU it would crash in its first
+    forward (seen on 2.4.1 and 2.5.1). The run is refused before anything is written, and
+    check-equivalence leaves its fsdp rows out."""
+    from gptrain.equivalence import build_cases
+
+    monkeypatch.setattr(torch, "__version__", version)
+    assert parallel.can_fsdp_run_on(device) is can_run
+    strategies = {case.strategy for case in build_cases(2, "aot_eager", device)}
+    assert ("fsdp" in strategies) is can_run and {"ddp", "zero1"} <= strategies
+    parallel.check_strategy_supported("ddp", device)  # the others run anywhere
+    if can_run:
+        parallel.check_strategy_supported("fsdp", device)
+    else:
+        with pytest.raises(UserError, match=r"fsdp on the CPU needs torch >= 2\.6 .*use --parallel ddp or zero1"):
+            parallel.check_strategy_supported("fsdp", device)

@@ -41,6 +41,22 @@ def resolve_strategy(cfg: ParallelConfig, world_size: int) -> str:
     return "ddp" if cfg.strategy == "auto" else cfg.strategy
 
 
+FSDP_CPU_MIN_TORCH = "2.6"  # before it FSDP2 makes CUDA streams whatever the mesh's device (seen on 2.4.1 and 2.5.1)
+
+
+def can_fsdp_run_on(device: str) -> bool:
+    from torch.torch_version import TorchVersion
+
+    return device.startswith("cuda") or TorchVersion(torch.__version__) >= FSDP_CPU_MIN_TORCH
+
+
+def check_strategy_supported(strategy: str, device: str) -> None:
+    """A UserError, before anything is written, for a strategy this torch cannot run on this device."""
+    if strategy == "fsdp" and not can_fsdp_run_on(device):
+        raise UserError(f"--parallel fsdp on the {device.split(':')[0].upper()} needs torch >= {FSDP_CPU_MIN_TORCH} "
+                        f"(this is {torch.__version__}): use --parallel ddp or zero1, or upgrade torch")
+
+
 def import_fully_shard():
     """fully_shard and MixedPrecisionPolicy: public in torch >= 2.6, under _composable before."""
     try:

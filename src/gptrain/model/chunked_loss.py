@@ -60,7 +60,7 @@ def _chunk_logits_RP(x_RD: Tensor, w_PD: Tensor, vocab_size: int) -> Tensor:
     # the in-place fill below only ever touches a temporary.
     logits_RP = (x_RD @ w_PD.t()).to(_softmax_dtype(x_RD.dtype))
     if vocab_size < logits_RP.size(1):
-        logits_RP[:, vocab_size:] = float("-inf")
+        logits_RP[:, vocab_size:].fill_(float("-inf"))
     return logits_RP
 
 
@@ -131,7 +131,7 @@ def _softmax_grad_PR(x_RD: Tensor, w_PD: Tensor, vocab_size: int, lse_R: Tensor,
     # (P, R) is also the layout grad_W = g.T @ x wants.
     g_PR = (w_PD @ x_RD.t()).to(_softmax_dtype(x_RD.dtype))
     if vocab_size < g_PR.size(0):
-        g_PR[vocab_size:] = float("-inf")
+        g_PR[vocab_size:].fill_(float("-inf"))
     g_PR.sub_(lse_R).exp_()  # softmax; exp(-inf) = 0 on padded rows of W, so they get no gradient
     g_PR.scatter_add_(0, targets_R[None, :], torch.full_like(lse_R[None, :], -1.0))
     g_PR.mul_(row_scale_R)

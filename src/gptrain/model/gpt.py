@@ -185,7 +185,10 @@ class _GeluBySigmoid(torch.autograd.Function):
         x32 = x.float()
         s = torch.sigmoid(x32 * (_GELU_2C + _GELU_2CA * x32 * x32))
         ctx.save_for_backward(x, s)
-        return (x32 * s).to(x.dtype)
+        y = x32 * s
+        # No .to() when it would return y itself: torch 2.11's dynamo then routes this output's
+        # gradient to the wrong slot, silently (pytorch/pytorch#180642; compiled GELU grads off by up to 1.1).
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -279,6 +279,7 @@ def _build_on(dataset: Path, cfg: RunConfig, env: DistEnv, run_dir: Path, fixed_
                                **loader_args)
     val_loader = ShardLoader(shard_paths(dataset, "val"), shuffle=False, split="val", **loader_args)
     plan = derive_plan(cfg, train_loader, env.world_size)
+    parallel.check_strategy_supported(plan.strategy, env.device)
     train_loader.global_batch_tokens = plan.tokens_per_step
     # The global batch and the val set are part of the run: stored resolved, so a resume on another
     # number of ranks or with another micro batch keeps both.
