@@ -47,6 +47,8 @@ def add_bench_parser(sub) -> None:
                    "train.compile=auto on this machine)")
     p.add_argument("--cpu-linear", default="auto", help="train.cpu_linear: auto (probe), aten, onednn, or "
                    "forward=K,grad_input=K,grad_weight=K")
+    p.add_argument("--cpu-attention", default="auto", choices=["auto", "gptrain", "sdpa"],
+                   help="train.cpu_attention: auto (probe), gptrain (its C++ kernel) or sdpa")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     p.add_argument("--out", metavar="FILE.json", help="where the JSON result goes, a PNG chart beside it "
                    "(default runs/bench/bench-<time>.json)")
@@ -72,7 +74,7 @@ def bench_options(args: argparse.Namespace):
         model, batch_size = llmc_model, 4
     return BenchOptions(model=model, batch_size=batch_size, device=args.device, dtype=args.dtype, steps=args.steps,
                         warmup=args.warmup, compare=args.compare or "", llmc=args.llmc or "", compile=args.compile,
-                        cpu_linear=args.cpu_linear)
+                        cpu_linear=args.cpu_linear, cpu_attention=args.cpu_attention)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -104,7 +106,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def format_result(result: dict) -> str:
     """The table `gptrain bench` prints: one row per run, then the ratios."""
     lines = [f"\n{result['title']}, {result['threads']} threads, torch {result['torch']}, "
-             f"linear kernels {result['cpu_linear']}",
+             f"linear kernels {result['cpu_linear']}, attention {result.get('cpu_attention', 'sdpa')}",
              f"{'':22} {'forward':>9} {'backward':>9} {'optimizer':>9} {'step':>9} {'tokens/s':>10} "
              f"{'GFLOP/s':>9} {'MFU':>6}"]
     rows = [(name, run) for name, run in result["runs"].items()]

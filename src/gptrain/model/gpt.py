@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gptrain.errors import UserError
+from gptrain.model import cpu_attention
 from gptrain.model.chunked_loss import chunked_linear_cross_entropy, default_chunk_rows, should_chunk
 from gptrain.model.cpu_linear import Linear
 
@@ -113,6 +114,8 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
+    attention_kernel = "sdpa"  # or "gptrain": model/cpu_attention.py where it applies (set_attention_kernel)
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.n_head, self.layer, self.dropout = cfg.n_head, layer, cfg.dropout
@@ -123,7 +126,11 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x_BTD: Tensor, cache: KVCache | None = None) -> Tensor:
         B, T, D = x_BTD.shape
         H = self.n_head
-        q_BTD, k_BTD, v_BTD = self.c_attn(x_BTD).split(D, dim=2)
+        qkv_BT3D = self.c_attn(x_BTD)
+        if (self.attention_kernel == "gptrain" and cache is None and not (self.training and self.dropout > 0)
+                and cpu_attention.supports(qkv_BT3D, H)):
+            return self.resid_dropout(self.c_proj(cpu_attention.causal_attention(qkv_BT3D, H)))
+        q_BTD, k_BTD, v_BTD = qkv_BT3D.split(D, dim=2)
         q_BHTK = q_BTD.view(B, T, H, D // H).transpose(1, 2)
         k_BHTK = k_BTD.view(B, T, H, D // H).transpose(1, 2)
         v_BHTK = v_BTD.view(B, T, H, D // H).transpose(1, 2)

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from gptrain.model.cpu_attention import set_attention_kernel
 from gptrain.model.cpu_linear import LinearPlan, set_linear_plan
 from gptrain.model.gpt import GPT, ModelConfig
 
@@ -55,7 +56,7 @@ def _pass_seconds(model, x: torch.Tensor, y: torch.Tensor, is_bf16: bool = False
     return seconds
 
 
-def probe_compile(cfg: ModelConfig, batch_size: int, plan: LinearPlan, compile_fn,
+def probe_compile(cfg: ModelConfig, batch_size: int, plan: LinearPlan, attention_kernel: str, compile_fn,
                   num_micro_batches: int | None = None, is_bf16: bool = False) -> dict:
     """Seconds per micro batch eager and compiled, and the compile seconds (the first compiled pass's
     excess over the others): the record compile_pays() judges. compile_fn(model) compiles as training
@@ -67,6 +68,7 @@ def probe_compile(cfg: ModelConfig, batch_size: int, plan: LinearPlan, compile_f
         torch.default_generator.manual_seed(0)
         model = GPT(cfg)
         set_linear_plan(model, plan)
+        set_attention_kernel(model, attention_kernel)
         # As a one-process eager run sums it (a compiled model ignores it); multi-rank runs, which sum it
         # densely, reuse this record too, with an eager time a few percent faster than theirs.
         model.embedding_grad = "in_place"

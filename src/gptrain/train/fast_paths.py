@@ -1,5 +1,5 @@
-"""The run's automatic speed choices, made once and kept: the CPU linear kernels, torch.compile, and how
-the token embedding's gradient is summed.
+"""The run's automatic speed choices, made once and kept: the CPU linear kernels, the CPU attention kernel,
+torch.compile, and how the token embedding's gradient is summed.
 
 All of them change the floating-point order of the math, so a resume must make the same choices to stay
 bitwise: they are decided when a run first starts (on rank 0, then sent to every rank), stored in
@@ -7,7 +7,7 @@ TrainState.fast_paths with the machine they were made on, and a resume on the sa
 (device name, torch version, threads) reuses them; on another machine it decides again, since its
 results cannot be bitwise anyway. An explicit setting (train.cpu_linear=aten, train.compile=on)
 always wins. A checkpoint from before fast paths were recorded resumes with what gptrain did then
-(oneDNN for every pass on the CPU; compile on CUDA only).
+(oneDNN for every pass on the CPU; compile on CUDA only; SDPA attention).
 
 The compile rule on the CPU (where inductor generates C++ and the first step waits for it): compile
 when the projected saving, (eager - compiled micro-batch time) x the run's micro batches, exceeds
@@ -32,6 +32,8 @@ import torch
 
 from gptrain.errors import UserError
 from gptrain.metrics.throughput import machine_id, read_cache, write_cache
+from gptrain.model.attention_probe import choose_attention_kernel
+from gptrain.model.cpu_attention import library, set_attention_kernel
 from gptrain.model.cpu_linear import LinearPlan, default_plan, set_linear_plan
 from gptrain.model.gpt import ModelConfig
 from gptrain.model.linear_probe import choose_linear_plan, speed_cache_dir
@@ -43,7 +45,8 @@ COMPILE_CACHE_FILE_NAME = "compile_times.json"
 COMPILE_PAYBACK = 2.0  # the projected saving must exceed this many compile times
 # v2: CPU inductor with the C++ wrapper and the sigmoid-form GELU; v3: that GELU's backward from its saved sigmoid;
 # v4: compiled graphs keep the linear plan's oneDNN matmuls (they ran every matmul on ATen before)
-COMPILE_VERSION = "compile v4"
+# v5: the attention kernel probed too (model/cpu_attention.py)
+COMPILE_VERSION = "compile v5"
 
 
 def machine_key(device: str) -> str:
@@ -54,7 +57,7 @@ def legacy_choices(device: str) -> dict:
     """What gptrain did before it recorded fast paths: a resume of such a checkpoint stays bitwise."""
     return {"cpu_linear": default_plan().to_text() if device == "cpu" else "aten",
             "compile": "on" if device.startswith("cuda") else "off", "embedding_grad": "dense",
-            "machine": machine_key(device)}
+            "cpu_attention": "sdpa", "machine": machine_key(device)}
 
 
 def resolve_linear(setting: str, saved: dict, cfg: ModelConfig, rows: int, device: str,
@@ -73,6 +76,27 @@ def resolve_linear(setting: str, saved: dict, cfg: ModelConfig, rows: int, devic
         return LinearPlan(), "no oneDNN here (or GPTRAIN_ONEDNN_LINEAR=0)"
     plan, found = choose_linear_plan(cfg, rows)
     return plan, "probed now" if found["source"] == "probe" else "probed before on this machine, cached"
+
+
+def resolve_attention(setting: str, saved: dict, cfg: ModelConfig, batch_size: int, device: str,
+                      is_autocast: bool = False) -> tuple[str, str]:
+    """The attention kernel ("gptrain" or "sdpa", model/cpu_attention.py) and where it came from. saved: a
+    resumed checkpoint's choices (one from before this choice existed ran SDPA)."""
+    if setting == "gptrain" and device == "cpu" and library()[0] is None:
+        raise UserError(f"train.cpu_attention=gptrain: the kernel is not available here ({library()[1]}); "
+                        "use train.cpu_attention=auto or sdpa")
+    if setting != "auto":
+        return setting, "set"
+    if saved:
+        kernel = saved.get("cpu_attention", "sdpa")
+        if kernel == "gptrain" and library()[0] is None:
+            return "sdpa", f"the checkpoint's kernel is not available here ({library()[1]}): SDPA, not bitwise"
+        return kernel, "kept from the checkpoint"
+    if device != "cpu":
+        return "sdpa", f"{device}: SDPA"
+    if is_autocast:
+        return "sdpa", "bf16 autocast: SDPA"
+    return choose_attention_kernel(cfg, batch_size)
 
 
 def resolve_compile(setting: str, saved: dict, backend: str, device: str, key: str, num_micro_batches: int,
@@ -162,8 +186,14 @@ def compile_model(model, backend: str, device: str):
     """torch.compile for training. On the CPU, inductor's C++ wrapper: the calls between kernels run in
     generated C++ instead of Python, which a small model's many short kernels notice (4 layers, width
     128, B=12, T=64 on 2 Xeon cores: 22.4 -> 20.0 ms a step)."""
+    from torch.torch_version import TorchVersion
+
     # Not on torch 2.5: its C++ wrapper got the tied embedding's gradient wrong (vocab 37 padded to 64, seen on 2.5.1).
     is_cpu_inductor = device == "cpu" and backend == "inductor" and not torch.__version__.startswith("2.5.")
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and TorchVersion(torch.__version__) < "2.6":
+        # Before 2.6 dynamo's DDPOptimizer (one graph per gradient bucket) refuses graphs that hold our autograd
+        # Functions; one graph for the whole model computes the same gradients, all-reduced after the backward.
+        torch._dynamo.config.optimize_ddp = False
     return torch.compile(model, backend=backend, options={"cpp_wrapper": True} if is_cpu_inductor else None)
 
 
@@ -198,13 +228,15 @@ def apply_fast_paths(run, saved: dict | None, log=lambda line: None, can_probe: 
         rows = cfg.train.batch_size * cfg.model.block_size
         plan, linear_why = resolve_linear(cfg.train.cpu_linear, saved or {}, cfg.model, rows, env.device,
                                           is_autocast=is_bf16)
+        attention, attention_why = resolve_attention(cfg.train.cpu_attention, saved or {}, cfg.model,
+                                                     cfg.train.batch_size, env.device, is_autocast=is_bf16)
         key = compile_key(cfg.model, cfg.train.batch_size, env.device, precision)
         backend = cfg.train.compile_backend
         num_micro_batches = run.plan.num_steps * run.plan.num_micro_steps
 
         def probe() -> dict:
             log("measuring whether torch.compile pays for this shape (once per shape and machine)")
-            return probe_compile(cfg.model, cfg.train.batch_size, plan,
+            return probe_compile(cfg.model, cfg.train.batch_size, plan, attention,
                                  lambda model: compile_model(model, backend, env.device),
                                  num_micro_batches=None if budget_seconds is not None else num_micro_batches,
                                  is_bf16=is_bf16)
@@ -213,17 +245,20 @@ def apply_fast_paths(run, saved: dict | None, log=lambda line: None, can_probe: 
                                                    num_micro_batches, budget_seconds, probe if can_probe else None,
                                                    min_run_seconds(cfg.model))
         embedding_grad = resolve_embedding_grad(saved or {}, env.device, run.plan.strategy, is_compiled)
-        return {"cpu_linear": plan.to_text(), "cpu_linear_why": linear_why, "compile": "on" if is_compiled else "off",
+        return {"cpu_linear": plan.to_text(), "cpu_linear_why": linear_why, "cpu_attention": attention,
+                "cpu_attention_why": attention_why, "compile": "on" if is_compiled else "off",
                 "compile_why": compile_why, "embedding_grad": embedding_grad, "machine": machine_key(env.device),
                 "precision": precision}
 
     chosen = env.on_main(decide)
     run.state.fast_paths = chosen
     set_linear_plan(run.model, LinearPlan.parse(chosen["cpu_linear"]))
+    set_attention_kernel(run.model, chosen.get("cpu_attention", "sdpa"))
     run.model.embedding_grad = chosen.get("embedding_grad", "dense")
     if chosen["compile"] == "on":
         run.step_model = compile_model(run.step_model, cfg.train.compile_backend, env.device)
     return (f"fast paths: cpu linear {chosen['cpu_linear']} ({chosen['cpu_linear_why']}); "
+            f"attention {chosen.get('cpu_attention', 'sdpa')} ({chosen.get('cpu_attention_why', 'set')}); "
             f"compile {chosen['compile']} ({chosen['compile_why']}); "
             f"embedding grad {chosen.get('embedding_grad', 'dense')}{note}"
             f"{cpu_precision_hint(env.device, cfg.train.precision)}")

@@ -32,6 +32,9 @@ class TrainConfig:
     # CPU fp32 linear kernels per pass (model/cpu_linear.py): auto (probed once per machine and shape),
     # aten, onednn, or forward=K,grad_input=K,grad_weight=K; a resume keeps the run's choice
     cpu_linear: str = "auto"
+    # CPU fp32 attention (model/cpu_attention.py): auto (probed once per machine and shape), gptrain (its own
+    # C++ kernel, compiled for this CPU at first use) or sdpa (PyTorch's); a resume keeps the run's choice
+    cpu_attention: str = "auto"
     use_tf32: bool = True  # fp32 matmuls on TF32 tensor cores (CUDA)
     spike_factor: float = 0.0  # skip an update whose loss exceeds this times the running mean; 0: off
     max_bad_steps: int = 10  # skipped steps (non-finite, or spikes) within bad_step_window: then a rollback
@@ -59,6 +62,8 @@ class TrainConfig:
             from gptrain.model.cpu_linear import LinearPlan
 
             LinearPlan.parse(self.cpu_linear)
+        if self.cpu_attention not in ("auto", "gptrain", "sdpa"):
+            raise UserError(f"train.cpu_attention must be auto, gptrain or sdpa (got {self.cpu_attention!r})")
         if self.spike_factor < 0 or (0 < self.spike_factor <= 1):
             raise UserError(f"train.spike_factor must be 0 (off) or above 1 (got {self.spike_factor})")
         if self.max_bad_steps < 1 or self.bad_step_window < self.max_bad_steps:
