@@ -17,7 +17,7 @@ from gptrain.metrics.throughput import (
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("GPTRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GPTRAIN_SPEED_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
@@ -120,13 +120,13 @@ def test_cache_is_keyed_by_threads(monkeypatch, _cache):
 def test_unwritable_or_corrupt_cache_does_not_fail(monkeypatch, tmp_path):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file where the cache folder should be")
-    monkeypatch.setenv("GPTRAIN_CACHE", str(blocker / "cache"))
+    monkeypatch.setenv("GPTRAIN_SPEED_CACHE", str(blocker / "cache"))
     monkeypatch.setattr(throughput, "measure_matmul_flops", lambda device, dtype: 3e9)
     assert probe_peak("cpu", "cpu: test", "fp32") == 3e9
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "peak_flops.json").write_text("{not json")
-    monkeypatch.setenv("GPTRAIN_CACHE", str(corrupt))
+    monkeypatch.setenv("GPTRAIN_SPEED_CACHE", str(corrupt))
     assert probe_peak("cpu", "cpu: test", "fp32") == 3e9
     assert json.loads((corrupt / "peak_flops.json").read_text()) != {}
     assert [p.name for p in corrupt.iterdir()] == ["peak_flops.json"]  # no temp file left behind
@@ -205,3 +205,11 @@ def test_failed_cache_write_leaves_no_temp_file(monkeypatch, _cache):
     monkeypatch.setattr(throughput, "measure_matmul_flops", lambda device, dtype: 5e9)
     assert probe_peak("cpu", "cpu: test", "fp32") == 5e9
     assert list(_cache.iterdir()) == []
+
+
+def test_a_higher_measured_rate_replaces_a_low_cached_probe(monkeypatch):
+    monkeypatch.setattr(throughput, "measure_matmul_flops", lambda device, dtype: 4e9)  # a busy machine's probe
+    assert peak_flops("cpu", "fp32") == (4e9, "probe")
+    assert throughput.raise_probed_peak("cpu", "fp32", 200e9) == 200e9
+    assert peak_flops("cpu", "fp32") == (200e9, "probe")
+    assert throughput.raise_probed_peak("cpu", "fp32", 150e9) == 200e9  # a lower one changes nothing

@@ -23,7 +23,7 @@ import torch
 from gptrain.bench.timing import autocast_for, build_pair, make_batches, run_alternating, synchronize
 from gptrain.errors import UserError
 from gptrain.metrics.machine import describe_machine
-from gptrain.metrics.throughput import device_name, flops_per_token, measure_matmul_flops, peak_flops
+from gptrain.metrics.throughput import device_name, flops_per_token, measure_matmul_flops, peak_flops, raise_probed_peak
 from gptrain.model.cpu_attention import set_attention_kernel
 from gptrain.model.gpt import GPT, ModelConfig, count_parameters
 from gptrain.train.fast_paths import (
@@ -87,6 +87,8 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
     matmul_rate = max(rates)
     step_flop = flops_per_token(cfg) * rows
     peak, peak_basis = peak_flops(device, matmul_dtype)
+    if peak_basis == "probe":
+        peak = raise_probed_peak(device, matmul_dtype, matmul_rate)
     runs = {name: summarize(timed.medians(opts.warmup), rows, step_flop, peak) for name, timed in pair.items()}
     result = {
         "title": title(cfg, opts),

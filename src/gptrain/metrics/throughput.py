@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import time
@@ -180,10 +181,34 @@ def _is_tf32_enabled() -> bool:
     return False
 
 
+SPEED_CACHE_ENV = "GPTRAIN_SPEED_CACHE"
+
+
+def speed_cache_dir() -> Path:
+    """The folder of every speed measurement (peak rates, linear and attention probes, compile times):
+    $GPTRAIN_SPEED_CACHE, else the asset cache (tests point it at a folder of their own)."""
+    return Path(os.environ[SPEED_CACHE_ENV]) if os.environ.get(SPEED_CACHE_ENV) else cache_dir()
+
+
+def _peak_key(name: str, dtype: str) -> str:
+    return f"{name} | {dtype} | torch {torch.__version__} | {torch.get_num_threads()} threads | {RATE_VERSION}"
+
+
+def raise_probed_peak(device: str, dtype: str, rate: float) -> float:
+    """A rate measured later (bench measures one each run) replaces a lower cached probe: a probe taken
+    while the machine was busy would otherwise understate the peak, and overstate MFU, for good."""
+    key, path = _peak_key(machine_id(device), _table_dtype(device, dtype)), speed_cache_dir() / CACHE_FILE_NAME
+    cached = read_cache(path)
+    if rate > float(cached.get(key) or 0.0):
+        write_cache(path, {**cached, key: rate})
+        return rate
+    return float(cached[key])
+
+
 def probe_peak(device: str, name: str, dtype: str) -> float:
     """Best measured square-matmul FLOP/s in dtype, cached by device name, dtype, torch and threads."""
-    key = f"{name} | {dtype} | torch {torch.__version__} | {torch.get_num_threads()} threads | {RATE_VERSION}"
-    path = cache_dir() / CACHE_FILE_NAME
+    key = _peak_key(name, dtype)
+    path = speed_cache_dir() / CACHE_FILE_NAME
     cached = read_cache(path)
     value = cached.get(key)
     if isinstance(value, (int, float)) and value > 0:

@@ -13,10 +13,9 @@ import time
 
 import torch
 
-from gptrain.metrics.throughput import machine_id, read_cache, write_cache
+from gptrain.metrics.throughput import machine_id, read_cache, speed_cache_dir, write_cache
 from gptrain.model import cpu_attention
 from gptrain.model.gpt import ModelConfig, attention
-from gptrain.model.linear_probe import speed_cache_dir
 
 CACHE_FILE_NAME = "attention_kernels.json"
 PROBE_VERSION = "attention probe v1"

@@ -10,19 +10,16 @@ version, thread count and shapes in $GPTRAIN_CACHE, so a machine probes a shape 
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from gptrain.metrics.throughput import machine_id, read_cache, write_cache
+from gptrain.metrics.throughput import machine_id, read_cache, speed_cache_dir, write_cache
 from gptrain.model import cpu_linear
 from gptrain.model.chunked_loss import CHUNKED_MIN_CPU_LOGITS
 from gptrain.model.cpu_linear import KERNELS, PASSES, LinearPlan
 from gptrain.model.gpt import ModelConfig
-from gptrain.tokenizer.gpt2_assets import cache_dir
 
 CACHE_FILE_NAME = "linear_plans.json"
 MIN_GAIN = 0.03  # oneDNN must save this fraction of the all-ATen matmul time to be used at all
@@ -32,14 +29,7 @@ MIN_GAIN = 0.03  # oneDNN must save this fraction of the all-ATen matmul time to
 REPEATS = 5
 PROBE_VERSION = "probe v2"  # in the cache key: plans cached by the 3-repeat probe are measured again
 MIN_MEASURE_SECONDS = 0.002  # small matmuls are repeated until one measurement lasts this long
-SPEED_CACHE_ENV = "GPTRAIN_SPEED_CACHE"
 MAX_PROBE_ROWS = 4096  # bigger micro batches are timed at this many rows (matmul time grows with rows)
-
-
-def speed_cache_dir() -> Path:
-    """The folder of the linear probe's and the compile rule's measurements: $GPTRAIN_SPEED_CACHE, else the
-    asset cache (tests point it at a folder of their own)."""
-    return Path(os.environ[SPEED_CACHE_ENV]) if os.environ.get(SPEED_CACHE_ENV) else cache_dir()
 
 
 def linear_shapes(cfg: ModelConfig, rows: int) -> list[tuple[int, int, int]]:

@@ -31,12 +31,12 @@ from collections.abc import Callable
 import torch
 
 from gptrain.errors import UserError
-from gptrain.metrics.throughput import machine_id, read_cache, write_cache
+from gptrain.metrics.throughput import machine_id, read_cache, speed_cache_dir, write_cache
 from gptrain.model.attention_probe import choose_attention_kernel
 from gptrain.model.cpu_attention import library, set_attention_kernel
 from gptrain.model.cpu_linear import LinearPlan, default_plan, set_linear_plan
 from gptrain.model.gpt import ModelConfig
-from gptrain.model.linear_probe import choose_linear_plan, speed_cache_dir
+from gptrain.model.linear_probe import choose_linear_plan
 from gptrain.train.budget import parse_duration
 from gptrain.train.compile_probe import PROBE_MIN_MICRO_BATCHES, is_worth_probing, min_run_seconds, probe_compile
 from gptrain.train.step import has_fast_cpu_bf16, uses_bf16
