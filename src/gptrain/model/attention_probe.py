@@ -18,7 +18,7 @@ from gptrain.model import cpu_attention
 from gptrain.model.gpt import ModelConfig, attention
 
 CACHE_FILE_NAME = "attention_kernels.json"
-PROBE_VERSION = "attention probe v1"
+PROBE_VERSION = "attention probe v2"  # v2: the kernel's backward by query chunks
 MIN_GAIN = 0.03  # gptrain's kernel must save this fraction of SDPA's time
 REPEATS = 5  # timed measurements per kernel (the median counts), the order swapped each time
 MIN_MEASURE_SECONDS = 0.005  # short passes are repeated until one measurement lasts this long
@@ -34,8 +34,9 @@ def choose_attention_kernel(cfg: ModelConfig, batch_size: int) -> tuple[str, str
     lib, lib_why = cpu_attention.library()
     if lib is None:
         return "sdpa", lib_why
-    if (cfg.n_embd // cfg.n_head) % 16:
-        return "sdpa", f"head size {cfg.n_embd // cfg.n_head} is not a multiple of 16"
+    head_size = cfg.n_embd // cfg.n_head
+    if head_size % 16 or head_size > cpu_attention.MAX_HEAD_SIZE:
+        return "sdpa", f"head size {head_size} is not a multiple of 16 up to {cpu_attention.MAX_HEAD_SIZE}"
     path, key = speed_cache_dir() / CACHE_FILE_NAME, cache_key(cfg, batch_size)
     cached = read_cache(path)
     entry = cached.get(key)

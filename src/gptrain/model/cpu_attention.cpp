@@ -58,8 +58,9 @@ static inline float hsum(v16 x) {
   return s;
 }
 
-// out[r][j] = sum_d rows[r][d] * colsT[d][j] for j < nv * W; rows is R x D, colsT is D x ldc.
-static void rows_times_cols(const float* rows, const float* colsT, int D, int ldc, int nv, float* out, int ldo) {
+// out[r][j] = sum_d rows[r][d] * colsT[d][j] for j < nv * W; row r starts at rows[r], colsT is D x ldc.
+static void rows_times_cols(const float* const* rows, const float* colsT, int D, int ldc, int nv, float* out,
+                            int ldo) {
   for (int j0 = 0; j0 < nv; j0 += KB) {
     int nb = std::min(KB, nv - j0);
     v16 acc[R][KB] = {};
@@ -68,7 +69,7 @@ static void rows_times_cols(const float* rows, const float* colsT, int D, int ld
       for (int b = 0; b < KB; b++) {
         if (b >= nb) break;
         v16 cv = load(c + b * W);
-        for (int r = 0; r < R; r++) acc[r][b] += rows[r * D + d] * cv;
+        for (int r = 0; r < R; r++) acc[r][b] += rows[r][d] * cv;
       }
     }
     for (int r = 0; r < R; r++)
@@ -76,59 +77,70 @@ static void rows_times_cols(const float* rows, const float* colsT, int D, int ld
   }
 }
 
-// out[r][:] = sum_{j < n} p[r][j] * m[j][:] (m is n x D, row stride D), scaled by scale[r].
-static void probs_times_rows(const float* p, int ldp, const float* m, int D, int n, const float* scale, float* out) {
+// out[r][:] (+)= scale[r] * sum_{lo <= i < hi} p(r, i) * m[i][:], with p(r, i) = p[r * pr + i * pi] and m's rows
+// ldm apart: Y = P V and dQ = dS K over a block of query rows (pr = row length, pi = 1), and dK = dS^T Q,
+// dV = P^T dY over a block of keys (pr = 1, pi = row length). out's rows are D apart.
+static void probs_times_rows(const float* p, int64_t pr, int64_t pi, const float* m, int64_t ldm, int D, int lo,
+                             int hi, const float* scale, bool accumulate, float* out) {
   int dv = D / W;
   for (int d0 = 0; d0 < dv; d0 += DB) {
     int nb = std::min(DB, dv - d0);
     v16 acc[R][DB] = {};
-    for (int j = 0; j < n; j++) {
-      const float* mj = m + (int64_t)j * D + d0 * W;
+    for (int i = lo; i < hi; i++) {
+      const float* mi = m + i * ldm + d0 * W;
+      const float* pcol = p + i * pi;
       for (int b = 0; b < DB; b++) {
         if (b >= nb) break;
-        v16 mv = load(mj + b * W);
-        for (int r = 0; r < R; r++) acc[r][b] += p[r * ldp + j] * mv;
+        v16 mv = load(mi + b * W);
+        for (int r = 0; r < R; r++) acc[r][b] += pcol[r * pr] * mv;
       }
     }
     for (int r = 0; r < R; r++)
-      for (int b = 0; b < nb; b++) store(out + r * D + (d0 + b) * W, acc[r][b] * scale[r]);
-  }
-}
-
-// accT[d][j] += sum_r rows[r][d] * p[r][j] for j < nv * W (rows R x D, p R x ldp, accT D x lda).
-static void add_outer(const float* rows, int D, const float* p, int ldp, int nv, float* accT, int lda) {
-  for (int d = 0; d < D; d++) {
-    float* a = accT + (int64_t)d * lda;
-    for (int j = 0; j < nv; j++) {
-      v16 s = load(a + j * W);
-      for (int r = 0; r < R; r++) s += rows[r * D + d] * load(p + r * ldp + j * W);
-      store(a + j * W, s);
-    }
+      for (int b = 0; b < nb; b++) {
+        float* o = out + r * D + (d0 + b) * W;
+        v16 x = acc[r][b] * scale[r];
+        store(o, accumulate ? load(o) + x : x);
+      }
   }
 }
 
 // The head's K (or V) as D x Tp, transposed and zero-padded to Tp keys.
 static void gather_transposed(const float* base, int64_t st, int T, int D, int Tp, float* outT) {
-  std::memset(outT, 0, sizeof(float) * (size_t)D * Tp);
   for (int j = 0; j < T; j++)
     for (int d = 0; d < D; d++) outT[(int64_t)d * Tp + j] = base[j * st + d];
+  for (int d = 0; d < D; d++)
+    for (int j = T; j < Tp; j++) outT[(int64_t)d * Tp + j] = 0.0f;
 }
 
-static void gather_rows(const float* base, int64_t st, int first, int n, int D, float* out) {
-  std::memset(out, 0, sizeof(float) * R * D);
-  for (int r = 0; r < n; r++) std::memcpy(out + r * D, base + (first + r) * st, sizeof(float) * D);
+// Pointers to rows first..first+R-1 of a (T, D) slice whose rows are st apart; rows past n read zeros.
+static void row_pointers(const float* base, int64_t st, int first, int n, const float* zeros, const float** rows) {
+  for (int r = 0; r < R; r++) rows[r] = r < n ? base + (first + r) * st : zeros;
 }
+
+static const i16 IOTA = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
 // p[r][j] = exp(scale * s[r][j] - shift[r]) for keys j <= first + r, else 0 (over nv * W keys).
 static void causal_exp(float* s, int ld, int first, int nv, float scale, const float* shift) {
-  const i16 iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   for (int r = 0; r < R; r++) {
     for (int j = 0; j < nv; j++) {
       v16 x = vexp(load(s + r * ld + j * W) * scale - shift[r]);
-      i16 keep = (iota + j * W) <= (first + r);
+      i16 keep = (IOTA + j * W) <= (first + r);
       store(s + r * ld + j * W, keep ? x : v16{});
     }
   }
+}
+
+// The max of s[r][j] over keys j <= last (s has at least last + 1 entries, in whole vectors).
+static float causal_max(const float* s, int last) {
+  v16 m = splat(-INFINITY);
+  for (int j = 0; j * W <= last; j++) {
+    v16 x = load(s + j * W);
+    i16 keep = (IOTA + j * W) <= last;
+    m = keep && x > m ? x : m;
+  }
+  float out = m[0];
+  for (int i = 1; i < W; i++) out = std::max(out, m[i]);
+  return out;
 }
 
 struct Layout {  // one (B, T, n * C) tensor: element (b, t, c) at b * sb + t * st + c
@@ -145,27 +157,23 @@ struct Scratch {
   }
 };
 static thread_local Scratch scratch;
+static constexpr int CHUNK = 64;  // query rows whose P and dS the backward keeps at once (a multiple of R)
 
 static void forward_head(const Layout& qkv, const Layout& y, float* lse, int b, int h, int T, int C, int D, float scale) {
   int Tp = (T + W - 1) / W * W;
-  float* kT = scratch.get((size_t)2 * Tp * D + R * D + R * Tp + R * D);
-  float* v = kT + (size_t)Tp * D;
-  float* q = v + (size_t)Tp * D;
-  float* s = q + R * D;
-  float* o = s + R * Tp;
+  float* kT = scratch.get((size_t)Tp * D + R * Tp + D);
+  float* s = kT + (size_t)Tp * D;
+  float* zeros = s + R * Tp;
+  std::memset(zeros, 0, sizeof(float) * D);
   const float* qb = qkv.at(b, h, D);
   gather_transposed(qb + C, qkv.st, T, D, Tp, kT);
-  for (int j = 0; j < T; j++) std::memcpy(v + (int64_t)j * D, qb + 2 * C + j * qkv.st, sizeof(float) * D);
   for (int i0 = 0; i0 < T; i0 += R) {
     int nr = std::min(R, T - i0), nk = i0 + nr, nv = (nk + W - 1) / W;
-    gather_rows(qb, qkv.st, i0, nr, D, q);
+    const float* q[R];
+    row_pointers(qb, qkv.st, i0, nr, zeros, q);
     rows_times_cols(q, kT, D, Tp, nv, s, Tp);
     float shift[R], inv[R];
-    for (int r = 0; r < R; r++) {  // the row's max over its keys 0..i0+r
-      float m = -INFINITY;
-      for (int j = 0; j <= std::min(i0 + r, T - 1); j++) m = std::max(m, s[r * Tp + j]);
-      shift[r] = m * scale;
-    }
+    for (int r = 0; r < R; r++) shift[r] = causal_max(s + r * Tp, std::min(i0 + r, T - 1)) * scale;
     causal_exp(s, Tp, i0, nv, scale, shift);
     for (int r = 0; r < R; r++) {
       v16 sum = {};
@@ -174,65 +182,83 @@ static void forward_head(const Layout& qkv, const Layout& y, float* lse, int b, 
       inv[r] = 1.0f / l;
       if (r < nr) lse[i0 + r] = shift[r] + std::log(l);
     }
-    probs_times_rows(s, Tp, v, D, nk, inv, o);
+    float o[R * 256];
+    probs_times_rows(s, Tp, 1, qb + 2 * C, qkv.st, D, 0, nk, inv, false, o);
     for (int r = 0; r < nr; r++) std::memcpy(y.at(b, h, D) + (i0 + r) * y.st, o + r * D, sizeof(float) * D);
   }
 }
 
+// One block of R query rows: P and dS into p and ds (rows ld apart), dQ into g.
+static void backward_rows(const float* qb, int64_t sq, const float* yb, int64_t sy, const float* gyb, int64_t sgy,
+                          const float* lse, const float* kT, const float* vT, const float* zeros, int i0, int T, int C,
+                          int D, int Tp, float scale, float* p, float* ds, float* gq, int64_t sg) {
+  int nr = std::min(R, T - i0), nk = i0 + nr, nv = (nk + W - 1) / W;
+  const float *q[R], *dy[R], *o[R];
+  row_pointers(qb, sq, i0, nr, zeros, q);
+  row_pointers(gyb, sgy, i0, nr, zeros, dy);
+  row_pointers(yb, sy, i0, nr, zeros, o);
+  float shift[R], rowdot[R], scales[R];
+  for (int r = 0; r < R; r++) {
+    shift[r] = r < nr ? lse[i0 + r] : 0.0f;
+    v16 acc = {};
+    for (int d = 0; d < D; d += W) acc += load(dy[r] + d) * load(o[r] + d);
+    rowdot[r] = hsum(acc);
+    scales[r] = scale;
+  }
+  rows_times_cols(q, kT, D, Tp, nv, p, Tp);
+  causal_exp(p, Tp, i0, nv, scale, shift);
+  rows_times_cols(dy, vT, D, Tp, nv, ds, Tp);
+  for (int r = 0; r < R; r++)
+    for (int j = 0; j < nv; j++) {
+      v16 pv = load(p + r * Tp + j * W);
+      store(ds + r * Tp + j * W, pv * (load(ds + r * Tp + j * W) - rowdot[r]));
+    }
+  float out[R * 256];
+  probs_times_rows(ds, Tp, 1, qb + C, sq, D, 0, nk, scales, false, out);
+  for (int r = 0; r < nr; r++) std::memcpy(gq + (i0 + r) * sg, out + r * D, sizeof(float) * D);
+}
+
 static void backward_head(const Layout& qkv, const Layout& y, const Layout& gy, const float* lse, const Layout& g,
                           int b, int h, int T, int C, int D, float scale) {
-  int Tp = (T + W - 1) / W * W;
+  int Tp = (T + W - 1) / W * W, Tr = (T + R - 1) / R * R;
   size_t plane = (size_t)Tp * D;
-  float* kT = scratch.get(5 * plane + 3 * R * D + 2 * R * Tp + R * D);
+  float* kT = scratch.get(2 * plane + 2 * (size_t)Tr * D + 2 * (size_t)CHUNK * Tp + D);
   float* vT = kT + plane;
-  float* k = vT + plane;
-  float* gkT = k + plane;
-  float* gvT = gkT + plane;
-  float* q = gvT + plane;
-  float* dy = q + R * D;
-  float* o = dy + R * D;
-  float* p = o + R * D;
-  float* ds = p + R * Tp;
-  float* gq = ds + R * Tp;
+  float* gk = vT + plane;  // Tr x D each: dK and dV accumulated over the query chunks
+  float* gv = gk + (size_t)Tr * D;
+  float* p = gv + (size_t)Tr * D;  // CHUNK x Tp each
+  float* ds = p + (size_t)CHUNK * Tp;
+  float* zeros = ds + (size_t)CHUNK * Tp;
+  std::memset(zeros, 0, sizeof(float) * D);
+  std::memset(gk, 0, sizeof(float) * 2 * Tr * D);
   const float* qb = qkv.at(b, h, D);
+  const float* gyb = gy.at(b, h, D);
   gather_transposed(qb + C, qkv.st, T, D, Tp, kT);
   gather_transposed(qb + 2 * C, qkv.st, T, D, Tp, vT);
-  for (int j = 0; j < T; j++) std::memcpy(k + (int64_t)j * D, qb + C + j * qkv.st, sizeof(float) * D);
-  std::memset(gkT, 0, sizeof(float) * 2 * plane);
-  const float* lseh = lse;
-  for (int i0 = 0; i0 < T; i0 += R) {
-    int nr = std::min(R, T - i0), nk = i0 + nr, nv = (nk + W - 1) / W;
-    gather_rows(qb, qkv.st, i0, nr, D, q);
-    gather_rows(gy.at(b, h, D), gy.st, i0, nr, D, dy);
-    gather_rows(y.at(b, h, D), y.st, i0, nr, D, o);
-    float shift[R], rowdot[R], ones[R];
-    for (int r = 0; r < R; r++) {
-      shift[r] = r < nr ? lseh[i0 + r] : 0.0f;
-      float acc = 0.0f;
-      for (int d = 0; d < D; d++) acc += dy[r * D + d] * o[r * D + d];
-      rowdot[r] = acc;
-      ones[r] = scale;
+  float* gq = g.at(b, h, D);
+  const float ones[R] = {1.0f, 1.0f, 1.0f, 1.0f};
+  for (int c0 = 0; c0 < T; c0 += CHUNK) {
+    int c1 = std::min(T, c0 + CHUNK);
+    for (int i0 = c0; i0 < c1; i0 += R)
+      backward_rows(qb, qkv.st, y.at(b, h, D), y.st, gyb, gy.st, lse, kT, vT, zeros, i0, T, C, D, Tp, scale,
+                    p + (size_t)(i0 - c0) * Tp, ds + (size_t)(i0 - c0) * Tp, gq, g.st);
+    // dK[j] += sum_i dS[i][j] q[i], dV[j] += sum_i P[i][j] dy[i] over this chunk's rows i >= j (causal)
+    // (only keys j0 <= i: the entries read, P[i][j0..j0+R), lie within the vectors row i computed).
+    const float* q_chunk = qb + c0 * qkv.st;
+    const float* dy_chunk = gyb + c0 * gy.st;
+    for (int j0 = 0; j0 < c1; j0 += R) {
+      int lo = std::max(c0, j0) - c0, hi = c1 - c0;
+      probs_times_rows(ds + j0, 1, Tp, q_chunk, qkv.st, D, lo, hi, ones, true, gk + (size_t)j0 * D);
+      probs_times_rows(p + j0, 1, Tp, dy_chunk, gy.st, D, lo, hi, ones, true, gv + (size_t)j0 * D);
     }
-    rows_times_cols(q, kT, D, Tp, nv, p, Tp);
-    causal_exp(p, Tp, i0, nv, scale, shift);
-    rows_times_cols(dy, vT, D, Tp, nv, ds, Tp);
-    for (int r = 0; r < R; r++)
-      for (int j = 0; j < nv; j++) {
-        v16 pv = load(p + r * Tp + j * W);
-        store(ds + r * Tp + j * W, pv * (load(ds + r * Tp + j * W) - rowdot[r]));
-      }
-    probs_times_rows(ds, Tp, k, D, nk, ones, gq);
-    for (int r = 0; r < nr; r++) std::memcpy(g.at(b, h, D) + (i0 + r) * g.st, gq + r * D, sizeof(float) * D);
-    add_outer(q, D, ds, Tp, nv, gkT, Tp);
-    add_outer(dy, D, p, Tp, nv, gvT, Tp);
   }
-  float* gk = g.at(b, h, D) + C;
-  float* gv = gk + C;
-  for (int j = 0; j < T; j++)
-    for (int d = 0; d < D; d++) {
-      gk[j * g.st + d] = scale * gkT[(int64_t)d * Tp + j];
-      gv[j * g.st + d] = gvT[(int64_t)d * Tp + j];
+  for (int j = 0; j < T; j++) {
+    float* out = gq + j * g.st;
+    for (int d = 0; d < D; d += W) {
+      store(out + C + d, load(gk + (size_t)j * D + d) * scale);
+      store(out + 2 * C + d, load(gv + (size_t)j * D + d));
     }
+  }
 }
 
 extern "C" {

@@ -35,6 +35,7 @@ KERNELS = ("gptrain", "sdpa")
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 ABI = 1
+MAX_HEAD_SIZE = 256  # the kernel's per-row buffers
 _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
 
@@ -94,6 +95,7 @@ def supports(qkv: Tensor, n_head: int) -> bool:
     (set_attention_kernel has checked that the kernel is built)."""
     head_size = qkv.shape[-1] // (3 * n_head)
     return (qkv.device.type == "cpu" and qkv.dtype == torch.float32 and qkv.dim() == 3 and head_size % 16 == 0
+            and head_size <= MAX_HEAD_SIZE
             and not torch.is_autocast_enabled("cpu"))
 
 
