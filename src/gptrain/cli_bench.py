@@ -49,6 +49,8 @@ def add_bench_parser(sub) -> None:
                    "forward=K,grad_input=K,grad_weight=K")
     p.add_argument("--cpu-attention", default="auto", choices=["auto", "gptrain", "sdpa"],
                    help="train.cpu_attention: auto (probe), gptrain (its C++ kernel) or sdpa")
+    p.add_argument("--cpu-gelu", default="auto", choices=["auto", "gptrain", "aten"],
+                   help="train.cpu_gelu: auto (probe), gptrain (its C++ kernel) or aten")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     p.add_argument("--out", metavar="FILE.json", help="where the JSON result goes, a PNG chart beside it "
                    "(default runs/bench/bench-<time>.json)")
@@ -74,7 +76,8 @@ def bench_options(args: argparse.Namespace):
         model, batch_size = llmc_model, 4
     return BenchOptions(model=model, batch_size=batch_size, device=args.device, dtype=args.dtype, steps=args.steps,
                         warmup=args.warmup, compare=args.compare or "", llmc=args.llmc or "", compile=args.compile,
-                        cpu_linear=args.cpu_linear, cpu_attention=args.cpu_attention)
+                        cpu_linear=args.cpu_linear, cpu_attention=args.cpu_attention,
+                        cpu_gelu=args.cpu_gelu)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -106,7 +109,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def format_result(result: dict) -> str:
     """The table `gptrain bench` prints: one row per run, then the ratios."""
     lines = [f"\n{result['title']}, {result['threads']} threads, torch {result['torch']}, "
-             f"linear kernels {result['cpu_linear']}, attention {result.get('cpu_attention', 'sdpa')}",
+             f"linear kernels {result['cpu_linear']}, attention {result.get('cpu_attention', 'sdpa')}, "
+             f"gelu {result.get('cpu_gelu', 'aten')}",
              f"{'':22} {'forward':>9} {'backward':>9} {'optimizer':>9} {'step':>9} {'tokens/s':>10} "
              f"{'GFLOP/s':>9} {'MFU':>6}"]
     rows = [(name, run) for name, run in result["runs"].items()]

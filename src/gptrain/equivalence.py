@@ -84,7 +84,7 @@ def case_values(case: Case, out: Path, corpus: Path, num_steps: int, device: str
         # Plain fp32 and the same kernels everywhere (micro batches differ, and so would probed kernels):
         # differences mean bugs.
         "train.precision": "fp32", "train.use_tf32": False, "train.cpu_linear": "aten",
-        "train.cpu_attention": "sdpa",
+        "train.cpu_attention": "sdpa", "train.cpu_gelu": "aten",
     }
 
 

@@ -1,4 +1,4 @@
-"""gptrain's CPU attention kernel: SDPA's math (values and gradients), deterministic, and a clean fallback."""
+"""gptrain's CPU kernels: attention with SDPA's math (values and gradients), deterministic, a clean fallback."""
 
 import copy
 import math
@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from gptrain.errors import UserError
-from gptrain.model import attention_probe, cpu_attention
+from gptrain.model import cpu_attention, cpu_kernels, kernel_probe
 from gptrain.model.gpt import GPT, ModelConfig
 
-requires_kernel = pytest.mark.skipif(cpu_attention.library()[0] is None,
-                                     reason=f"the kernel cannot be built here: {cpu_attention.library()[1]}")
+requires_kernel = pytest.mark.skipif(cpu_kernels.library()[0] is None,
+                                     reason=f"the kernel cannot be built here: {cpu_kernels.library()[1]}")
 
 
 def exact_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -42,7 +42,7 @@ def test_kernel_matches_exact_attention_like_sdpa(B, T, H, D):
     qkv = torch.randn(B, T, 3 * H * D, generator=generator) * 1.5
     grad_y = torch.randn(B, T, H * D, generator=generator)
     exact_y, exact_g = value_and_grad(exact_attention, qkv.double(), grad_y.double(), H)
-    sdpa_y, sdpa_g = value_and_grad(attention_probe.sdpa_attention, qkv, grad_y, H)
+    sdpa_y, sdpa_g = value_and_grad(kernel_probe.sdpa_attention, qkv, grad_y, H)
     mine_y, mine_g = value_and_grad(cpu_attention.causal_attention, qkv, grad_y, H)
     assert mine_y.shape == (B, T, H * D) and mine_g.shape == qkv.shape
     # within a few times SDPA's own fp32 error of the exact result
@@ -146,57 +146,58 @@ def test_sdpa_is_used_where_the_kernel_does_not_apply(monkeypatch):
 
 
 def test_without_a_compiler_there_is_no_kernel_and_a_clear_reason(monkeypatch):
-    monkeypatch.setattr(cpu_attention, "compiler", lambda: None)
-    cpu_attention.library.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "compiler", lambda: None)
+    cpu_kernels.library.cache_clear()
     try:
-        assert cpu_attention.library() == (None, "no C++ compiler found (set CXX or install g++)")
+        assert cpu_kernels.library() == (None, "no C++ compiler found (set CXX or install g++)")
         with pytest.raises(UserError, match="not available here"):
             cpu_attention.set_attention_kernel(GPT(ModelConfig(n_embd=32, n_layer=1, n_head=2, block_size=8,
                                                                vocab_size=20)), "gptrain")
-        assert attention_probe.choose_attention_kernel(ModelConfig(), 4)[0] == "sdpa"
+        assert kernel_probe.choose_attention_kernel(ModelConfig(), 4)[0] == "sdpa"
+        assert kernel_probe.choose_gelu_kernel(ModelConfig(), 4)[0] == "aten"
     finally:
-        cpu_attention.library.cache_clear()
+        cpu_kernels.library.cache_clear()
 
 
 def test_a_failed_build_leaves_no_library_behind(monkeypatch, tmp_path):
     bad = tmp_path / "bad.cpp"
     bad.write_text("this is not C++\n")
-    monkeypatch.setattr(cpu_attention, "SOURCE", bad)
+    monkeypatch.setattr(cpu_kernels, "SOURCE", bad)
     monkeypatch.setenv("GPTRAIN_CACHE", str(tmp_path / "cache"))
-    if cpu_attention.compiler() is None:
+    if cpu_kernels.compiler() is None:
         pytest.skip("no C++ compiler on this machine to fail with")
-    cpu_attention.library.cache_clear()
+    cpu_kernels.library.cache_clear()
     try:
-        lib, why = cpu_attention.library()
+        lib, why = cpu_kernels.library()
     finally:
-        cpu_attention.library.cache_clear()
-    assert lib is None and why.startswith("building the attention kernel failed:")
+        cpu_kernels.library.cache_clear()
+    assert lib is None and why.startswith("building gptrain's CPU kernels failed:")
     assert list((tmp_path / "cache" / "kernels").iterdir()) == []
 
 
 def test_the_probe_picks_the_faster_kernel_and_caches_it(monkeypatch):
-    if cpu_attention.library()[0] is None:
-        pytest.skip(f"the kernel cannot be built here: {cpu_attention.library()[1]}")
+    if cpu_kernels.library()[0] is None:
+        pytest.skip(f"the kernel cannot be built here: {cpu_kernels.library()[1]}")
     cfg = ModelConfig(n_embd=64, n_head=2, n_layer=1, block_size=16, vocab_size=30)
     measured = []
     for times, expected in (({"gptrain": 1.0, "sdpa": 2.0}, "gptrain"), ({"gptrain": 0.99, "sdpa": 1.0}, "sdpa")):
         batch = 3 + len(measured)  # a shape of its own each time: not cached yet
-        monkeypatch.setattr(attention_probe, "time_kernels", lambda cfg, b, t=times: measured.append(b) or t)
-        kernel, why = attention_probe.choose_attention_kernel(cfg, batch)
+        monkeypatch.setattr(kernel_probe, "time_attention", lambda cfg, b, t=times: measured.append(b) or t)
+        kernel, why = kernel_probe.choose_attention_kernel(cfg, batch)
         assert kernel == expected and why.startswith("probed now")
-        again, why = attention_probe.choose_attention_kernel(cfg, batch)
+        again, why = kernel_probe.choose_attention_kernel(cfg, batch)
         assert again == expected and why.startswith("probed before")
     assert measured == [3, 4]  # each shape measured once
-    real = attention_probe.time_kernels(cfg, 2)  # the real measurement runs and times both
+    real = kernel_probe.time_attention(cfg, 2)  # the real measurement runs and times both
     assert set(real) == {"gptrain", "sdpa"} and all(s > 0 for s in real.values())
 
 
 def test_the_probe_refuses_head_sizes_the_kernel_lacks():
-    kernel, why = attention_probe.choose_attention_kernel(ModelConfig(n_embd=48, n_head=2), 2)
-    assert kernel == "sdpa" and ("multiple of 16" in why or cpu_attention.library()[0] is None)
+    kernel, why = kernel_probe.choose_attention_kernel(ModelConfig(n_embd=48, n_head=2), 2)
+    assert kernel == "sdpa" and ("multiple of 16" in why or cpu_kernels.library()[0] is None)
 
 
 def test_sdpa_reference_matches_exact():
     qkv = torch.randn(2, 9, 3 * 32)
-    torch.testing.assert_close(attention_probe.sdpa_attention(qkv, 2).double(), exact_attention(qkv, 2),
+    torch.testing.assert_close(kernel_probe.sdpa_attention(qkv, 2).double(), exact_attention(qkv, 2),
                                rtol=1e-5, atol=1e-6)

@@ -129,14 +129,14 @@ def test_compile_probe_times_both_models_and_leaves_the_rng_alone():
     expected = torch.rand(3)
     torch.manual_seed(123)
     compiled = []
-    record = probe_compile(CFG, 2, LinearPlan(), "sdpa", lambda model: compiled.append(model) or torch.compile(
+    record = probe_compile(CFG, 2, lambda model: None, lambda model: compiled.append(model) or torch.compile(
         model, backend="aot_eager"))
     assert torch.equal(torch.rand(3), expected)
     assert len(compiled) == 1
     assert record["eager_step_seconds"] > 0 and record["compiled_step_seconds"] > 0 and record["compile_seconds"] >= 0
     assert fast_paths.compile_pays(record, 10)[1].startswith("auto: ")
     # A run in steps whose eager passes project it under PROBE_MIN_RUN_S is timed eager only.
-    short = probe_compile(CFG, 2, LinearPlan(), "sdpa", lambda model: pytest.fail("compiled for a short run"),
+    short = probe_compile(CFG, 2, lambda model: None, lambda model: pytest.fail("compiled for a short run"),
                           num_micro_batches=1000)
     assert set(short) == {"eager_step_seconds"}
     assert short["eager_step_seconds"] * 1000 < compile_probe.min_run_seconds(CFG)
@@ -228,44 +228,52 @@ def test_a_long_cpu_run_probes_compile_after_the_malloc_tuning_and_logs_the_choi
 
 
 def test_attention_setting_beats_checkpoint_beats_probe(monkeypatch):
-    monkeypatch.setattr(fast_paths, "choose_attention_kernel", lambda cfg, batch: ("gptrain", "probed now"))
-    assert fast_paths.resolve_attention("sdpa", {"cpu_attention": "gptrain"}, CFG, 2, "cpu") == ("sdpa", "set")
-    assert fast_paths.resolve_attention("auto", {"cpu_linear": "aten"}, CFG, 2, "cpu") == (
+    monkeypatch.setitem(fast_paths.OWN_KERNELS, "cpu_attention", ("sdpa", lambda cfg, batch: ("gptrain", "probed")))
+    resolve = fast_paths.resolve_own_kernel
+    assert resolve("cpu_attention", "sdpa", {"cpu_attention": "gptrain"}, CFG, 2, "cpu") == ("sdpa", "set")
+    assert resolve("cpu_attention", "auto", {"cpu_linear": "aten"}, CFG, 2, "cpu") == (
         "sdpa", "kept from the checkpoint")  # a checkpoint from before the choice existed ran SDPA
-    assert fast_paths.resolve_attention("auto", {}, CFG, 2, "cpu") == ("gptrain", "probed now")
-    assert fast_paths.resolve_attention("auto", {}, CFG, 2, "cpu", is_autocast=True)[0] == "sdpa"
-    assert fast_paths.resolve_attention("auto", {}, CFG, 2, "cuda")[0] == "sdpa"
+    assert resolve("cpu_attention", "auto", {}, CFG, 2, "cpu") == ("gptrain", "probed")
+    assert resolve("cpu_attention", "auto", {}, CFG, 2, "cpu", is_autocast=True)[0] == "sdpa"
+    assert resolve("cpu_attention", "auto", {}, CFG, 2, "cuda")[0] == "sdpa"
+    assert resolve("cpu_gelu", "auto", {"cpu_attention": "gptrain"}, CFG, 2, "cpu") == (
+        "aten", "kept from the checkpoint")
     assert fast_paths.legacy_choices("cpu")["cpu_attention"] == "sdpa"
+    assert fast_paths.legacy_choices("cpu")["cpu_gelu"] == "aten"
 
 
 def test_attention_gptrain_without_the_kernel_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(fast_paths, "library", lambda: (None, "no C++ compiler found"))
-    with pytest.raises(UserError, match="train.cpu_attention=gptrain: the kernel is not available here"):
-        fast_paths.resolve_attention("gptrain", {}, CFG, 2, "cpu")
-    kernel, why = fast_paths.resolve_attention("auto", {"cpu_attention": "gptrain"}, CFG, 2, "cpu")
+    with pytest.raises(UserError, match="train.cpu_gelu=gptrain: gptrain's kernels are not available here"):
+        fast_paths.resolve_own_kernel("cpu_gelu", "gptrain", {}, CFG, 2, "cpu")
+    kernel, why = fast_paths.resolve_own_kernel("cpu_attention", "auto", {"cpu_attention": "gptrain"}, CFG, 2, "cpu")
     assert kernel == "sdpa" and "not available here" in why  # a resume elsewhere still runs, on SDPA
 
 
-def test_the_probed_attention_kernel_is_logged_saved_and_kept_by_a_resume(tmp_path, corpus_dir, monkeypatch):
-    from gptrain.model import cpu_attention
+def test_the_probed_own_kernels_are_logged_saved_and_kept_by_a_resume(tmp_path, corpus_dir, monkeypatch):
+    from gptrain.model import cpu_attention, cpu_gelu, cpu_kernels
 
-    if cpu_attention.library()[0] is None:
-        pytest.skip(f"the kernel cannot be built here: {cpu_attention.library()[1]}")
-    monkeypatch.setattr(fast_paths, "choose_attention_kernel", lambda cfg, batch: ("gptrain", "probed now"))
+    if cpu_kernels.library()[0] is None:
+        pytest.skip(f"the kernels cannot be built here: {cpu_kernels.library()[1]}")
+    for name, theirs in (("cpu_attention", "sdpa"), ("cpu_gelu", "aten")):
+        monkeypatch.setitem(fast_paths.OWN_KERNELS, name, (theirs, lambda cfg, batch: ("gptrain", "probed now")))
     calls = []
-    original = cpu_attention._forward
+    original, original_gelu = cpu_attention._forward, cpu_gelu.gelu
     monkeypatch.setattr(cpu_attention, "_forward", lambda *args: calls.append(1) or original(*args))
+    monkeypatch.setattr(cpu_gelu, "gelu", lambda x: calls.append(2) or original_gelu(x))
     values = _values(tmp_path, corpus_dir, "full", embd=32, **{"train.cpu_linear": "aten"})
     train(resolve_config(None, values, environ={}), log=lambda *_: None)
     full = tmp_path / "full"
     rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     (chosen,) = [r["fast_paths"] for r in rows if "fast_paths" in r]
-    assert chosen["cpu_attention"] == "gptrain" and calls  # the kernel trained the model
+    assert chosen["cpu_attention"] == chosen["cpu_gelu"] == "gptrain"
+    assert set(calls) == {1, 2}  # the kernels trained the model
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < losses[0]
     state = json.loads((full / "checkpoints" / "step_000006" / "state.json").read_text())
     assert state["train"]["fast_paths"]["cpu_attention"] == "gptrain"
     cut = copy_run_at(full, "step_000006", tmp_path / "cut")
-    monkeypatch.setattr(fast_paths, "choose_attention_kernel", lambda *a: pytest.fail("a resume probed again"))
+    for name, theirs in (("cpu_attention", "sdpa"), ("cpu_gelu", "aten")):
+        monkeypatch.setitem(fast_paths.OWN_KERNELS, name, (theirs, lambda *a: pytest.fail("a resume probed again")))
     train(resolve_config(cut / "config.toml", {}, environ={}), resume=cut, log=lambda *_: None)
     assert have_equal_final_weights(full, cut)

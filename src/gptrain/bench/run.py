@@ -25,13 +25,15 @@ from gptrain.errors import UserError
 from gptrain.metrics.machine import describe_machine
 from gptrain.metrics.throughput import device_name, flops_per_token, measure_matmul_flops, peak_flops, raise_probed_peak
 from gptrain.model.cpu_attention import set_attention_kernel
+from gptrain.model.cpu_gelu import set_gelu_kernel
 from gptrain.model.gpt import GPT, ModelConfig, count_parameters
 from gptrain.train.fast_paths import (
+    OWN_KERNELS,
     compile_key,
     has_cpp_compiler,
     record_compile_times,
-    resolve_attention,
     resolve_linear,
+    resolve_own_kernel,
 )
 
 MATMUL_RATE_SECONDS = 1.0  # each of bench's two matmul rate measurements (before and after the steps)
@@ -51,6 +53,7 @@ class BenchOptions:
     compile_backend: str = "inductor"  # aot_eager: no code generation (for checks)
     cpu_linear: str = "auto"  # as train.cpu_linear
     cpu_attention: str = "auto"  # as train.cpu_attention
+    cpu_gelu: str = "auto"  # as train.cpu_gelu
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.warmup < 0 or self.batch_size < 1:
@@ -71,13 +74,15 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
     rows = opts.batch_size * cfg.block_size
     plan, plan_why = resolve_linear(opts.cpu_linear, {}, cfg, rows, device, is_autocast=opts.dtype == "bf16")
     log(f"linear kernels: {plan.to_text()} ({plan_why})")
-    attention, attention_why = resolve_attention(opts.cpu_attention, {}, cfg, opts.batch_size, device,
-                                                 is_autocast=opts.dtype == "bf16")
-    log(f"attention kernel: {attention} ({attention_why})")
+    own = {name: resolve_own_kernel(name, getattr(opts, name), {}, cfg, opts.batch_size, device,
+                                    is_autocast=opts.dtype == "bf16") for name in OWN_KERNELS}
+    for name, (kernel, why) in own.items():
+        log(f"{name.removeprefix('cpu_')} kernel: {kernel} ({why})")
+    kernels = {name: kernel for name, (kernel, _) in own.items()}
     batches = make_batches(cfg.vocab_size, opts.batch_size, cfg.block_size, device)
     autocast = autocast_for(device, opts.dtype)
     torch.manual_seed(0)
-    pair = build_pair(gptrain_model(cfg, device, attention), device, plan, autocast,
+    pair = build_pair(gptrain_model(cfg, device, kernels), device, plan, autocast,
                       with_reference=opts.compare == "reference")
     log(f"timing {', '.join(pair)}: {opts.warmup} warmup + {opts.steps} timed steps each, alternating")
     matmul_dtype = "bf16" if opts.dtype == "bf16" else "fp32"
@@ -99,8 +104,8 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
         "device": device, "dtype": opts.dtype, "tf32": device.startswith("cuda"), "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "timed_steps": opts.steps, "warmup_steps": opts.warmup,
-        "cpu_linear": plan.to_text(), "cpu_linear_why": plan_why, "cpu_attention": attention,
-        "cpu_attention_why": attention_why,
+        "cpu_linear": plan.to_text(), "cpu_linear_why": plan_why, **kernels,
+        **{f"{name}_why": why for name, (_, why) in own.items()},
         "step_flop": step_flop, "matmul_flops_per_s": matmul_rate, "matmul_flops_per_s_before_after": rates,
         "peak_flops_per_s": peak, "peak_basis": peak_basis,
         "runs": runs, "first_step_loss": {name: timed.losses[0] for name, timed in pair.items()},
@@ -113,7 +118,7 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
     if opts.llmc:
         result |= bench_llmc(opts.llmc, opts.warmup + opts.steps, runs, rows, step_flop, peak, log)
     if opts.compile:
-        result["compiled"], result["eager_beside_compiled"] = bench_compiled(opts, plan, attention, batches,
+        result["compiled"], result["eager_beside_compiled"] = bench_compiled(opts, plan, kernels, batches,
                                                                             autocast, rows, step_flop, peak, log)
         if "reference" in runs:  # what a run that compiles gets against the plain (eager) reference, in turns
             result["compiled_step_time_ratio"] = (result["compiled"]["gptrain"]["step_s"]
@@ -148,20 +153,22 @@ def summarize(medians: dict[str, float], rows: int, step_flop: float, peak: floa
     return {**medians, "tokens_per_s": rows / step_s, "flops_per_s": flops, "mfu": flops / peak if peak else None}
 
 
-def gptrain_model(cfg: ModelConfig, device: str, attention: str) -> GPT:
+def gptrain_model(cfg: ModelConfig, device: str, kernels: dict[str, str]) -> GPT:
+    """gptrain's model on the chosen attention and GELU kernels (build_pair applies the linear plan)."""
     model = GPT(cfg).to(device)
-    set_attention_kernel(model, attention)
+    set_attention_kernel(model, kernels["cpu_attention"])
+    set_gelu_kernel(model, kernels["cpu_gelu"])
     return model
 
 
-def bench_compiled(opts: BenchOptions, plan, attention: str, batches, autocast, rows: int, step_flop: float, peak,
-                   log) -> tuple[dict, dict]:
+def bench_compiled(opts: BenchOptions, plan, kernels: dict[str, str], batches, autocast, rows: int,
+                   step_flop: float, peak, log) -> tuple[dict, dict]:
     """The models again under torch.compile, in turns with eager twins from the same weights (the machine's
     speed drifts between phases: compile's saving is taken within one). The first step (compile included)
     apart, then medians. Returns the compiled runs and their eager twins' runs, both by model name."""
     log("compiling (the first step of each model includes its compile time; eager twins run in turns)")
     torch.manual_seed(0)
-    pair = build_pair(gptrain_model(opts.model, opts.device, attention), opts.device, plan, autocast,
+    pair = build_pair(gptrain_model(opts.model, opts.device, kernels), opts.device, plan, autocast,
                       with_reference=opts.compare == "reference", compile_backend=opts.compile_backend, with_eager=True)
     run_alternating(pair, batches, 1 + opts.warmup + opts.steps)
     synchronize(opts.device)

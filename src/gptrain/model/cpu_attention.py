@@ -1,12 +1,11 @@
-"""Causal self-attention for fp32 CPU training in a kernel of gptrain's own (cpu_attention.cpp), or SDPA.
+"""Causal self-attention for fp32 CPU training in a kernel of gptrain's own (cpu_kernels.cpp), or SDPA.
 
 At small head counts and contexts ATen's CPU flash attention spends most of its time outside the math
 (GPT-2's default job shape, 6 heads of 32, T=128, B=32 on 2 Zen 4 cores: 16 ms a layer forward and
 backward). This kernel reads q, k and v straight from the qkv projection's output, writes y in the
 layout c_proj reads and the gradient as one (B, T, 3C) tensor, so the transposes, the contiguous copy
-and the split's concatenation go too. It is C++ compiled for this CPU (-march=native) the first time
-it is needed, with the C++ compiler inductor uses, and kept in $GPTRAIN_CACHE/kernels keyed by its
-source, compiler and CPU; without a compiler (or with GPTRAIN_CPU_ATTENTION=0) attention is SDPA.
+and the split's concatenation go too. It is C++ built for this CPU at first use (cpu_kernels.py);
+without a compiler (or with GPTRAIN_CPU_KERNELS=0) attention is SDPA.
 
 Which kernel a model uses is its attention_kernel ("sdpa" unless the trainer's probe, fast_paths.py,
 chose "gptrain"): it is a speed choice, stored in the checkpoint like the linear plan, since the two
@@ -16,78 +15,16 @@ a whole sequence, fp32, no dropout, a head size that is a multiple of 16; anythi
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
 import math
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from gptrain.errors import UserError
+from gptrain.model.cpu_kernels import library
 
 KERNELS = ("gptrain", "sdpa")
-SOURCE = Path(__file__).with_name("cpu_attention.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-ABI = 1
 MAX_HEAD_SIZE = 256  # the kernel's per-row buffers
-_P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-
-
-def compiler() -> str | None:
-    names = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
-    return next((path for path in map(shutil.which, filter(None, names)) if path), None)
-
-
-@functools.cache
-def library() -> tuple[ctypes.CDLL | None, str]:
-    """The compiled kernel (built now if this machine has none cached) and a word on it, or (None, why not)."""
-    if os.environ.get("GPTRAIN_CPU_ATTENTION", "1") == "0":
-        return None, "GPTRAIN_CPU_ATTENTION=0"
-    cxx = compiler()
-    if cxx is None:
-        return None, "no C++ compiler found (set CXX or install g++)"
-    try:
-        path = _build(cxx)
-        lib = ctypes.CDLL(str(path))
-        if lib.gptrain_attention_abi() != ABI:
-            return None, f"{path} is from another gptrain (delete it to rebuild)"
-    except (OSError, subprocess.SubprocessError) as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        return None, f"building the attention kernel failed: {first_line}"
-    lib.gptrain_attention_forward.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _P, _I, _I, _I, _I, _F, _I]
-    lib.gptrain_attention_backward.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _P, _I64, _I64, _P, _P, _I64,
-                                               _I64, _I, _I, _I, _I, _F, _I]
-    return lib, str(path)
-
-
-def _build(cxx: str) -> Path:
-    """Compile (once per source, compiler and CPU) into the cache, atomically: a half-written library never loads."""
-    from gptrain.metrics.throughput import machine_id
-    from gptrain.tokenizer.gpt2_assets import cache_dir
-
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, version, machine_id("cpu"), *FLAGS]).encode())
-    path = cache_dir() / "kernels" / f"cpu_attention-{key.hexdigest()[:16]}.so"
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise OSError((done.stderr.strip() or f"{cxx} exited with {done.returncode}").splitlines()[0])
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def supports(qkv: Tensor, n_head: int) -> bool:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gptrain.errors import UserError
-from gptrain.model import cpu_attention
+from gptrain.model import cpu_attention, cpu_gelu
 from gptrain.model.chunked_loss import chunked_linear_cross_entropy, default_chunk_rows, should_chunk
 from gptrain.model.cpu_linear import Linear
 
@@ -207,6 +207,8 @@ class _GeluBySigmoid(torch.autograd.Function):
 
 
 class MLP(nn.Module):
+    gelu_kernel = "aten"  # or "gptrain": model/cpu_gelu.py where it applies (set_gelu_kernel)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
@@ -214,7 +216,10 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BTD: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x_BTD))))
+        h_BTF = self.c_fc(x_BTD)
+        if self.gelu_kernel == "gptrain" and cpu_gelu.supports(h_BTF):
+            return self.dropout(self.c_proj(cpu_gelu.gelu(h_BTF)))
+        return self.dropout(self.c_proj(gelu_tanh(h_BTF)))
 
 
 class Block(nn.Module):

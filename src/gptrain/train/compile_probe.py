@@ -22,8 +22,6 @@ import time
 
 import torch
 
-from gptrain.model.cpu_attention import set_attention_kernel
-from gptrain.model.cpu_linear import LinearPlan, set_linear_plan
 from gptrain.model.gpt import GPT, ModelConfig
 
 PROBE_MIN_MICRO_BATCHES = 1000  # runs of fewer micro batches stay eager without measuring anything
@@ -56,19 +54,19 @@ def _pass_seconds(model, x: torch.Tensor, y: torch.Tensor, is_bf16: bool = False
     return seconds
 
 
-def probe_compile(cfg: ModelConfig, batch_size: int, plan: LinearPlan, attention_kernel: str, compile_fn,
+def probe_compile(cfg: ModelConfig, batch_size: int, prepare, compile_fn,
                   num_micro_batches: int | None = None, is_bf16: bool = False) -> dict:
     """Seconds per micro batch eager and compiled, and the compile seconds (the first compiled pass's
-    excess over the others): the record compile_pays() judges. compile_fn(model) compiles as training
-    does. The timed eager and compiled passes alternate, so the machine's drift (several percent over a
-    minute on a shared VM) enters both alike. num_micro_batches (a run in steps): when that many eager
+    excess over the others): the record compile_pays() judges. prepare(model) puts a fresh model on the
+    run's kernels and compile_fn(model) compiles it as training does. The timed eager and compiled
+    passes alternate, so the machine's drift (several percent over a minute on a shared VM) enters both
+    alike. num_micro_batches (a run in steps): when that many eager
     passes would take under min_run_seconds(cfg), it stops before compiling and the record holds only
     eager_step_seconds. is_bf16: every pass under CPU bf16 autocast, as such a run trains."""
     with torch.random.fork_rng(devices=[]):  # the CPU generator only: nothing else is touched
         torch.default_generator.manual_seed(0)
         model = GPT(cfg)
-        set_linear_plan(model, plan)
-        set_attention_kernel(model, attention_kernel)
+        prepare(model)  # the run's kernels (fast_paths.set_kernels)
         # As a one-process eager run sums it (a compiled model ignores it); multi-rank runs, which sum it
         # densely, reuse this record too, with an eager time a few percent faster than theirs.
         model.embedding_grad = "in_place"

@@ -32,10 +32,12 @@ import torch
 
 from gptrain.errors import UserError
 from gptrain.metrics.throughput import machine_id, read_cache, speed_cache_dir, write_cache
-from gptrain.model.attention_probe import choose_attention_kernel
-from gptrain.model.cpu_attention import library, set_attention_kernel
+from gptrain.model.cpu_attention import set_attention_kernel
+from gptrain.model.cpu_gelu import set_gelu_kernel
+from gptrain.model.cpu_kernels import library
 from gptrain.model.cpu_linear import LinearPlan, default_plan, set_linear_plan
 from gptrain.model.gpt import ModelConfig
+from gptrain.model.kernel_probe import choose_attention_kernel, choose_gelu_kernel
 from gptrain.model.linear_probe import choose_linear_plan
 from gptrain.train.budget import parse_duration
 from gptrain.train.compile_probe import PROBE_MIN_MICRO_BATCHES, is_worth_probing, min_run_seconds, probe_compile
@@ -57,7 +59,7 @@ def legacy_choices(device: str) -> dict:
     """What gptrain did before it recorded fast paths: a resume of such a checkpoint stays bitwise."""
     return {"cpu_linear": default_plan().to_text() if device == "cpu" else "aten",
             "compile": "on" if device.startswith("cuda") else "off", "embedding_grad": "dense",
-            "cpu_attention": "sdpa", "machine": machine_key(device)}
+            "cpu_attention": "sdpa", "cpu_gelu": "aten", "machine": machine_key(device)}
 
 
 def resolve_linear(setting: str, saved: dict, cfg: ModelConfig, rows: int, device: str,
@@ -78,25 +80,30 @@ def resolve_linear(setting: str, saved: dict, cfg: ModelConfig, rows: int, devic
     return plan, "probed now" if found["source"] == "probe" else "probed before on this machine, cached"
 
 
-def resolve_attention(setting: str, saved: dict, cfg: ModelConfig, batch_size: int, device: str,
-                      is_autocast: bool = False) -> tuple[str, str]:
-    """The attention kernel ("gptrain" or "sdpa", model/cpu_attention.py) and where it came from. saved: a
-    resumed checkpoint's choices (one from before this choice existed ran SDPA)."""
+# gptrain's own CPU kernels (model/cpu_kernels.py): the choice's key, PyTorch's kernel, and the probe
+OWN_KERNELS = {"cpu_attention": ("sdpa", choose_attention_kernel), "cpu_gelu": ("aten", choose_gelu_kernel)}
+
+
+def resolve_own_kernel(name: str, setting: str, saved: dict, cfg: ModelConfig, batch_size: int, device: str,
+                       is_autocast: bool = False) -> tuple[str, str]:
+    """The kernel of `name` (a key of OWN_KERNELS: "gptrain" or PyTorch's) and where it came from. saved: a
+    resumed checkpoint's choices (one from before the choice existed ran PyTorch's)."""
+    theirs, probe = OWN_KERNELS[name]
     if setting == "gptrain" and device == "cpu" and library()[0] is None:
-        raise UserError(f"train.cpu_attention=gptrain: the kernel is not available here ({library()[1]}); "
-                        "use train.cpu_attention=auto or sdpa")
+        raise UserError(f"train.{name}=gptrain: gptrain's kernels are not available here ({library()[1]}); "
+                        f"use train.{name}=auto or {theirs}")
     if setting != "auto":
         return setting, "set"
     if saved:
-        kernel = saved.get("cpu_attention", "sdpa")
+        kernel = saved.get(name, theirs)
         if kernel == "gptrain" and library()[0] is None:
-            return "sdpa", f"the checkpoint's kernel is not available here ({library()[1]}): SDPA, not bitwise"
+            return theirs, f"the checkpoint's kernel is not available here ({library()[1]}): {theirs}, not bitwise"
         return kernel, "kept from the checkpoint"
     if device != "cpu":
-        return "sdpa", f"{device}: SDPA"
+        return theirs, f"{device}: {theirs}"
     if is_autocast:
-        return "sdpa", "bf16 autocast: SDPA"
-    return choose_attention_kernel(cfg, batch_size)
+        return theirs, f"bf16 autocast: {theirs}"
+    return probe(cfg, batch_size)
 
 
 def resolve_compile(setting: str, saved: dict, backend: str, device: str, key: str, num_micro_batches: int,
@@ -228,15 +235,17 @@ def apply_fast_paths(run, saved: dict | None, log=lambda line: None, can_probe: 
         rows = cfg.train.batch_size * cfg.model.block_size
         plan, linear_why = resolve_linear(cfg.train.cpu_linear, saved or {}, cfg.model, rows, env.device,
                                           is_autocast=is_bf16)
-        attention, attention_why = resolve_attention(cfg.train.cpu_attention, saved or {}, cfg.model,
-                                                     cfg.train.batch_size, env.device, is_autocast=is_bf16)
+        own = {name: resolve_own_kernel(name, getattr(cfg.train, name), saved or {}, cfg.model, cfg.train.batch_size,
+                                        env.device, is_autocast=is_bf16) for name in OWN_KERNELS}
         key = compile_key(cfg.model, cfg.train.batch_size, env.device, precision)
         backend = cfg.train.compile_backend
         num_micro_batches = run.plan.num_steps * run.plan.num_micro_steps
 
         def probe() -> dict:
             log("measuring whether torch.compile pays for this shape (once per shape and machine)")
-            return probe_compile(cfg.model, cfg.train.batch_size, plan, attention,
+            return probe_compile(cfg.model, cfg.train.batch_size,
+                                 lambda model: set_kernels(model, plan.to_text(), own["cpu_attention"][0],
+                                                           own["cpu_gelu"][0]),
                                  lambda model: compile_model(model, backend, env.device),
                                  num_micro_batches=None if budget_seconds is not None else num_micro_batches,
                                  is_bf16=is_bf16)
@@ -245,23 +254,32 @@ def apply_fast_paths(run, saved: dict | None, log=lambda line: None, can_probe: 
                                                    num_micro_batches, budget_seconds, probe if can_probe else None,
                                                    min_run_seconds(cfg.model))
         embedding_grad = resolve_embedding_grad(saved or {}, env.device, run.plan.strategy, is_compiled)
-        return {"cpu_linear": plan.to_text(), "cpu_linear_why": linear_why, "cpu_attention": attention,
-                "cpu_attention_why": attention_why, "compile": "on" if is_compiled else "off",
+        chosen = {"cpu_linear": plan.to_text(), "cpu_linear_why": linear_why}
+        for name, (kernel, why) in own.items():
+            chosen |= {name: kernel, f"{name}_why": why}
+        return chosen | {"compile": "on" if is_compiled else "off",
                 "compile_why": compile_why, "embedding_grad": embedding_grad, "machine": machine_key(env.device),
                 "precision": precision}
 
     chosen = env.on_main(decide)
     run.state.fast_paths = chosen
-    set_linear_plan(run.model, LinearPlan.parse(chosen["cpu_linear"]))
-    set_attention_kernel(run.model, chosen.get("cpu_attention", "sdpa"))
+    set_kernels(run.model, chosen["cpu_linear"], chosen.get("cpu_attention", "sdpa"), chosen.get("cpu_gelu", "aten"))
     run.model.embedding_grad = chosen.get("embedding_grad", "dense")
     if chosen["compile"] == "on":
         run.step_model = compile_model(run.step_model, cfg.train.compile_backend, env.device)
     return (f"fast paths: cpu linear {chosen['cpu_linear']} ({chosen['cpu_linear_why']}); "
             f"attention {chosen.get('cpu_attention', 'sdpa')} ({chosen.get('cpu_attention_why', 'set')}); "
+            f"gelu {chosen.get('cpu_gelu', 'aten')} ({chosen.get('cpu_gelu_why', 'set')}); "
             f"compile {chosen['compile']} ({chosen['compile_why']}); "
             f"embedding grad {chosen.get('embedding_grad', 'dense')}{note}"
             f"{cpu_precision_hint(env.device, cfg.train.precision)}")
+
+
+def set_kernels(model, linear_plan: str, attention: str, gelu: str) -> None:
+    """The model's linears, attention and GELU on the chosen kernels."""
+    set_linear_plan(model, LinearPlan.parse(linear_plan))
+    set_attention_kernel(model, attention)
+    set_gelu_kernel(model, gelu)
 
 
 def cpu_precision_hint(device: str, precision: str) -> str:

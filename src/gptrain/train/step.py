@@ -35,6 +35,7 @@ class TrainConfig:
     # CPU fp32 attention (model/cpu_attention.py): auto (probed once per machine and shape), gptrain (its own
     # C++ kernel, compiled for this CPU at first use) or sdpa (PyTorch's); a resume keeps the run's choice
     cpu_attention: str = "auto"
+    cpu_gelu: str = "auto"  # CPU fp32 eager GELU: auto (probed), gptrain (its C++ kernel) or aten; as cpu_attention
     use_tf32: bool = True  # fp32 matmuls on TF32 tensor cores (CUDA)
     spike_factor: float = 0.0  # skip an update whose loss exceeds this times the running mean; 0: off
     max_bad_steps: int = 10  # skipped steps (non-finite, or spikes) within bad_step_window: then a rollback
@@ -64,6 +65,8 @@ class TrainConfig:
             LinearPlan.parse(self.cpu_linear)
         if self.cpu_attention not in ("auto", "gptrain", "sdpa"):
             raise UserError(f"train.cpu_attention must be auto, gptrain or sdpa (got {self.cpu_attention!r})")
+        if self.cpu_gelu not in ("auto", "gptrain", "aten"):
+            raise UserError(f"train.cpu_gelu must be auto, gptrain or aten (got {self.cpu_gelu!r})")
         if self.spike_factor < 0 or (0 < self.spike_factor <= 1):
             raise UserError(f"train.spike_factor must be 0 (off) or above 1 (got {self.spike_factor})")
         if self.max_bad_steps < 1 or self.bad_step_window < self.max_bad_steps:

@@ -1,15 +1,20 @@
-// Causal self-attention for fp32 on the CPU, forward and backward, for model/cpu_attention.py.
+// gptrain's own fp32 CPU kernels, built at first use by model/cpu_kernels.py: causal self-attention forward and
+// backward (model/cpu_attention.py) and the tanh GELU forward and backward (model/cpu_gelu.py).
 //
 // Plain C++ with GCC's vector extensions (16 floats: one AVX-512 register, two AVX2 ones), threaded with
-// OpenMP over (batch, head) pairs: each pair is one thread's whole job, so the result does not depend on the
-// thread count and is the same on every run. It reads q, k and v straight from the qkv projection's output
-// (B, T, 3C) and writes y as (B, T, C) and the gradient as (B, T, 3C), the layouts the linears around it use,
-// so no transposes or concatenations are needed around it.
+// OpenMP; every output element is computed by one thread in a fixed order, so results do not depend on the
+// thread count and are the same on every run.
 //
-// Forward, per head: S = Q K^T (K transposed once per head, so each FMA covers 16 keys), a causal softmax
-// per row with its log-sum-exp saved, Y = P V. Backward recomputes P from the log-sum-exp (as flash
-// attention does): dP = dY V^T, dS = P (dP - rowsum(dY * Y)), dQ = dS K, dK = dS^T Q, dV = P^T dY.
+// Attention: OpenMP over (batch, head) pairs. It reads q, k and v straight from the qkv projection's output
+// (B, T, 3C) and writes y as (B, T, C) and the gradient as (B, T, 3C), the layouts the linears around it use,
+// so no transposes or concatenations are needed around it. Forward, per head: S = Q K^T (K transposed once
+// per head, so each FMA covers 16 keys), a causal softmax per row with its log-sum-exp saved, Y = P V.
+// Backward recomputes P from the log-sum-exp (as flash attention does): dP = dY V^T, dS = P (dP - rowsum(dY * Y)),
+// dQ = dS K per block of query rows, then dK = dS^T Q and dV = P^T dY per chunk of CHUNK query rows.
 // Query rows go in blocks of 4, so every key vector loaded feeds 4 FMAs.
+//
+// GELU: GPT-2's 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), computed as x * sigmoid(2u) (the same
+// function), the backward from x alone.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -34,9 +39,10 @@ static inline v16 load(const float* p) { return *(const v16u*)p; }
 static inline void store(float* p, v16 x) { *(v16u*)p = x; }
 static inline v16 splat(float x) { return v16{} + x; }
 
-// e^x for x <= 0 (Cephes' expf polynomial, about 1 ulp); x below -87 gives about e^-87.
+// e^x (Cephes' expf polynomial, about 1 ulp), x clamped to [-87, 88].
 static inline v16 vexp(v16 x) {
   x = x < -87.0f ? splat(-87.0f) : x;
+  x = x > 88.0f ? splat(88.0f) : x;
   const v16 shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   v16 t = x * 1.44269504088896341f + shifter;
   v16 n = t - shifter;
@@ -141,6 +147,30 @@ static float causal_max(const float* s, int last) {
   float out = m[0];
   for (int i = 1; i < W; i++) out = std::max(out, m[i]);
   return out;
+}
+
+
+static const float GELU_2C = 1.5957691216057308f;  // 2 sqrt(2/pi): sigmoid(2u) = sigmoid(x (2C + 2C a x^2))
+static const float GELU_2CA = GELU_2C * 0.044715f;
+
+// x * sigmoid(2u) and its slope s + x s (1 - s) (2C + 6C a x^2), with 1 - s = e s, e = exp(-2u) (exact where s ~ 1).
+static inline v16 gelu(v16 x) { return x / (1.0f + vexp(-x * (GELU_2C + GELU_2CA * x * x))); }
+static inline v16 gelu_slope(v16 x) {
+  v16 e = vexp(-x * (GELU_2C + GELU_2CA * x * x));
+  v16 s = 1.0f / (1.0f + e);
+  return s + x * (e * s * s) * (GELU_2C + 3.0f * GELU_2CA * x * x);
+}
+
+// A tail shorter than a vector, through one vector's worth of stack.
+static inline v16 load_tail(const float* p, int64_t n) {
+  float buf[W] = {};
+  std::memcpy(buf, p, sizeof(float) * n);
+  return load(buf);
+}
+static inline void store_tail(float* p, v16 x, int64_t n) {
+  float buf[W];
+  store(buf, x);
+  std::memcpy(p, buf, sizeof(float) * n);
 }
 
 struct Layout {  // one (B, T, n * C) tensor: element (b, t, c) at b * sb + t * st + c
@@ -263,7 +293,7 @@ static void backward_head(const Layout& qkv, const Layout& y, const Layout& gy, 
 
 extern "C" {
 
-int gptrain_attention_abi() { return 1; }
+int gptrain_kernels_abi() { return 2; }
 
 // qkv: (B, T, 3C) with strides (sq_b, sq_t, 1); y: (B, T, C) (sy_b, sy_t, 1); lse: (B, H, T) contiguous.
 void gptrain_attention_forward(float* qkv, int64_t sq_b, int64_t sq_t, float* y, int64_t sy_b, int64_t sy_t,
@@ -284,5 +314,24 @@ void gptrain_attention_backward(float* qkv, int64_t sq_b, int64_t sq_t, float* y
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int bh = 0; bh < B * H; bh++)
     backward_head(lq, ly, lgy, lse + (int64_t)bh * T, lg, bh / H, bh % H, T, C, D, scale);
+}
+
+// y = gelu(x) over n contiguous floats.
+void gptrain_gelu_forward(float* x, float* y, int64_t n, int threads) {
+  int64_t nv = n / W;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < nv; i++) store(y + i * W, gelu(load(x + i * W)));
+  if (n > nv * W) store_tail(y + nv * W, gelu(load_tail(x + nv * W, n - nv * W)), n - nv * W);
+}
+
+// gx = g * gelu'(x) over n contiguous floats.
+void gptrain_gelu_backward(float* x, float* g, float* gx, int64_t n, int threads) {
+  int64_t nv = n / W;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < nv; i++) store(gx + i * W, load(g + i * W) * gelu_slope(load(x + i * W)));
+  if (n > nv * W) {
+    int64_t t = n - nv * W;
+    store_tail(gx + nv * W, load_tail(g + nv * W, t) * gelu_slope(load_tail(x + nv * W, t)), t);
+  }
 }
 }
