@@ -1,13 +1,17 @@
 """gptrain's CPU kernels: attention with SDPA's math (values and gradients), deterministic, a clean fallback."""
 
 import copy
+import ctypes
 import math
+import platform
+import subprocess
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gptrain.errors import UserError
-from gptrain.model import cpu_attention, cpu_kernels, kernel_probe
+from gptrain.model import cpu_attention, cpu_gelu, cpu_kernels, kernel_probe
 from gptrain.model.gpt import GPT, ModelConfig
 
 requires_kernel = pytest.mark.skipif(cpu_kernels.library()[0] is None,
@@ -201,3 +205,29 @@ def test_sdpa_reference_matches_exact():
     qkv = torch.randn(2, 9, 3 * 32)
     torch.testing.assert_close(kernel_probe.sdpa_attention(qkv, 2).double(), exact_attention(qkv, 2),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64-v4"])  # AVX2 (8-float vectors), AVX-512 (16-float)
+def test_both_vector_widths_compute_the_same_math(march, tmp_path, monkeypatch):
+    """The kernels built for each x86 level this CPU can run, not only its own: the same results."""
+    if platform.machine() != "x86_64" or (march == "x86-64-v4" and "avx512f" not in open("/proc/cpuinfo").read()):
+        pytest.skip(f"this CPU cannot run {march} code")
+    flags = [flag if flag != "-march=native" else f"-march={march}" for flag in cpu_kernels.FLAGS]
+    built = subprocess.run([cpu_kernels.compiler(), *flags, str(cpu_kernels.SOURCE), "-o", str(tmp_path / "k.so")],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    lib = ctypes.CDLL(str(tmp_path / "k.so"))
+    for name, argtypes in cpu_kernels.SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+    for module in (cpu_attention, cpu_gelu):
+        monkeypatch.setattr(module, "library", lambda: (lib, "test"))
+    x = torch.randn(1003) * 4
+    torch.testing.assert_close(cpu_gelu.gelu(x), F.gelu(x, approximate="tanh"), rtol=1e-5, atol=1e-6)
+    qkv = torch.randn(2, 45, 3 * 64) * 1.5
+    grad_y = torch.randn(2, 45, 64)
+    exact_y, exact_g = value_and_grad(exact_attention, qkv.double(), grad_y.double(), 2)
+    mine = qkv.clone().requires_grad_(True)
+    y = cpu_attention.causal_attention(mine, 2)
+    y.backward(grad_y)
+    torch.testing.assert_close(y.double(), exact_y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mine.grad.double(), exact_g, rtol=1e-5, atol=1e-5)

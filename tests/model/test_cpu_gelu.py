@@ -76,3 +76,4 @@ def test_the_probe_times_both_gelus_and_picks_the_faster(monkeypatch):
     assert set(real) == {"gptrain", "aten"} and all(s > 0 for s in real.values())
     monkeypatch.setattr(kernel_probe, "time_gelu", lambda cfg, b: {"gptrain": 2.0, "aten": 1.0})
     assert kernel_probe.choose_gelu_kernel(cfg, 7) == ("aten", "probed now: gptrain's 2000.00 ms vs aten's 1000.00 ms")
+

@@ -1,7 +1,7 @@
 // gptrain's own fp32 CPU kernels, built at first use by model/cpu_kernels.py: causal self-attention forward and
 // backward (model/cpu_attention.py) and the tanh GELU forward and backward (model/cpu_gelu.py).
 //
-// Plain C++ with GCC's vector extensions (16 floats: one AVX-512 register, two AVX2 ones), threaded with
+// Plain C++ with GCC's vector extensions (16 floats, one AVX-512 register; 8 elsewhere), threaded with
 // OpenMP; every output element is computed by one thread in a fixed order, so results do not depend on the
 // thread count and are the same on every run.
 //
@@ -21,44 +21,44 @@
 #include <cstring>
 #include <vector>
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i16 __attribute__((vector_size(64)));
-
-static constexpr int W = 16;  // floats per vector
-static constexpr int R = 4;   // query rows per block
 #ifdef __AVX512F__
+static constexpr int W = 16;  // floats per vector: one AVX-512 register
 static constexpr int KB = 4;  // key vectors per block in S = Q K^T (R * KB accumulators)
 static constexpr int DB = 4;  // head-dim vectors per block in Y = P V
 #else
-static constexpr int KB = 2;  // AVX2 has 16 registers of 8 floats, half as many floats
-static constexpr int DB = 2;
+static constexpr int W = 8;  // one AVX2 register (GCC splits 16-float vectors into slow code there)
+static constexpr int KB = 3;  // 16 registers: 12 accumulators
+static constexpr int DB = 3;
 #endif
+static constexpr int R = 4;  // query rows per block
+typedef float vec __attribute__((vector_size(4 * W)));
+typedef float vecu __attribute__((vector_size(4 * W), aligned(4)));
+typedef int32_t ivec __attribute__((vector_size(4 * W)));
 
-static inline v16 load(const float* p) { return *(const v16u*)p; }
-static inline void store(float* p, v16 x) { *(v16u*)p = x; }
-static inline v16 splat(float x) { return v16{} + x; }
+static inline vec load(const float* p) { return *(const vecu*)p; }
+static inline void store(float* p, vec x) { *(vecu*)p = x; }
+static inline vec splat(float x) { return vec{} + x; }
 
 // e^x (Cephes' expf polynomial, about 1 ulp), x clamped to [-87, 88].
-static inline v16 vexp(v16 x) {
+static inline vec vexp(vec x) {
   x = x < -87.0f ? splat(-87.0f) : x;
   x = x > 88.0f ? splat(88.0f) : x;
-  const v16 shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  v16 t = x * 1.44269504088896341f + shifter;
-  v16 n = t - shifter;
-  i16 ni = (i16)t - (i16)shifter;
-  v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  v16 p = splat(1.9875691500e-4f);
+  const vec shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  vec t = x * 1.44269504088896341f + shifter;
+  vec n = t - shifter;
+  ivec ni = (ivec)t - (ivec)shifter;
+  vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vec p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  return p * (v16)((ni + 127) << 23);
+  return p * (vec)((ni + 127) << 23);
 }
 
-static inline float hsum(v16 x) {
+static inline float hsum(vec x) {
   float s = 0.0f;
   for (int i = 0; i < W; i++) s += x[i];
   return s;
@@ -69,12 +69,12 @@ static void rows_times_cols(const float* const* rows, const float* colsT, int D,
                             int ldo) {
   for (int j0 = 0; j0 < nv; j0 += KB) {
     int nb = std::min(KB, nv - j0);
-    v16 acc[R][KB] = {};
+    vec acc[R][KB] = {};
     for (int d = 0; d < D; d++) {
       const float* c = colsT + (int64_t)d * ldc + j0 * W;
       for (int b = 0; b < KB; b++) {
         if (b >= nb) break;
-        v16 cv = load(c + b * W);
+        vec cv = load(c + b * W);
         for (int r = 0; r < R; r++) acc[r][b] += rows[r][d] * cv;
       }
     }
@@ -91,20 +91,20 @@ static void probs_times_rows(const float* p, int64_t pr, int64_t pi, const float
   int dv = D / W;
   for (int d0 = 0; d0 < dv; d0 += DB) {
     int nb = std::min(DB, dv - d0);
-    v16 acc[R][DB] = {};
+    vec acc[R][DB] = {};
     for (int i = lo; i < hi; i++) {
       const float* mi = m + i * ldm + d0 * W;
       const float* pcol = p + i * pi;
       for (int b = 0; b < DB; b++) {
         if (b >= nb) break;
-        v16 mv = load(mi + b * W);
+        vec mv = load(mi + b * W);
         for (int r = 0; r < R; r++) acc[r][b] += pcol[r * pr] * mv;
       }
     }
     for (int r = 0; r < R; r++)
       for (int b = 0; b < nb; b++) {
         float* o = out + r * D + (d0 + b) * W;
-        v16 x = acc[r][b] * scale[r];
+        vec x = acc[r][b] * scale[r];
         store(o, accumulate ? load(o) + x : x);
       }
   }
@@ -123,25 +123,30 @@ static void row_pointers(const float* base, int64_t st, int first, int n, const 
   for (int r = 0; r < R; r++) rows[r] = r < n ? base + (first + r) * st : zeros;
 }
 
-static const i16 IOTA = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+static ivec iota() {
+  ivec x;
+  for (int i = 0; i < W; i++) x[i] = i;
+  return x;
+}
+static const ivec IOTA = iota();
 
 // p[r][j] = exp(scale * s[r][j] - shift[r]) for keys j <= first + r, else 0 (over nv * W keys).
 static void causal_exp(float* s, int ld, int first, int nv, float scale, const float* shift) {
   for (int r = 0; r < R; r++) {
     for (int j = 0; j < nv; j++) {
-      v16 x = vexp(load(s + r * ld + j * W) * scale - shift[r]);
-      i16 keep = (IOTA + j * W) <= (first + r);
-      store(s + r * ld + j * W, keep ? x : v16{});
+      vec x = vexp(load(s + r * ld + j * W) * scale - shift[r]);
+      ivec keep = (IOTA + j * W) <= (first + r);
+      store(s + r * ld + j * W, keep ? x : vec{});
     }
   }
 }
 
 // The max of s[r][j] over keys j <= last (s has at least last + 1 entries, in whole vectors).
 static float causal_max(const float* s, int last) {
-  v16 m = splat(-INFINITY);
+  vec m = splat(-INFINITY);
   for (int j = 0; j * W <= last; j++) {
-    v16 x = load(s + j * W);
-    i16 keep = (IOTA + j * W) <= last;
+    vec x = load(s + j * W);
+    ivec keep = (IOTA + j * W) <= last;
     m = keep && x > m ? x : m;
   }
   float out = m[0];
@@ -154,20 +159,20 @@ static const float GELU_2C = 1.5957691216057308f;  // 2 sqrt(2/pi): sigmoid(2u) 
 static const float GELU_2CA = GELU_2C * 0.044715f;
 
 // x * sigmoid(2u) and its slope s + x s (1 - s) (2C + 6C a x^2), with 1 - s = e s, e = exp(-2u) (exact where s ~ 1).
-static inline v16 gelu(v16 x) { return x / (1.0f + vexp(-x * (GELU_2C + GELU_2CA * x * x))); }
-static inline v16 gelu_slope(v16 x) {
-  v16 e = vexp(-x * (GELU_2C + GELU_2CA * x * x));
-  v16 s = 1.0f / (1.0f + e);
+static inline vec gelu(vec x) { return x / (1.0f + vexp(-x * (GELU_2C + GELU_2CA * x * x))); }
+static inline vec gelu_slope(vec x) {
+  vec e = vexp(-x * (GELU_2C + GELU_2CA * x * x));
+  vec s = 1.0f / (1.0f + e);
   return s + x * (e * s * s) * (GELU_2C + 3.0f * GELU_2CA * x * x);
 }
 
 // A tail shorter than a vector, through one vector's worth of stack.
-static inline v16 load_tail(const float* p, int64_t n) {
+static inline vec load_tail(const float* p, int64_t n) {
   float buf[W] = {};
   std::memcpy(buf, p, sizeof(float) * n);
   return load(buf);
 }
-static inline void store_tail(float* p, v16 x, int64_t n) {
+static inline void store_tail(float* p, vec x, int64_t n) {
   float buf[W];
   store(buf, x);
   std::memcpy(p, buf, sizeof(float) * n);
@@ -206,7 +211,7 @@ static void forward_head(const Layout& qkv, const Layout& y, float* lse, int b, 
     for (int r = 0; r < R; r++) shift[r] = causal_max(s + r * Tp, std::min(i0 + r, T - 1)) * scale;
     causal_exp(s, Tp, i0, nv, scale, shift);
     for (int r = 0; r < R; r++) {
-      v16 sum = {};
+      vec sum = {};
       for (int j = 0; j < nv; j++) sum += load(s + r * Tp + j * W);
       float l = hsum(sum);
       inv[r] = 1.0f / l;
@@ -230,7 +235,7 @@ static void backward_rows(const float* qb, int64_t sq, const float* yb, int64_t 
   float shift[R], rowdot[R], scales[R];
   for (int r = 0; r < R; r++) {
     shift[r] = r < nr ? lse[i0 + r] : 0.0f;
-    v16 acc = {};
+    vec acc = {};
     for (int d = 0; d < D; d += W) acc += load(dy[r] + d) * load(o[r] + d);
     rowdot[r] = hsum(acc);
     scales[r] = scale;
@@ -240,7 +245,7 @@ static void backward_rows(const float* qb, int64_t sq, const float* yb, int64_t 
   rows_times_cols(dy, vT, D, Tp, nv, ds, Tp);
   for (int r = 0; r < R; r++)
     for (int j = 0; j < nv; j++) {
-      v16 pv = load(p + r * Tp + j * W);
+      vec pv = load(p + r * Tp + j * W);
       store(ds + r * Tp + j * W, pv * (load(ds + r * Tp + j * W) - rowdot[r]));
     }
   float out[R * 256];
