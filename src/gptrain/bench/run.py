@@ -72,13 +72,8 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
     if device.startswith("cuda"):  # as training does (train.use_tf32): fp32 matmuls on TF32 tensor cores
         torch.set_float32_matmul_precision("high")
     rows = opts.batch_size * cfg.block_size
-    plan, plan_why = resolve_linear(opts.cpu_linear, {}, cfg, rows, device, is_autocast=opts.dtype == "bf16")
-    log(f"linear kernels: {plan.to_text()} ({plan_why})")
-    own = {name: resolve_own_kernel(name, getattr(opts, name), {}, cfg, opts.batch_size, device,
-                                    is_autocast=opts.dtype == "bf16") for name in OWN_KERNELS}
-    for name, (kernel, why) in own.items():
-        log(f"{name.removeprefix('cpu_')} kernel: {kernel} ({why})")
-    kernels = {name: kernel for name, (kernel, _) in own.items()}
+    plan, choices = choose_kernels(opts, log)
+    kernels = {name: choices[name] for name in OWN_KERNELS}  # attention and GELU
     batches = make_batches(cfg.vocab_size, opts.batch_size, cfg.block_size, device)
     autocast = autocast_for(device, opts.dtype)
     torch.manual_seed(0)
@@ -92,8 +87,7 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
     matmul_rate = max(rates)
     step_flop = flops_per_token(cfg) * rows
     peak, peak_basis = peak_flops(device, matmul_dtype)
-    if peak_basis == "probe":
-        peak = raise_probed_peak(device, matmul_dtype, matmul_rate)
+    peak = raise_probed_peak(device, matmul_dtype, matmul_rate) if peak_basis == "probe" else peak
     runs = {name: summarize(timed.medians(opts.warmup), rows, step_flop, peak) for name, timed in pair.items()}
     result = {
         "title": title(cfg, opts),
@@ -102,10 +96,8 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
                   "context": cfg.block_size, "batch_size": opts.batch_size, "bias": cfg.bias,
                   "parameters": count_parameters(cfg)},
         "device": device, "dtype": opts.dtype, "tf32": device.startswith("cuda"), "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "timed_steps": opts.steps, "warmup_steps": opts.warmup,
-        "cpu_linear": plan.to_text(), "cpu_linear_why": plan_why, **kernels,
-        **{f"{name}_why": why for name, (_, why) in own.items()},
+        "torch": torch.__version__, "timed_steps": opts.steps, "warmup_steps": opts.warmup,
+        **choices,
         "step_flop": step_flop, "matmul_flops_per_s": matmul_rate, "matmul_flops_per_s_before_after": rates,
         "peak_flops_per_s": peak, "peak_basis": peak_basis,
         "runs": runs, "first_step_loss": {name: timed.losses[0] for name, timed in pair.items()},
@@ -124,6 +116,21 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
             result["compiled_step_time_ratio"] = (result["compiled"]["gptrain"]["step_s"]
                                                   / result["eager_beside_compiled"]["reference"]["step_s"])
     return result
+
+
+def choose_kernels(opts: BenchOptions, log) -> tuple:
+    """The linear plan and {"cpu_linear", "cpu_attention", "cpu_gelu" and each one's "_why"}, as training picks them."""
+    cfg, is_autocast = opts.model, opts.dtype == "bf16"
+    plan, plan_why = resolve_linear(opts.cpu_linear, {}, cfg, opts.batch_size * cfg.block_size, opts.device,
+                                    is_autocast=is_autocast)
+    log(f"linear kernels: {plan.to_text()} ({plan_why})")
+    choices = {"cpu_linear": plan.to_text(), "cpu_linear_why": plan_why}
+    for name in OWN_KERNELS:
+        kernel, why = resolve_own_kernel(name, getattr(opts, name), {}, cfg, opts.batch_size, opts.device,
+                                         is_autocast=is_autocast)
+        log(f"{name.removeprefix('cpu_')} kernel: {kernel} ({why})")
+        choices |= {name: kernel, f"{name}_why": why}
+    return plan, choices
 
 
 def measure_matmul_rate(device: str, dtype: str) -> float:

@@ -221,47 +221,14 @@ def apply_fast_paths(run, saved: dict | None, log=lambda line: None, can_probe: 
     fast paths, apply them to run.model and run.step_model, keep them in run.state, return a log line.
     can_probe=False: an unmeasured compile stays off instead of being measured (dry runs)."""
     cfg, env = run.cfg, run.env
-    budget_seconds = parse_duration(cfg.train.budget) if cfg.train.budget else None
-    is_bf16 = uses_bf16(env.device, cfg.train.precision)
-    precision = "bf16" if is_bf16 else "fp32"
+    precision = "bf16" if uses_bf16(env.device, cfg.train.precision) else "fp32"
     note = ""
     if saved and saved.get("machine") != machine_key(env.device):
         note = f" (the checkpoint's were made on {saved.get('machine', 'another machine')}: decided again)"
         saved = {}
     if saved and saved.get("precision", precision) != precision:  # older checkpoints: as they ran
         note, saved = f" (the checkpoint's were made for {saved['precision']}: decided again)", {}
-
-    def decide() -> dict:
-        rows = cfg.train.batch_size * cfg.model.block_size
-        plan, linear_why = resolve_linear(cfg.train.cpu_linear, saved or {}, cfg.model, rows, env.device,
-                                          is_autocast=is_bf16)
-        own = {name: resolve_own_kernel(name, getattr(cfg.train, name), saved or {}, cfg.model, cfg.train.batch_size,
-                                        env.device, is_autocast=is_bf16) for name in OWN_KERNELS}
-        key = compile_key(cfg.model, cfg.train.batch_size, env.device, precision)
-        backend = cfg.train.compile_backend
-        num_micro_batches = run.plan.num_steps * run.plan.num_micro_steps
-
-        def probe() -> dict:
-            log("measuring whether torch.compile pays for this shape (once per shape and machine)")
-            return probe_compile(cfg.model, cfg.train.batch_size,
-                                 lambda model: set_kernels(model, plan.to_text(), own["cpu_attention"][0],
-                                                           own["cpu_gelu"][0]),
-                                 lambda model: compile_model(model, backend, env.device),
-                                 num_micro_batches=None if budget_seconds is not None else num_micro_batches,
-                                 is_bf16=is_bf16)
-
-        is_compiled, compile_why = resolve_compile(cfg.train.compile, saved or {}, backend, env.device, key,
-                                                   num_micro_batches, budget_seconds, probe if can_probe else None,
-                                                   min_run_seconds(cfg.model))
-        embedding_grad = resolve_embedding_grad(saved or {}, env.device, run.plan.strategy, is_compiled)
-        chosen = {"cpu_linear": plan.to_text(), "cpu_linear_why": linear_why}
-        for name, (kernel, why) in own.items():
-            chosen |= {name: kernel, f"{name}_why": why}
-        return chosen | {"compile": "on" if is_compiled else "off",
-                "compile_why": compile_why, "embedding_grad": embedding_grad, "machine": machine_key(env.device),
-                "precision": precision}
-
-    chosen = env.on_main(decide)
+    chosen = env.on_main(lambda: decide_fast_paths(run, saved or {}, precision, log, can_probe))
     run.state.fast_paths = chosen
     set_kernels(run.model, chosen["cpu_linear"], chosen.get("cpu_attention", "sdpa"), chosen.get("cpu_gelu", "aten"))
     run.model.embedding_grad = chosen.get("embedding_grad", "dense")
@@ -273,6 +240,39 @@ def apply_fast_paths(run, saved: dict | None, log=lambda line: None, can_probe: 
             f"compile {chosen['compile']} ({chosen['compile_why']}); "
             f"embedding grad {chosen.get('embedding_grad', 'dense')}{note}"
             f"{cpu_precision_hint(env.device, cfg.train.precision)}")
+
+
+def decide_fast_paths(run, saved: dict, precision: str, log, can_probe: bool) -> dict:
+    """Every choice with its reason (saved: the resumed checkpoint's, or {} to decide them now)."""
+    cfg, device = run.cfg, run.env.device
+    is_bf16 = precision == "bf16"
+    budget_seconds = parse_duration(cfg.train.budget) if cfg.train.budget else None
+    rows = cfg.train.batch_size * cfg.model.block_size
+    plan, linear_why = resolve_linear(cfg.train.cpu_linear, saved, cfg.model, rows, device, is_autocast=is_bf16)
+    own = {name: resolve_own_kernel(name, getattr(cfg.train, name), saved, cfg.model, cfg.train.batch_size, device,
+                                    is_autocast=is_bf16) for name in OWN_KERNELS}
+    backend = cfg.train.compile_backend
+    num_micro_batches = run.plan.num_steps * run.plan.num_micro_steps
+
+    def probe() -> dict:
+        log("measuring whether torch.compile pays for this shape (once per shape and machine)")
+        return probe_compile(cfg.model, cfg.train.batch_size,
+                             lambda model: set_kernels(model, plan.to_text(), own["cpu_attention"][0],
+                                                       own["cpu_gelu"][0]),
+                             lambda model: compile_model(model, backend, device),
+                             num_micro_batches=None if budget_seconds is not None else num_micro_batches,
+                             is_bf16=is_bf16)
+
+    key = compile_key(cfg.model, cfg.train.batch_size, device, precision)
+    is_compiled, compile_why = resolve_compile(cfg.train.compile, saved, backend, device, key, num_micro_batches,
+                                               budget_seconds, probe if can_probe else None,
+                                               min_run_seconds(cfg.model))
+    chosen = {"cpu_linear": plan.to_text(), "cpu_linear_why": linear_why}
+    for name, (kernel, why) in own.items():
+        chosen |= {name: kernel, f"{name}_why": why}
+    return chosen | {"compile": "on" if is_compiled else "off", "compile_why": compile_why,
+                     "embedding_grad": resolve_embedding_grad(saved, device, run.plan.strategy, is_compiled),
+                     "machine": machine_key(device), "precision": precision}
 
 
 def set_kernels(model, linear_plan: str, attention: str, gelu: str) -> None:
