@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,8 @@ MAX_PROBE_ROWS = 8192  # bigger micro batches time the GELU at this many rows
 
 
 def cache_key(what: str, cfg: ModelConfig, batch_size: int) -> str:
-    return (f"{PROBE_VERSION} | {what} | {machine_id('cpu')} | torch {torch.__version__} | "
+    """Also keyed by the built library's name, which hashes the kernels' source: a new source is timed again."""
+    return (f"{PROBE_VERSION} | {Path(library()[1]).name} | {what} | {machine_id('cpu')} | torch {torch.__version__} | "
             f"{torch.get_num_threads()} threads | batch {batch_size} ctx {cfg.block_size} heads {cfg.n_head} "
             f"width {cfg.n_embd}")
 
