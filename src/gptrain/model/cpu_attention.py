@@ -2,10 +2,11 @@
 
 At small head counts and contexts ATen's CPU flash attention spends most of its time outside the math
 (the default job's shape, 6 heads of 32, T=128, B=32: one layer's forward and backward took 12.0 ms
-with SDPA and its transposes and copies on 2 Zen 5 cores, 5.3 ms on this kernel). This kernel reads q, k and v straight from the qkv projection's output, writes y in the
-layout c_proj reads and the gradient as one (B, T, 3C) tensor, so the transposes, the contiguous copy
-and the split's concatenation go too. It is C++ built for this CPU at first use (cpu_kernels.py);
-without a compiler (or with GPTRAIN_CPU_KERNELS=0) attention is SDPA.
+with SDPA and its transposes and copies on 2 Zen 5 cores, 5.3 ms on this kernel). This kernel reads
+q, k and v straight from the qkv projection's output, writes y in the layout c_proj reads and the
+gradient as one (B, T, 3C) tensor, so the transposes, the contiguous copy and the split's
+concatenation go too. It is C++ built for this CPU at first use (cpu_kernels.py); without a compiler
+(or with GPTRAIN_CPU_KERNELS=0) attention is SDPA.
 
 Which kernel a model uses is its attention_kernel ("sdpa" unless the trainer's probe, fast_paths.py,
 chose "gptrain"): it is a speed choice, stored in the checkpoint like the linear plan, since the two
@@ -20,8 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from gptrain.errors import UserError
-from gptrain.model.cpu_kernels import library
+from gptrain.model.cpu_kernels import library, set_model_kernel
 
 KERNELS = ("gptrain", "sdpa")
 MAX_HEAD_SIZE = 256  # the kernel's per-row buffers
@@ -106,10 +106,4 @@ def causal_attention(qkv_BT3C: Tensor, n_head: int) -> Tensor:
 
 def set_attention_kernel(model: torch.nn.Module, kernel: str) -> None:
     """Every attention layer of the model on this kernel ("gptrain" where it applies, else SDPA)."""
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown attention kernel {kernel!r}")
-    if kernel == "gptrain" and library()[0] is None:
-        raise UserError(f"gptrain's CPU attention kernel is not available here: {library()[1]}")
-    for module in model.modules():
-        if hasattr(type(module), "attention_kernel"):
-            module.attention_kernel = kernel
+    set_model_kernel(model, "attention_kernel", kernel, KERNELS, "attention")

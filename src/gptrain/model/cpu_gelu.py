@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gptrain.errors import UserError
-from gptrain.model.cpu_kernels import library
+from gptrain.model.cpu_kernels import library, set_model_kernel
 
 KERNELS = ("gptrain", "aten")
 
@@ -53,10 +52,4 @@ def gelu(x: Tensor) -> Tensor:
 
 def set_gelu_kernel(model: torch.nn.Module, kernel: str) -> None:
     """Every MLP of the model on this GELU ("gptrain" where it applies, else ATen's)."""
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown GELU kernel {kernel!r}")
-    if kernel == "gptrain" and library()[0] is None:
-        raise UserError(f"gptrain's CPU GELU kernel is not available here: {library()[1]}")
-    for module in model.modules():
-        if hasattr(type(module), "gelu_kernel"):
-            module.gelu_kernel = kernel
+    set_model_kernel(model, "gelu_kernel", kernel, KERNELS, "GELU")

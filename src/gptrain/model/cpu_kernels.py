@@ -34,6 +34,19 @@ SIGNATURES = {
 }
 
 
+def set_model_kernel(model, attribute: str, kernel: str, kernels: tuple[str, ...], what: str) -> None:
+    """Set `attribute` (a class attribute of the modules that have the choice) on every such module."""
+    if kernel not in kernels:
+        raise ValueError(f"unknown {what} kernel {kernel!r}")
+    if kernel == "gptrain" and library()[0] is None:
+        from gptrain.errors import UserError
+
+        raise UserError(f"gptrain's CPU {what} kernel is not available here: {library()[1]}")
+    for module in model.modules():
+        if hasattr(type(module), attribute):
+            setattr(module, attribute, kernel)
+
+
 def compiler() -> str | None:
     names = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
     return next((path for path in map(shutil.which, filter(None, names)) if path), None)

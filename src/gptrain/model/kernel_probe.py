@@ -10,8 +10,6 @@ plans), so a machine probes a shape once.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,11 +20,11 @@ from gptrain.metrics.throughput import machine_id, read_cache, speed_cache_dir, 
 from gptrain.model import cpu_attention, cpu_gelu
 from gptrain.model.cpu_kernels import library
 from gptrain.model.gpt import ModelConfig, attention
+from gptrain.model.linear_probe import time_in_turns
 
 CACHE_FILE_NAME = "cpu_kernels.json"
 PROBE_VERSION = "kernel probe v1"
 MIN_GAIN = 0.03  # gptrain's kernel must save this fraction of PyTorch's time
-REPEATS = 5  # timed measurements per kernel (the median counts), the order swapped each time
 MIN_MEASURE_SECONDS = 0.005  # short passes are repeated until one measurement lasts this long
 MAX_PROBE_ROWS = 8192  # bigger micro batches time the GELU at this many rows
 
@@ -86,7 +84,7 @@ def time_attention(cfg: ModelConfig, batch_size: int) -> dict[str, float]:
         runs[kernel](qkv, cfg.n_head).backward(grad_y)
         qkv.grad = None
 
-    return time_in_turns(call, list(runs))
+    return time_in_turns(call, list(runs), MIN_MEASURE_SECONDS)
 
 
 def time_gelu(cfg: ModelConfig, batch_size: int) -> dict[str, float]:
@@ -101,20 +99,4 @@ def time_gelu(cfg: ModelConfig, batch_size: int) -> dict[str, float]:
         runs[kernel](x).backward(grad_y)
         x.grad = None
 
-    return time_in_turns(call, list(runs))
-
-
-def time_in_turns(call: Callable[[str], None], kernels: list[str]) -> dict[str, float]:
-    for kernel in kernels:
-        call(kernel)  # warm-up: first-touch allocations, the threads
-    started = time.perf_counter()
-    call(kernels[-1])
-    loops = max(1, int(MIN_MEASURE_SECONDS / max(time.perf_counter() - started, 1e-7)))
-    times = {kernel: [] for kernel in kernels}
-    for repeat in range(REPEATS):
-        for kernel in kernels if repeat % 2 == 0 else kernels[::-1]:
-            started = time.perf_counter()
-            for _ in range(loops):
-                call(kernel)
-            times[kernel].append((time.perf_counter() - started) / loops)
-    return {kernel: statistics.median(values) for kernel, values in times.items()}
+    return time_in_turns(call, list(runs), MIN_MEASURE_SECONDS)

@@ -101,18 +101,21 @@ def time_passes(cfg: ModelConfig, rows: int) -> dict[str, dict[str, float]]:
 
 def _time_alternating(a, b, bias) -> dict[str, float]:
     """Median seconds of a @ b.T (+ bias) on each kernel, measured in turns."""
+    return time_in_turns(lambda kernel: cpu_linear.matmul_t(a, b, kernel, bias), list(KERNELS), MIN_MEASURE_SECONDS)
 
-    def call(kernel: str) -> None:
-        cpu_linear.matmul_t(a, b, kernel, bias)
 
-    for kernel in KERNELS:
-        call(kernel)  # warm-up: oneDNN builds its primitive, MKL its thread pool
+def time_in_turns(call, kernels: list[str], min_seconds: float, repeats: int = REPEATS) -> dict[str, float]:
+    """Median seconds of call(kernel) for each kernel: after one warm-up call each (oneDNN builds its
+    primitive, MKL its thread pool, first-touch allocations), `repeats` measurements each, the kernels'
+    order swapped every time, each measurement repeating short calls until it lasts min_seconds."""
+    for kernel in kernels:
+        call(kernel)
     started = time.perf_counter()
-    call(KERNELS[0])
-    loops = max(1, int(MIN_MEASURE_SECONDS / max(time.perf_counter() - started, 1e-7)))
-    times = {kernel: [] for kernel in KERNELS}
-    for repeat in range(REPEATS):
-        for kernel in KERNELS if repeat % 2 == 0 else KERNELS[::-1]:
+    call(kernels[0])
+    loops = max(1, int(min_seconds / max(time.perf_counter() - started, 1e-7)))
+    times = {kernel: [] for kernel in kernels}
+    for repeat in range(repeats):
+        for kernel in kernels if repeat % 2 == 0 else kernels[::-1]:
             started = time.perf_counter()
             for _ in range(loops):
                 call(kernel)
