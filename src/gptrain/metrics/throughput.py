@@ -185,7 +185,7 @@ SPEED_CACHE_ENV = "GPTRAIN_SPEED_CACHE"
 
 
 def speed_cache_dir() -> Path:
-    """The folder of every speed measurement (peak rates, linear and attention probes, compile times):
+    """The folder of every speed measurement (peak rates, the linear and kernel probes, compile times):
     $GPTRAIN_SPEED_CACHE, else the asset cache (tests point it at a folder of their own)."""
     return Path(os.environ[SPEED_CACHE_ENV]) if os.environ.get(SPEED_CACHE_ENV) else cache_dir()
 

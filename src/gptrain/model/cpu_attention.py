@@ -11,7 +11,7 @@ concatenation go too. It is C++ built for this CPU at first use (cpu_kernels.py)
 Which kernel a model uses is its attention_kernel ("sdpa" unless the trainer's probe, fast_paths.py,
 chose "gptrain"): it is a speed choice, stored in the checkpoint like the linear plan, since the two
 kernels round differently. The kernel serves what training and evaluation run: causal attention over
-a whole sequence, fp32, no dropout, a head size that is a multiple of 16; anything else is SDPA.
+a whole sequence, fp32, no dropout, a head size that is a multiple of 16 up to 256; anything else is SDPA.
 """
 
 from __future__ import annotations
