@@ -1,5 +1,5 @@
-"""The run's automatic speed choices, made once and kept: the CPU linear kernels, the CPU attention kernel,
-torch.compile, and how the token embedding's gradient is summed.
+"""The run's automatic speed choices, made once and kept: the CPU linear kernels, gptrain's own CPU attention
+and GELU kernels or PyTorch's, torch.compile, and how the token embedding's gradient is summed.
 
 All of them change the floating-point order of the math, so a resume must make the same choices to stay
 bitwise: they are decided when a run first starts (on rank 0, then sent to every rank), stored in
@@ -7,7 +7,7 @@ TrainState.fast_paths with the machine they were made on, and a resume on the sa
 (device name, torch version, threads) reuses them; on another machine it decides again, since its
 results cannot be bitwise anyway. An explicit setting (train.cpu_linear=aten, train.compile=on)
 always wins. A checkpoint from before fast paths were recorded resumes with what gptrain did then
-(oneDNN for every pass on the CPU; compile on CUDA only; SDPA attention).
+(oneDNN for every pass on the CPU; compile on CUDA only; SDPA and ATen's GELU).
 
 The compile rule on the CPU (where inductor generates C++ and the first step waits for it): compile
 when the projected saving, (eager - compiled micro-batch time) x the run's micro batches, exceeds
@@ -47,7 +47,7 @@ COMPILE_CACHE_FILE_NAME = "compile_times.json"
 COMPILE_PAYBACK = 2.0  # the projected saving must exceed this many compile times
 # v2: CPU inductor with the C++ wrapper and the sigmoid-form GELU; v3: that GELU's backward from its saved sigmoid;
 # v4: compiled graphs keep the linear plan's oneDNN matmuls (they ran every matmul on ATen before)
-# v5: the attention kernel probed too (model/cpu_attention.py)
+# v5: gptrain's attention kernel in compiled graphs where the probe takes it (model/cpu_attention.py)
 COMPILE_VERSION = "compile v5"
 
 
