@@ -73,6 +73,14 @@ def test_the_hellaswag_url_variable_is_not_mistaken_for_a_config_key():
         resolve_config(None, {}, environ={"GPTRAIN_HELLASWAG_URLS": "x"})
 
 
+def test_the_switches_read_outside_the_config_are_not_mistaken_for_config_keys():
+    from gptrain.metrics.throughput import SPEED_CACHE_ENV
+    from gptrain.model.cpu_kernels import ENV as CPU_KERNELS_ENV
+
+    environ = {CPU_KERNELS_ENV: "0", SPEED_CACHE_ENV: "/tmp/x", "GPTRAIN_ONEDNN_LINEAR": "0", "GPTRAIN_LR": "0.01"}
+    assert resolve_config(None, {}, environ=environ).schedule.peak_lr == 0.01
+
+
 def test_other_trainers_names_work_in_flags_and_a_dotenv_file(tmp_path):
     dotenv = tmp_path / ".env"
     dotenv.write_text("TRAIN_DATA_PATH=corpus.txt\nEVAL_DATA_PATH=val.txt\nCHECKPOINT_DIR=runs/mine\nEPOCHS=2\n"

@@ -32,10 +32,11 @@ from gptrain.train.step import TrainConfig
 
 ENV_PREFIX = "GPTRAIN_"
 # Variables read by other parts (not config fields): the asset cache, its URL, setup, the CPU linear switch,
-# where speed measurements are cached, the switch that keeps downloads from the network, where HellaSwag
-# is downloaded from, and the test-only fault points (faults.py).
+# the switch for gptrain's own CPU kernels, where speed measurements are cached, the switch that keeps
+# downloads from the network, where HellaSwag is downloaded from, and the test-only fault points (faults.py).
 NON_CONFIG_ENV = {"GPTRAIN_CACHE", "GPTRAIN_GPT2_URL", "GPTRAIN_TORCH_SPEC", "GPTRAIN_ONEDNN_LINEAR",
-                  "GPTRAIN_SPEED_CACHE", "GPTRAIN_OFFLINE", "GPTRAIN_HELLASWAG_URL", FAULT_ENV, MARKER_ENV}
+                  "GPTRAIN_CPU_KERNELS", "GPTRAIN_SPEED_CACHE", "GPTRAIN_OFFLINE", "GPTRAIN_HELLASWAG_URL",
+                  FAULT_ENV, MARKER_ENV}
 
 # A run given no length (no steps, epochs or budget in any layer) trains this long: the default job
 # ends in about the same time on any machine (train/budget.py plans its steps).
