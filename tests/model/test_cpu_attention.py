@@ -159,6 +159,9 @@ def test_without_a_compiler_there_is_no_kernel_and_a_clear_reason(monkeypatch):
                                                                vocab_size=20)), "gptrain")
         assert kernel_probe.choose_attention_kernel(ModelConfig(), 4)[0] == "sdpa"
         assert kernel_probe.choose_gelu_kernel(ModelConfig(), 4)[0] == "aten"
+        monkeypatch.setenv(cpu_kernels.ENV, "0")
+        cpu_kernels.library.cache_clear()
+        assert cpu_kernels.library() == (None, "GPTRAIN_CPU_KERNELS=0")
     finally:
         cpu_kernels.library.cache_clear()
 
