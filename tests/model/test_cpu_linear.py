@@ -28,6 +28,32 @@ def test_every_plan_matches_f_linear_values_and_gradients(plan, has_bias):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "aten"])
+def test_grad_weights_transposed_operand_is_copied_exactly(monkeypatch, use_kernel):
+    # oneDNN's grad_weight takes dY^T contiguous: gptrain's transpose kernel where it is built, else ATen's copy.
+    from gptrain.model import cpu_kernels
+
+    if use_kernel and cpu_kernels.library()[0] is None:
+        pytest.skip(f"gptrain's CPU kernels are not built here: {cpu_kernels.library()[1]}")
+    calls = []
+    real = cpu_linear.library
+
+    def spy():
+        lib = real()[0] if use_kernel else None
+        calls.append(lib)
+        return lib, "spy"
+
+    monkeypatch.setattr(cpu_linear, "library", spy)
+    for rows, cols in [(768, 512), (21, 80), (8, 8), (9, 17), (1, 5), (40, 65), (3, 1)]:
+        g = torch.randn(rows, cols)
+        got = cpu_linear.contiguous(g.t())
+        assert got.is_contiguous() and got.shape == (cols, rows)
+        assert torch.equal(got, g.t())
+    assert len(calls) == 5 and all((lib is not None) == use_kernel for lib in calls)  # (1, 5)^T, (3, 1)^T: contiguous
+    assert cpu_linear.contiguous(g) is g  # already contiguous: no copy, no kernel
+    assert len(calls) == 5
+
+
 def test_plan_text_round_trips_and_bad_text_is_a_user_error():
     for plan in ALL_PLANS:
         assert LinearPlan.parse(plan.to_text()) == plan

@@ -1,4 +1,4 @@
-"""gptrain's own CPU kernels (cpu_kernels.cpp: causal attention, the tanh GELU), built for this machine.
+"""gptrain's own CPU kernels (cpu_kernels.cpp: causal attention, the tanh GELU, a transpose), built for this machine.
 
 The source ships with the package and is compiled the first time a run wants a kernel, with the C++
 compiler inductor would use (CXX, g++, c++ or clang++), -O3 -march=native -fopenmp, into
@@ -22,7 +22,7 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-psabi")
-ABI = 2  # gptrain_kernels_abi() of the source here
+ABI = 3  # gptrain_kernels_abi() of the source here
 ENV = "GPTRAIN_CPU_KERNELS"
 _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
@@ -31,6 +31,7 @@ SIGNATURES = {
                                    _I, _F, _I],
     "gptrain_gelu_forward": [_P, _P, _I64, _I],
     "gptrain_gelu_backward": [_P, _P, _P, _I64, _I],
+    "gptrain_transpose": [_P, _P, _I64, _I64, _I],
 }
 
 

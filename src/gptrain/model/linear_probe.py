@@ -27,7 +27,7 @@ MIN_GAIN = 0.03  # oneDNN must save this fraction of the all-ATen matmul time to
 # 3 in a fixed order, one probe on a 2-core Zen 3 picked ATen for GPT-2's forward, whose oneDNN is 20-25% faster
 # there (three probes after it agreed)
 REPEATS = 5
-PROBE_VERSION = "probe v2"  # in the cache key: plans cached by the 3-repeat probe are measured again
+PROBE_VERSION = "probe v3"  # in the cache key: plans cached before (3 repeats; v2: ATen's dY^T copy) are measured again
 MIN_MEASURE_SECONDS = 0.002  # small matmuls are repeated until one measurement lasts this long
 MAX_PROBE_ROWS = 4096  # bigger micro batches are timed at this many rows (matmul time grows with rows)
 
