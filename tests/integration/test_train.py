@@ -354,3 +354,21 @@ def test_a_resume_after_a_crash_leaves_one_row_per_step_and_evaluation(tmp_path,
     assert [int(r["step"]) for r in table if r["train_loss"]] == list(range(1, 41))
     assert [int(r["step"]) for r in table if r["val_loss"]] == [20, 40]
     assert (run / "samples.txt").read_text().count("=== step 30 ===") == 1
+
+
+def test_a_cached_peak_that_the_steps_outrun_is_measured_again_once(tmp_path, corpus_dir, monkeypatch):
+    # A probe that landed in a VM's slow moment would show MFU over 100% for every run on that machine.
+    from gptrain.metrics import throughput
+
+    monkeypatch.setenv("GPTRAIN_SPEED_CACHE", str(tmp_path / "speed"))
+    key = throughput._peak_key(throughput.machine_id("cpu"), "fp32")
+    throughput.write_cache(throughput.speed_cache_dir() / throughput.CACHE_FILE_NAME, {key: 1.0})  # 1 FLOP/s
+    measured = []
+    monkeypatch.setattr(throughput, "measure_matmul_flops", lambda *a, **k: measured.append(k) or 1e12)
+    cfg = resolve_config(None, tiny_values(tmp_path, corpus_dir, steps=20, **{"train.log_every_steps": 1}), environ={})
+    train(cfg, log=lambda *_: None)
+    events = [r["message"] for r in _rows(tmp_path / "run", "event") if r["message"].startswith("MFU over 100%")]
+    assert events == ["MFU over 100%: the cached matmul peak was low; measured again: 1,000 GFLOP/s"]
+    assert len(measured) == 1 and measured[0]["budget_seconds"] == 1.0
+    assert all(0 < r["mfu"] < 1 for r in _rows(tmp_path / "run", "train"))
+    assert throughput.read_cache(throughput.speed_cache_dir() / throughput.CACHE_FILE_NAME)[key] == 1e12
