@@ -45,8 +45,8 @@ def add_bench_parser(sub) -> None:
                    "B=4, T=64, so gptrain is run at that shape)")
     p.add_argument("--compile", action="store_true", help="also time under torch.compile (and record it for "
                    "train.compile=auto on this machine)")
-    p.add_argument("--cpu-linear", default="auto", help="train.cpu_linear: auto (probe), aten, onednn, or "
-                   "forward=K,grad_input=K,grad_weight=K")
+    p.add_argument("--cpu-linear", default="auto", help="train.cpu_linear: auto (probe), aten, onednn, onednn_copy, "
+                   "or forward=K,grad_input=K,grad_weight=K")
     p.add_argument("--cpu-attention", default="auto", choices=["auto", "gptrain", "sdpa"],
                    help="train.cpu_attention: auto (probe), gptrain (its C++ kernel) or sdpa")
     p.add_argument("--cpu-gelu", default="auto", choices=["auto", "gptrain", "aten"],

@@ -91,14 +91,18 @@ def test_onednn_path_is_active_on_x86_linux():
 
 
 
-def test_a_compiled_model_keeps_its_plan_and_eager_values_and_gradients():
+@pytest.mark.parametrize("plan, num_onednn_calls", [
+    (LinearPlan(forward="onednn", grad_input="onednn", grad_weight="aten"), 3),
+    (LinearPlan(forward="onednn", grad_input="onednn_copy", grad_weight="onednn_copy"), 5),
+], ids=["grad_weight-aten", "backward-onednn_copy"])
+def test_a_compiled_model_keeps_its_plan_and_eager_values_and_gradients(plan, num_onednn_calls):
     # Compiled graphs call oneDNN through gptrain::onednn_linear (inductor cannot lower the mkldnn op for a
     # trained weight); aot_eager captures the same graph without generating code.
     from torch.profiler import profile
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(cpu_linear.Linear(16, 32), torch.nn.GELU(), cpu_linear.Linear(32, 8))
-    cpu_linear.set_linear_plan(model, LinearPlan(forward="onednn", grad_input="onednn", grad_weight="aten"))
+    cpu_linear.set_linear_plan(model, plan)
     x = torch.randn(4, 5, 16)
     eager_loss = model(x).square().mean()
     eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
@@ -111,5 +115,5 @@ def test_a_compiled_model_keeps_its_plan_and_eager_values_and_gradients():
     for got, want in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     calls = sum(event.name == "gptrain::onednn_linear" for event in prof.events())
-    # Two forwards and one grad_input (the first layer's input needs none); grad_weight is ATen's.
-    assert calls == (3 if cpu_linear.is_onednn_usable(x, model[0].weight) else 0)
+    # Two forwards, one grad_input (the first layer's input needs none) and, on oneDNN, two grad_weights.
+    assert calls == (num_onednn_calls if cpu_linear.is_onednn_usable(x, model[0].weight) else 0)

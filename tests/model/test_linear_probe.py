@@ -22,6 +22,29 @@ def test_each_pass_gets_its_faster_kernel():
     assert plan == LinearPlan(forward="onednn", grad_input="aten", grad_weight="onednn")
 
 
+def test_a_backward_pass_can_take_onednn_on_a_contiguous_copy():
+    times = _times((1.0, 2.0), (3.0, 2.0), (2.0, 2.5))
+    times["grad_input"]["onednn_copy"] = 1.5  # faster than both
+    times["grad_weight"]["onednn_copy"] = 2.1  # slower than oneDNN as it is
+    plan = linear_probe.plan_from_times(times)
+    assert plan == LinearPlan(forward="onednn", grad_input="onednn_copy", grad_weight="onednn")
+    assert LinearPlan.parse(plan.to_text()) == plan
+
+
+def test_the_probe_times_the_copy_only_where_an_operand_is_strided(monkeypatch):
+    timed = []
+
+    def fake(a, b, bias, kernels):
+        timed.append((b.is_contiguous(), kernels))
+        return {kernel: 1.0 for kernel in kernels}
+
+    monkeypatch.setattr(linear_probe, "_time_alternating", fake)
+    seconds = linear_probe.time_passes(ModelConfig(n_embd=16, n_layer=1, n_head=2, vocab_size=40), 32)
+    assert set(seconds["forward"]) == {"onednn", "aten"}
+    assert set(seconds["grad_input"]) == set(seconds["grad_weight"]) == {"onednn", "aten", "onednn_copy"}
+    assert all(is_contiguous == ("onednn_copy" not in kernels) for is_contiguous, kernels in timed)
+
+
 def test_a_small_gain_keeps_plain_f_linear():
     plan = linear_probe.plan_from_times(_times((0.99, 1.0), (1.0, 1.0), (1.2, 1.0)))
     assert plan.is_all_aten  # 1% of the matmul time is not worth the autograd.Function's overhead

@@ -4,7 +4,8 @@ Which is faster depends on the CPU and the shapes: on AVX-512 AMD parts oneDNN's
 twice MKL's AVX2 path (2-core EPYC, GPT-2 124M: forward 0.36 -> 0.17 s), on an AVX2-only Zen 3 its
 backward is 1.4x slower, and at small shapes MKL wins on Intel. So every Linear carries a LinearPlan,
 a kernel for each of the three matmuls (forward, grad_input, grad_weight), which the trainer picks
-by measuring (train/fast_paths.py) and keeps in its checkpoint. Compiled graphs keep the plan: there
+by measuring (train/fast_paths.py) and keeps in its checkpoint; a backward pass can also take oneDNN on
+a contiguous copy of its transposed operand (onednn_copy). Compiled graphs keep the plan: there
 oneDNN is the opaque op gptrain::onednn_linear, which inductor calls as it is. Everywhere else (CUDA,
 MPS, autocast, other dtypes, a PyTorch without the op) it is F.linear. Parameters and state_dict keys
 are nn.Linear's, so checkpoints do not know the difference.
@@ -26,7 +27,10 @@ from gptrain.model.cpu_kernels import library
 _LINEAR_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 _IS_ENABLED = (os.environ.get("GPTRAIN_ONEDNN_LINEAR", "1") != "0" and _LINEAR_POINTWISE is not None
                and torch.backends.mkldnn.is_available())
-KERNELS = ("onednn", "aten")
+# onednn_copy: oneDNN after copying its strided second operand (W^T, X^T in the backward) contiguous, which
+# some CPUs run faster (GPT-2's MLP projection with PyTorch limited to AVX2 on a Zen 5: grad_input 9.0 ms on
+# oneDNN, 7.1 on MKL, 5.9 this way); the forward's W is contiguous already, so there it is oneDNN's.
+KERNELS = ("onednn", "aten", "onednn_copy")
 PASSES = ("forward", "grad_input", "grad_weight")
 
 
@@ -66,7 +70,7 @@ class LinearPlan:
             pass_name, _, kernel = (piece.strip() for piece in item.partition("="))
             if pass_name not in PASSES or pass_name in pairs:
                 problem = "is given twice" if pass_name in pairs else "is not PASS=KERNEL"
-                raise UserError(f"{name}: {item!r} {problem}; give auto, {' or '.join(KERNELS)}, or PASS=KERNEL "
+                raise UserError(f"{name}: {item!r} {problem}; give auto, {', '.join(KERNELS)}, or PASS=KERNEL "
                                 f"pairs with PASS one of {', '.join(PASSES)}")
             pairs[pass_name] = kernel
         return cls(**pairs)
@@ -114,9 +118,11 @@ _ONEDNN_LINEAR_OP.register_fake(_onednn_linear_shape)
 
 def matmul_t(a: Tensor, b: Tensor, kernel: str, bias: Tensor | None = None) -> Tensor:
     """a @ b.T (+ bias) with the given kernel; a is (..., K), b is (N, K)."""
-    if kernel == "onednn":
-        return _ONEDNN_LINEAR_OP(a, b, bias) if torch.compiler.is_compiling() else _onednn_linear(a, b, bias)
-    return F.linear(a, b, bias)
+    if kernel == "aten":
+        return F.linear(a, b, bias)
+    if torch.compiler.is_compiling():
+        return _ONEDNN_LINEAR_OP(a, b.contiguous() if kernel == "onednn_copy" else b, bias)
+    return _onednn_linear(a, contiguous(b) if kernel == "onednn_copy" else b, bias)
 
 
 class _PlannedLinear(torch.autograd.Function):

@@ -18,7 +18,7 @@ import torch
 from gptrain.metrics.throughput import machine_id, read_cache, speed_cache_dir, write_cache
 from gptrain.model import cpu_linear
 from gptrain.model.chunked_loss import CHUNKED_MIN_CPU_LOGITS
-from gptrain.model.cpu_linear import KERNELS, PASSES, LinearPlan
+from gptrain.model.cpu_linear import PASSES, LinearPlan
 from gptrain.model.gpt import ModelConfig
 
 CACHE_FILE_NAME = "linear_plans.json"
@@ -27,9 +27,13 @@ MIN_GAIN = 0.03  # oneDNN must save this fraction of the all-ATen matmul time to
 # 3 in a fixed order, one probe on a 2-core Zen 3 picked ATen for GPT-2's forward, whose oneDNN is 20-25% faster
 # there (three probes after it agreed)
 REPEATS = 5
-PROBE_VERSION = "probe v3"  # in the cache key: plans cached before (3 repeats; v2: ATen's dY^T copy) are measured again
+PROBE_VERSION = "probe v4"  # in the cache key: plans cached before (3 repeats; v2: ATen's dY^T copy; v3: no
+# onednn_copy) are measured again
 MIN_MEASURE_SECONDS = 0.002  # small matmuls are repeated until one measurement lasts this long
 MAX_PROBE_ROWS = 4096  # bigger micro batches are timed at this many rows (matmul time grows with rows)
+# the kernels each pass is timed on: the forward's W is contiguous, so onednn_copy would be onednn again there
+PASS_KERNELS = {"forward": ("onednn", "aten"), "grad_input": ("onednn", "aten", "onednn_copy"),
+                "grad_weight": ("onednn", "aten", "onednn_copy")}
 
 
 def linear_shapes(cfg: ModelConfig, rows: int) -> list[tuple[int, int, int]]:
@@ -69,7 +73,7 @@ def choose_linear_plan(cfg: ModelConfig, rows: int) -> tuple[LinearPlan, dict]:
 
 def plan_from_times(seconds: dict[str, dict[str, float]]) -> LinearPlan:
     """seconds[pass][kernel] -> the faster kernel per pass, or all ATen when oneDNN gains < MIN_GAIN."""
-    best = {name: min(KERNELS, key=lambda k: seconds[name][k]) for name in PASSES}
+    best = {name: min(seconds[name], key=seconds[name].get) for name in PASSES}
     aten_total = sum(seconds[name]["aten"] for name in PASSES)
     best_total = sum(seconds[name][best[name]] for name in PASSES)
     if aten_total - best_total < MIN_GAIN * aten_total:
@@ -79,7 +83,7 @@ def plan_from_times(seconds: dict[str, dict[str, float]]) -> LinearPlan:
 
 def time_passes(cfg: ModelConfig, rows: int) -> dict[str, dict[str, float]]:
     """Seconds per micro batch spent in each pass's matmuls with each kernel (count-weighted medians)."""
-    totals = {name: dict.fromkeys(KERNELS, 0.0) for name in PASSES}
+    totals = {name: dict.fromkeys(PASS_KERNELS[name], 0.0) for name in PASSES}
     generator = torch.Generator().manual_seed(0)
     shapes = linear_shapes(cfg, rows)
     rows = min(rows, MAX_PROBE_ROWS)
@@ -94,14 +98,14 @@ def time_passes(cfg: ModelConfig, rows: int) -> dict[str, dict[str, float]]:
             "grad_weight": (g.t(), x.t(), None),
         }
         for name, (a, b, c) in operands.items():
-            for kernel, seconds in _time_alternating(a, b, c).items():
+            for kernel, seconds in _time_alternating(a, b, c, PASS_KERNELS[name]).items():
                 totals[name][kernel] += count * seconds
     return totals
 
 
-def _time_alternating(a, b, bias) -> dict[str, float]:
+def _time_alternating(a, b, bias, kernels: tuple[str, ...]) -> dict[str, float]:
     """Median seconds of a @ b.T (+ bias) on each kernel, measured in turns."""
-    return time_in_turns(lambda kernel: cpu_linear.matmul_t(a, b, kernel, bias), list(KERNELS), MIN_MEASURE_SECONDS)
+    return time_in_turns(lambda kernel: cpu_linear.matmul_t(a, b, kernel, bias), list(kernels), MIN_MEASURE_SECONDS)
 
 
 def time_in_turns(call, kernels: list[str], min_seconds: float, repeats: int = REPEATS) -> dict[str, float]:

@@ -30,7 +30,8 @@ class TrainConfig:
     compile: str = "auto"  # auto: on CUDA; on the CPU when a measured saving pays for it (train/fast_paths.py)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation, for checks)
     # CPU fp32 linear kernels per pass (model/cpu_linear.py): auto (probed once per machine and shape),
-    # aten, onednn, or forward=K,grad_input=K,grad_weight=K; a resume keeps the run's choice
+    # aten, onednn, onednn_copy (backward: oneDNN on a contiguous copy of the transposed operand), or
+    # forward=K,grad_input=K,grad_weight=K; a resume keeps the run's choice
     cpu_linear: str = "auto"
     # CPU fp32 attention (model/cpu_attention.py): auto (probed once per machine and shape), gptrain (its own
     # C++ kernel, compiled for this CPU at first use) or sdpa (PyTorch's); a resume keeps the run's choice
