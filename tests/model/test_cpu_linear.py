@@ -36,22 +36,23 @@ def test_grad_weights_transposed_operand_is_copied_exactly(monkeypatch, use_kern
     if use_kernel and cpu_kernels.library()[0] is None:
         pytest.skip(f"gptrain's CPU kernels are not built here: {cpu_kernels.library()[1]}")
     calls = []
-    real = cpu_linear.library
 
-    def spy():
-        lib = real()[0] if use_kernel else None
-        calls.append(lib)
-        return lib, "spy"
+    class Spy:  # the library, counting the transposes it runs
+        def gptrain_transpose(self, *args):
+            calls.append(args[2:4])
+            cpu_kernels.library()[0].gptrain_transpose(*args)
 
-    monkeypatch.setattr(cpu_linear, "library", spy)
+    monkeypatch.setattr(cpu_linear, "library", lambda: (Spy(), "spy") if use_kernel else (None, "off"))
     for rows, cols in [(768, 512), (21, 80), (8, 8), (9, 17), (1, 5), (40, 65), (3, 1)]:
         g = torch.randn(rows, cols)
         got = cpu_linear.contiguous(g.t())
         assert got.is_contiguous() and got.shape == (cols, rows)
         assert torch.equal(got, g.t())
-    assert len(calls) == 5 and all((lib is not None) == use_kernel for lib in calls)  # (1, 5)^T, (3, 1)^T: contiguous
-    assert cpu_linear.contiguous(g) is g  # already contiguous: no copy, no kernel
-    assert len(calls) == 5
+    # (1, 5)^T and (3, 1)^T are contiguous already: no copy
+    assert calls == ([(768, 512), (21, 80), (8, 8), (9, 17), (40, 65)] if use_kernel else [])
+    assert cpu_linear.contiguous(g) is g
+    sliced = torch.randn(40, 66)[:, 1:]  # a transpose of a strided matrix: ATen's copy
+    assert torch.equal(cpu_linear.contiguous(sliced.t()), sliced.t()) and len(calls) == (5 if use_kernel else 0)
 
 
 def test_plan_text_round_trips_and_bad_text_is_a_user_error():

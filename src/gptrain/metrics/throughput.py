@@ -205,12 +205,12 @@ def raise_probed_peak(device: str, dtype: str, rate: float) -> float:
     return float(cached[key])
 
 
-def remeasure_peak(device: str, dtype: str, achieved: float) -> float:
+def remeasure_peak(device: str, dtype: str) -> float:
     """The peak again after a training step outran the cached probe (MFU over 100%: its 0.12 s landed in a
     slow moment of a shared VM; a 2-core Zen 5 once read 222 GFLOP/s against 450-490 after): measured
-    for about a second as bench does, at least the rate the steps achieved, and cached."""
-    rate = max(measure_matmul_flops(device, dtype, budget_seconds=1.0, max_repeats=64), achieved)
-    return raise_probed_peak(device, dtype, rate)
+    for about a second as bench does, cached if higher. Only measurements are cached: the steps' own
+    rate is an estimate (flops_per_token counts all of causal attention's scores)."""
+    return raise_probed_peak(device, dtype, measure_matmul_flops(device, dtype, budget_seconds=1.0, max_repeats=64))
 
 
 def probe_peak(device: str, name: str, dtype: str) -> float:

@@ -6,7 +6,8 @@ $GPTRAIN_CACHE/kernels/, keyed by the source, the compiler and the CPU, written 
 half-built library never loads); about 2 s. It is plain C++ (no PyTorch headers), loaded with ctypes;
 its OpenMP is the libgomp torch already loaded (torch's wheels bundle theirs under that soname).
 Without a compiler, or with GPTRAIN_CPU_KERNELS=0, library() says why and every caller uses PyTorch's
-own ops instead (cpu_attention.py, cpu_gelu.py).
+own ops instead (cpu_attention.py, cpu_gelu.py, cpu_linear.py's copies). A run on the default oneDNN
+linear plan builds it at its first backward pass even where attention and GELU stay PyTorch's.
 """
 
 from __future__ import annotations

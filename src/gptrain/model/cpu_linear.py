@@ -53,7 +53,8 @@ class LinearPlan:
         return all(getattr(self, f.name) == "aten" for f in fields(self))
 
     def to_text(self) -> str:
-        """"aten", "onednn", or "forward=onednn,grad_input=aten,grad_weight=aten" (parse() reads it back)."""
+        """One kernel ("aten", "onednn", "onednn_copy") or "forward=onednn,grad_input=aten,grad_weight=onednn_copy"
+        (parse() reads it back)."""
         kernels = {getattr(self, name) for name in PASSES}
         if len(kernels) == 1:
             return kernels.pop()
@@ -61,7 +62,7 @@ class LinearPlan:
 
     @classmethod
     def parse(cls, text: str, name: str = "train.cpu_linear") -> LinearPlan:
-        """One kernel for all three passes ("onednn", "aten") or pass=kernel pairs; missing passes are aten."""
+        """One kernel (of KERNELS) for all three passes, or pass=kernel pairs; missing passes are aten."""
         text = text.strip()
         if text in KERNELS:
             return cls(**dict.fromkeys(PASSES, text))
@@ -89,14 +90,16 @@ def _onednn_linear(a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def contiguous(a: Tensor) -> Tensor:
-    """a, contiguous (oneDNN's linear copies a strided input). The transpose of a contiguous fp32 matrix
-    (grad_weight's dY^T) is copied by gptrain's transpose kernel (cpu_kernels.cpp) where it is built:
-    ATen's copy took 9% of the baby config's step on a 2-core Zen 5 (190 us for a 768 x 512 dY^T), the
-    kernel a fifth of that. The copy is exact, so results do not depend on which one ran."""
+    """a, contiguous (oneDNN's linear copies a strided input). The transpose of a contiguous fp32 CPU
+    matrix (grad_weight's dY^T; onednn_copy's W^T and X^T) is copied by gptrain's transpose kernel
+    (cpu_kernels.cpp) where it is built: ATen's copy took 9% of the baby config's step on a 2-core Zen 5
+    (190 us for a 768 x 512 dY^T), the kernel a fifth of that. The copy is exact, so results do not
+    depend on which one ran. Compiled graphs copy a strided b for onednn_copy with inductor's copy."""
     if a.is_contiguous():
         return a
     lib = library()[0]
-    if lib is None or a.dim() != 2 or a.dtype != torch.float32 or a.stride() != (1, a.shape[0]):
+    if (lib is None or a.device.type != "cpu" or a.dim() != 2 or a.dtype != torch.float32
+            or a.stride() != (1, a.shape[0])):
         return a.contiguous()
     out = torch.empty(a.shape, dtype=a.dtype)
     lib.gptrain_transpose(a.data_ptr(), out.data_ptr(), a.shape[1], a.shape[0], torch.get_num_threads())

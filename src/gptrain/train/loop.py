@@ -268,7 +268,8 @@ def _loop(run: Run) -> dict:
     dtype = "bf16" if uses_bf16(env.device, cfg.train.precision) else "fp32"
     # Rank 0 measures (when the device is not in the table) while the others wait: probes would compete.
     peak, mfu_basis = env.on_main(peak_flops, env.device, dtype)
-    should_recheck_peak = mfu_basis == "probe" and env.world_size == 1  # one rank: no collective to keep in step
+    # one CPU rank: no collective to keep in step, and no GPU memory taken mid-run by a large matmul
+    should_recheck_peak = mfu_basis == "probe" and env.world_size == 1 and env.device == "cpu"
 
     is_early_stop, last_loss = False, float("nan")
     recent: list[float] = []
@@ -297,7 +298,7 @@ def _loop(run: Run) -> dict:
         tokens_per_second = plan.tokens_per_step / mean_step_seconds
         mfu = estimate_mfu(run.model.config, tokens_per_second, peak, num_devices=env.world_size)
         if mfu is not None and mfu > 1.0 and should_recheck_peak:  # once a run
-            peak, should_recheck_peak = remeasure_peak(env.device, dtype, peak * mfu), False
+            peak, should_recheck_peak = remeasure_peak(env.device, dtype), False
             emit(run, {"kind": "event", "message": f"MFU over 100%: the cached matmul peak was low; measured again: "
                                                    f"{peak / 1e9:,.0f} GFLOP/s"})
             mfu = estimate_mfu(run.model.config, tokens_per_second, peak)
