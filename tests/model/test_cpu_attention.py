@@ -236,3 +236,7 @@ def test_both_vector_widths_compute_the_same_math(march, tmp_path, monkeypatch):
     y.backward(grad_y)
     torch.testing.assert_close(y.double(), exact_y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mine.grad.double(), exact_g, rtol=1e-5, atol=1e-5)
+    g = torch.randn(77, 45)  # the transpose (cpu_linear.contiguous), edges included
+    out = torch.empty(45, 77)
+    lib.gptrain_transpose(g.data_ptr(), out.data_ptr(), 77, 45, 2)
+    assert torch.equal(out, g.t())
