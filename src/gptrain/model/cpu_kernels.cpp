@@ -17,8 +17,8 @@
 // GELU: GPT-2's 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), computed as x * sigmoid(2u) (the same
 // function), the backward from x alone.
 //
-// Transpose: a contiguous copy of a matrix's transpose (model/cpu_linear.py: oneDNN's grad_weight operand dY^T),
-// in 8 x 8 register blocks, 3-5x ATen's copy on 2 cores.
+// Transpose: a contiguous copy of a matrix's transpose (model/cpu_linear.py: oneDNN's strided operands), in 8 x 8
+// register blocks, 3-5x ATen's copy on 2 cores; the attention gathers K and V transposed with the same blocks.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -118,9 +118,41 @@ static void probs_times_rows(const float* p, int64_t pr, int64_t pi, const float
   }
 }
 
-// The head's K (or V) as D x Tp, transposed and zero-padded to Tp keys.
+// 8 x 8 blocks for the transpose, in 8-float vectors whatever W is (both builds have them).
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+typedef int32_t iv8 __attribute__((vector_size(32)));
+#ifdef __clang__
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (iv8){__VA_ARGS__})
+#endif
+
+// d[j * ldd + i] = s[i * lds + j] for i, j < 8: unpack pairs, then quads, then halves.
+static inline void transpose_8x8(const float* s, int64_t lds, float* d, int64_t ldd) {
+  v8 r[8], t[8], u[8];
+  for (int i = 0; i < 8; i++) r[i] = *(const v8u*)(s + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = SHUFFLE(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = SHUFFLE(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int j = 0; j < 2; j++) {
+      u[i + 2 * j] = SHUFFLE(t[i + j], t[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * j + 1] = SHUFFLE(t[i + j], t[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  for (int i = 0; i < 4; i++) {
+    *(v8u*)(d + i * ldd) = SHUFFLE(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    *(v8u*)(d + (i + 4) * ldd) = SHUFFLE(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
+// The head's K (or V) as D x Tp, transposed (8 x 8 blocks; D is a multiple of 16) and zero-padded to Tp keys.
 static void gather_transposed(const float* base, int64_t st, int T, int D, int Tp, float* outT) {
-  for (int j = 0; j < T; j++)
+  int T8 = T / 8 * 8;
+  for (int j = 0; j < T8; j += 8)
+    for (int d = 0; d < D; d += 8) transpose_8x8(base + j * st + d, st, outT + (int64_t)d * Tp + j, Tp);
+  for (int j = T8; j < T; j++)
     for (int d = 0; d < D; d++) outT[(int64_t)d * Tp + j] = base[j * st + d];
   for (int d = 0; d < D; d++)
     for (int j = T; j < Tp; j++) outT[(int64_t)d * Tp + j] = 0.0f;
@@ -161,7 +193,6 @@ static float causal_max(const float* s, int last) {
   for (int i = 1; i < W; i++) out = std::max(out, m[i]);
   return out;
 }
-
 
 static const float GELU_2C = 1.5957691216057308f;  // 2 sqrt(2/pi): sigmoid(2u) = sigmoid(x (2C + 2C a x^2))
 static const float GELU_2CA = GELU_2C * 0.044715f;
@@ -302,36 +333,6 @@ static void backward_head(const Layout& qkv, const Layout& y, const Layout& gy, 
       store(out + C + d, load(gk + (size_t)j * D + d) * scale);
       store(out + 2 * C + d, load(gv + (size_t)j * D + d));
     }
-  }
-}
-
-
-// 8 x 8 blocks for the transpose, in 8-float vectors whatever W is (both builds have them).
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v8u __attribute__((vector_size(32), aligned(4)));
-typedef int32_t iv8 __attribute__((vector_size(32)));
-#ifdef __clang__
-#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (iv8){__VA_ARGS__})
-#endif
-
-// d[j * ldd + i] = s[i * lds + j] for i, j < 8: unpack pairs, then quads, then halves.
-static inline void transpose_8x8(const float* s, int64_t lds, float* d, int64_t ldd) {
-  v8 r[8], t[8], u[8];
-  for (int i = 0; i < 8; i++) r[i] = *(const v8u*)(s + i * lds);
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = SHUFFLE(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-    t[i + 1] = SHUFFLE(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
-  }
-  for (int i = 0; i < 8; i += 4)
-    for (int j = 0; j < 2; j++) {
-      u[i + 2 * j] = SHUFFLE(t[i + j], t[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-      u[i + 2 * j + 1] = SHUFFLE(t[i + j], t[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-    }
-  for (int i = 0; i < 4; i++) {
-    *(v8u*)(d + i * ldd) = SHUFFLE(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-    *(v8u*)(d + (i + 4) * ldd) = SHUFFLE(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
   }
 }
 
